@@ -1,0 +1,257 @@
+"""The ``smsd`` command line.
+
+``smsd run`` starts the supervisor; ``smsd once --user-id U`` is the seed
+guide's one-shot job for one user.  Exit codes are named constants below.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, Settings, load_settings
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INCOMPLETE = 4      # stopped (signal, MongoDB down at the end) with work left; rerun with --resume
+EXIT_LOCKED = 75         # EX_TEMPFAIL: another process holds this user's journal
+EXIT_CONFIG = 78         # EX_CONFIG: bad config file or value
+
+log = logging.getLogger("smsd.cli")
+
+
+def setup_logging(level: str = "INFO", log_file: str | None = None) -> logging.Handler:
+    """Log to stderr (journald adds time and unit) or to a file (daemon mode)."""
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        fmt = "%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(process)d %(name)s %(levelname)s %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs every request line at INFO; the call log of smsd.llm is enough.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return handler
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+# ------------------------------------------------------------------ once
+def cmd_once(args: argparse.Namespace) -> int:
+    """One user, one shot: replay the journal, then process pending SMS."""
+    from .embedded import EmbeddedMongo
+    from .extractor import build_extractor, build_rate_limiter
+    from .journal import Journal, JournalLocked
+    from .pipeline import Pipeline
+    from .store import Store
+
+    settings = _settings(args)
+    setup_logging(settings.supervisor.log_level)
+    if args.limit is not None and args.limit <= 0:
+        print("smsd once: --limit must be a positive number", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        journal = Journal.open(settings.state_dir, args.user_id, wait=args.wait)
+    except JournalLocked as exc:
+        print(f"smsd once: another smsd process is working on user {args.user_id} ({exc})",
+              file=sys.stderr)
+        return EXIT_LOCKED
+    embedded = None
+    uri = settings.mongo.uri
+    if uri == "embedded":
+        embedded = EmbeddedMongo(_embedded_path(settings), port=settings.mongo.embedded_port)
+        uri = embedded.start()
+    store = Store(uri, settings.mongo.db, text_field=settings.mongo.text_field,
+                  sender_field=settings.mongo.sender_field, time_field=settings.mongo.time_field,
+                  timeout_ms=settings.mongo.timeout_ms,
+                  max_text_chars=settings.pipeline.max_text_chars)
+    stop, abort = threading.Event(), threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # First signal drains (finish in-flight calls, flush); the second aborts waits.
+        (abort if stop.is_set() else stop).set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        store.ensure_indexes()
+    except Exception as exc:  # StoreUnavailable: the pipeline waits for MongoDB itself
+        log.warning("could not ensure indexes now: %s", type(exc).__name__)
+    if args.resume:
+        _print_resume_point(store, args.user_id)
+    progress = _Progress(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
+    pipeline = Pipeline(user_id=args.user_id, journal=journal, store=store,
+                        extractor=build_extractor(settings, build_rate_limiter(settings)),
+                        settings=settings, stop=stop, abort=abort,
+                        on_tick=progress.update if progress else None)
+    try:
+        summary = pipeline.run(limit=args.limit, resume=args.resume)
+    finally:
+        if progress:
+            progress.done()
+        journal.close()
+        store.close()
+        if embedded:
+            embedded.stop()
+    print(f"user {summary.user_id}: {summary.status}, {summary.processed_sms}/{summary.total_sms} processed "
+          f"(batch {summary.batch_id}), {summary.newly_processed} now, {summary.quarantined} quarantined, "
+          f"{summary.llm_calls} LLM calls ({summary.failed_calls} failed), "
+          f"{summary.elapsed_s:.1f} s"
+          + (f", {summary.pending_left} pending" if summary.pending_left else ""))
+    if summary.status == "completed":
+        return EXIT_OK
+    return EXIT_INCOMPLETE if summary.stopped or summary.pending_left is None else EXIT_OK
+
+
+def _print_resume_point(store, user_id: str) -> None:
+    from .store import StoreUnavailable
+    try:
+        cp = store.latest_checkpoint(user_id)
+    except StoreUnavailable:
+        print(f"MongoDB is not answering; the resume point of user {user_id} will be read when it does.")
+        return
+    if not cp:
+        print(f"No checkpoint for user {user_id}: starting a new run.")
+        return
+    if cp.get("status") != "in_progress":
+        print(f"Last run of user {user_id} (batch {cp['batch_id']}) is {cp.get('status')}: starting a new run.")
+        return
+    total, done = int(cp.get("total_sms") or 0), int(cp.get("processed_sms") or 0)
+    print(f"Resuming user {user_id}: batch {cp['batch_id']}, progress {done}/{total}, "
+          f"last processed id {cp.get('last_processed_id')}, at {cp.get('checkpoint_timestamp')}, "
+          f"{max(0, total - done)} remaining")
+
+
+class _Progress:
+    """A one-line progress bar on a terminal."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.last = ""
+
+    def update(self, pipeline) -> None:
+        s = pipeline.summary
+        total = max(s.total_sms, 1)
+        width = 30
+        filled = min(width, int(width * s.processed_sms / total))
+        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {s.processed_sms}/{s.total_sms}"
+        if not pipeline.mongo_ok:
+            line += " (MongoDB down, journaling)"
+        if line != self.last:
+            self.stream.write(line)
+            self.stream.flush()
+            self.last = line
+
+    def done(self) -> None:
+        if self.last:
+            self.stream.write("\n")
+
+
+def _embedded_path(settings: Settings) -> Path:
+    return Path(settings.mongo.embedded_path or settings.state_dir / "embedded-mongo")
+
+
+# ------------------------------------------------------------------- run
+def cmd_run(args: argparse.Namespace) -> int:
+    """The supervisor in the foreground (what systemd starts), or as a classic daemon."""
+    from .supervisor import Supervisor
+
+    settings = _settings(args)
+    if args.daemon:
+        from .daemonize import daemonize, running_under_systemd
+        if running_under_systemd():
+            setup_logging(settings.supervisor.log_level)
+            log.warning("--daemon ignored: running under systemd, which must not see a double fork")
+            return Supervisor(settings).run()
+        log_file = args.log_file or settings.supervisor.log_file or str(settings.state_dir / "smsd.log")
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = setup_logging(settings.supervisor.log_level, log_file)
+        with daemonize(Path(args.pidfile), Path(log_file), working_directory=os.getcwd(),
+                       files_preserve=[handler.stream]):
+            return Supervisor(settings).run()
+    setup_logging(settings.supervisor.log_level, settings.supervisor.log_file or None)
+    return Supervisor(settings).run()
+
+
+# ------------------------------------------------------------- others
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import main as evaluate_main
+    return evaluate_main(args.rest)
+
+
+def cmd_llm_server(args: argparse.Namespace) -> int:
+    from .llmserver import main as server_main
+    return server_main(args.rest)
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    from .drill import main as drill_main
+    return drill_main(args.rest)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+    return demo_main(args.rest)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smsd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"smsd {__version__}")
+    parser.add_argument("--config", help="config.toml (default: $SMSD_CONFIG, ./config.toml, /etc/smsd/config.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the supervisor, in the foreground (systemd) or --daemon")
+    run.add_argument("--daemon", action="store_true", help="detach as a classic daemon (hosts without systemd)")
+    run.add_argument("--pidfile", default="/run/smsd/smsd.pid")
+    run.add_argument("--log-file", help="daemon mode: where to log (default: <state_dir>/smsd.log)")
+    run.set_defaults(func=cmd_run)
+
+    once = sub.add_parser("once", help="process one user's pending SMS, then exit")
+    once.add_argument("--user-id", required=True)
+    once.add_argument("--limit", type=int, help="at most N SMS in this run")
+    once.add_argument("--resume", action="store_true", help="continue the user's in-progress checkpoint")
+    once.add_argument("--wait", type=float, default=0.0,
+                      help="seconds to wait for another process working on this user")
+    once.add_argument("--quiet", action="store_true", help="no progress bar")
+    once.set_defaults(func=cmd_once)
+
+    for name, func, text in (("evaluate", cmd_evaluate, "score the offline extractor on labelled SMS"),
+                             ("llm-server", cmd_llm_server, "the local OpenAI-compatible test server"),
+                             ("drill", cmd_drill, "kill -9 recovery drill"),
+                             ("demo", cmd_demo, "the whole job on an embedded default"),
+                             ("bench", cmd_bench, "benchmarks")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``smsd`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"smsd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

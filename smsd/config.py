@@ -1,0 +1,257 @@
+"""Settings: ``config.toml`` first, then the environment on top.
+
+Every setting has a default here, which ``config.toml`` at the top of the
+repository documents.  A bad file or value stops start-up with a
+:class:`ConfigError` that names the key, so an operator never has to guess.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(Exception):
+    """The configuration file or a value in it (or in the environment) is invalid."""
+
+
+@dataclass
+class MongoSettings:
+    uri: str = "mongodb://127.0.0.1:27017"   # "embedded": smsd starts its own server
+    db: str = "smsd"
+    text_field: str = "body"
+    sender_field: str = "sender"
+    time_field: str = "received_at"
+    timeout_ms: int = 5000
+    embedded_path: str = ""                  # default: <state_dir>/embedded-mongo
+    embedded_port: int = 27217
+
+
+@dataclass
+class LlmSettings:
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    api_key: str | None = field(default=None, repr=False)
+    extractor: str = "llm"                   # llm | rules | rules-then-llm
+    timeout: float = 60.0
+    max_retries: int = 4
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    batch_size: int = 10
+    concurrency: int = 2
+    requests_per_minute: float = 0.0         # 0: no limit
+    tokens_per_minute: float = 0.0
+    strict_schema: bool = True
+
+
+@dataclass
+class JournalSettings:
+    state_dir: str = "./var/state"
+    synchronous: str = "FULL"
+    max_backlog: int = 2000                  # unflushed SMS results before LLM calls pause
+
+
+@dataclass
+class PipelineSettings:
+    max_attempts: int = 3                    # per SMS, before quarantine
+    max_text_chars: int = 2000
+    page_size: int = 200
+    worker_max_sms: int = 500                # per worker turn, for fairness between users
+
+
+@dataclass
+class SupervisorSettings:
+    runtime_dir: str = "./var/run"
+    max_workers: int = 4
+    discovery_interval: float = 5.0
+    worker_timeout: float = 120.0
+    worker_rss_limit_mb: int = 512
+    drain_timeout: float = 30.0
+    restart_backoff: float = 1.0
+    restart_backoff_max: float = 60.0
+    crash_loop_count: int = 5
+    crash_loop_window: float = 300.0
+    socket_group: str = ""
+    allowed_uids: list[int] = field(default_factory=list)
+    allowed_gids: list[int] = field(default_factory=list)
+    log_file: str = ""
+    log_level: str = "INFO"
+
+
+@dataclass
+class Settings:
+    mongo: MongoSettings = field(default_factory=MongoSettings)
+    llm: LlmSettings = field(default_factory=LlmSettings)
+    journal: JournalSettings = field(default_factory=JournalSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
+    source: str = ""                         # the config file read, "" if none
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.journal.state_dir)
+
+    @property
+    def runtime_dir(self) -> Path:
+        return Path(self.supervisor.runtime_dir)
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime_dir / "control.sock"
+
+    def public(self) -> dict:
+        """The settings as a dict, without secrets (for logs and status)."""
+        out = dataclasses.asdict(self)
+        out["llm"]["api_key"] = "***" if self.llm.api_key else None
+        return out
+
+
+# Environment variable -> (section, key).  The contract's names first.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "SMSD_MONGO_URI": ("mongo", "uri"),
+    "SMSD_MONGO_DB": ("mongo", "db"),
+    "SMSD_LLM_BASE_URL": ("llm", "base_url"),
+    "SMSD_LLM_MODEL": ("llm", "model"),
+    "OPENAI_API_KEY": ("llm", "api_key"),
+    "SMSD_STATE_DIR": ("journal", "state_dir"),
+    "SMSD_RUNTIME_DIR": ("supervisor", "runtime_dir"),
+    # extensions
+    "SMSD_EXTRACTOR": ("llm", "extractor"),
+    "SMSD_MAX_WORKERS": ("supervisor", "max_workers"),
+    "SMSD_LOG_LEVEL": ("supervisor", "log_level"),
+}
+# systemd's directories, used when the SMSD_ variables are not set.
+SYSTEMD_DIRS = {"STATE_DIRECTORY": ("journal", "state_dir"),
+                "RUNTIME_DIRECTORY": ("supervisor", "runtime_dir")}
+
+CHOICES = {
+    ("llm", "extractor"): ("llm", "rules", "rules-then-llm"),
+    ("journal", "synchronous"): ("FULL", "NORMAL"),
+    ("supervisor", "log_level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+POSITIVE = {("llm", "batch_size"), ("llm", "concurrency"), ("llm", "timeout"),
+            ("journal", "max_backlog"), ("pipeline", "max_attempts"), ("pipeline", "page_size"),
+            ("pipeline", "max_text_chars"), ("pipeline", "worker_max_sms"),
+            ("supervisor", "max_workers"), ("supervisor", "worker_timeout"),
+            ("supervisor", "discovery_interval"), ("mongo", "timeout_ms")}
+
+
+def default_config_path(env: Mapping[str, str]) -> Path | None:
+    """``$SMSD_CONFIG``, else ``./config.toml`` or ``/etc/smsd/config.toml`` if present."""
+    if env.get("SMSD_CONFIG"):
+        return Path(env["SMSD_CONFIG"])
+    for candidate in (Path("config.toml"), Path("/etc/smsd/config.toml")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from ``path`` (or the default location) and the environment.
+
+    >>> s = load_settings(path=None, env={"SMSD_MONGO_DB": "x", "SMSD_CONFIG": "/dev/null"})
+    >>> s.mongo.db
+    'x'
+    """
+    env = os.environ if env is None else env
+    path = Path(path) if path is not None else default_config_path(env)
+    settings = Settings()
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        _apply_file(settings, raw, str(path))
+        settings.source = str(path)
+    for var, (section, key) in SYSTEMD_DIRS.items():
+        if env.get(var):
+            # systemd may pass several colon-separated directories; ours is the first.
+            _set(settings, section, key, env[var].split(":")[0], f"${var}")
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / "openai_api_key").is_file():
+        key = (Path(credentials) / "openai_api_key").read_text(encoding="utf-8").strip()
+        _set(settings, "llm", "api_key", key, "credential openai_api_key")
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if env.get(var):
+            _set(settings, section, key, env[var], f"${var}")
+    _validate(settings)
+    return settings
+
+
+def _apply_file(settings: Settings, raw: dict, where: str) -> None:
+    for section, values in raw.items():
+        target = getattr(settings, section, None)
+        if not dataclasses.is_dataclass(target) or not isinstance(values, dict):
+            raise ConfigError(f"{where}: unknown section [{section}]")
+        for key, value in values.items():
+            if key == "api_key":
+                raise ConfigError(f"{where}: [llm] api_key must not be in the config file; "
+                                  "use OPENAI_API_KEY or the openai_api_key credential")
+            _set(settings, section, key, value, where)
+
+
+def _set(settings: Settings, section: str, key: str, value: Any, where: str) -> None:
+    target = getattr(settings, section)
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if key not in fields:
+        raise ConfigError(f"{where}: unknown setting {section}.{key}")
+    current = getattr(target, key)
+    setattr(target, key, _coerce(current, fields[key], value, f"{section}.{key}", where))
+
+
+def _coerce(current: Any, fld: dataclasses.Field, value: Any, name: str, where: str) -> Any:
+    kind = fld.type if isinstance(fld.type, str) else getattr(fld.type, "__name__", str(fld.type))
+    try:
+        if "bool" in kind:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise ValueError("expected true or false")
+        if kind == "int":
+            if isinstance(value, bool) or isinstance(value, float):
+                raise ValueError("expected a whole number")
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split() if v]
+            if not isinstance(value, list):
+                raise ValueError("expected a list of whole numbers")
+            return [int(v) for v in value]
+        if "str" in kind:
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: bad value for {name}: {exc}") from None
+    return value
+
+
+def _validate(settings: Settings) -> None:
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(settings, section), key)
+        if isinstance(value, str) and section in ("journal", "supervisor"):
+            value = value.upper()
+            setattr(getattr(settings, section), key, value)
+        if value not in allowed:
+            raise ConfigError(f"bad value for {section}.{key}: {value!r} (one of {', '.join(allowed)})")
+    for section, key in POSITIVE:
+        value = getattr(getattr(settings, section), key)
+        if value <= 0:
+            raise ConfigError(f"bad value for {section}.{key}: {value!r} (must be > 0)")
+    for key in ("requests_per_minute", "tokens_per_minute"):
+        if getattr(settings.llm, key) < 0:
+            raise ConfigError(f"bad value for llm.{key}: must be >= 0 (0 means no limit)")
+    if not settings.mongo.uri:
+        raise ConfigError("mongo.uri is empty")

@@ -1,0 +1,301 @@
+"""``smsctl``: the operator's command line, a client of smsd's control socket.
+
+Every subcommand sends the same-named command (``status``, ``resume``,
+``pause``, ``drain``, ``reload``, ``quarantine``, ``retry``) with
+``{"user_id": U}`` where ``--user-id`` is given, and prints the answer.
+
+Exit codes (also for scripts and systemd ``ExecStartPost=`` checks):
+:data:`EXIT_OK` 0, :data:`EXIT_FAILED` 1 (the daemon said ``ok: false``),
+:data:`EXIT_USAGE` 2 (bad command line), :data:`EXIT_NOT_RUNNING` 3,
+:data:`EXIT_PERMISSION` 4, :data:`EXIT_TIMEOUT` 5.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import control
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_PERMISSION = 4
+EXIT_TIMEOUT = 5
+
+SOCKET_NAME = "control.sock"
+DEFAULT_RUNTIME_DIR = "/run/smsd"
+#: Fields of a quarantine entry that may carry SMS text: never printed.
+_PII_FIELDS = ("text", "body", "sms", "message_text")
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
+    """Where the control socket is: ``$SMSD_RUNTIME_DIR``, the config's ``runtime_dir``,
+    ``$RUNTIME_DIRECTORY`` (systemd), else ``/run/smsd``; plus ``control.sock``."""
+    environ = os.environ if env is None else env
+    if environ.get("SMSD_RUNTIME_DIR"):
+        return Path(environ["SMSD_RUNTIME_DIR"]) / SOCKET_NAME
+    runtime_dir = _config_runtime_dir()
+    if runtime_dir:
+        return Path(runtime_dir) / SOCKET_NAME
+    if environ.get("RUNTIME_DIRECTORY"):
+        # systemd may pass several, colon-separated; ours is the first.
+        return Path(environ["RUNTIME_DIRECTORY"].split(":")[0]) / SOCKET_NAME
+    return Path(DEFAULT_RUNTIME_DIR) / SOCKET_NAME
+
+
+def _config_runtime_dir() -> str | None:
+    # Lazy and forgiving: smsctl must work even when config.toml is absent,
+    # unreadable or incomplete (e.g. no Mongo URI), and when smsd.config is
+    # not there at all.
+    try:
+        from .config import load_settings  # type: ignore[attr-defined]
+
+        settings = load_settings()
+    except Exception:
+        return None
+    value = getattr(settings, "runtime_dir", None)
+    if value is None and isinstance(settings, Mapping):
+        value = settings.get("runtime_dir")
+    return str(value) if value else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``smsctl`` argument parser."""
+    parser = argparse.ArgumentParser(prog="smsctl", description="Control a running smsd supervisor.")
+    parser.add_argument("-t", "--timeout", type=float, default=10.0, help="seconds to wait for smsd (default 10)")
+    parser.add_argument("--socket", type=Path, default=None,
+                        help="control socket (default $SMSD_RUNTIME_DIR/control.sock, else "
+                             "$RUNTIME_DIRECTORY/control.sock, else /run/smsd/control.sock)")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("status", help="supervisor, workers, users, journal and LLM counters")
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON object")
+    p.add_argument("--user-id", help="also show this user's checkpoint")
+
+    p = sub.add_parser("resume", help="resume all users, or one")
+    p.add_argument("--user-id")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("pause", help="pause one user (its worker stops after the current batch)")
+    p.add_argument("--user-id", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("drain", help="finish in-flight work, start nothing new")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("reload", help="re-read the configuration")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("quarantine", help="list quarantined SMS (ids and reasons, never text)")
+    p.add_argument("--user-id")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("retry", help="release a user's quarantined SMS for another try")
+    p.add_argument("--user-id", required=True)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``smsctl``; returns the exit code."""
+    parser = build_parser()
+    opts = parser.parse_args(argv)  # exits 2 on usage errors
+    path = opts.socket if opts.socket is not None else default_socket_path()
+    args: dict[str, Any] = {}
+    if getattr(opts, "user_id", None) is not None:
+        args["user_id"] = opts.user_id
+    try:
+        reply = control.request(path, opts.cmd, args, timeout=opts.timeout)
+    except control.DaemonNotRunning:
+        _err(f"smsd is not running (no control socket at {path})")
+        return EXIT_NOT_RUNNING
+    except control.PermissionDenied as exc:
+        _err(f"smsctl: {exc}; run as root or as a member of the control socket's group")
+        return EXIT_PERMISSION
+    except control.ControlTimeout as exc:
+        _err(f"smsctl: timed out: {exc}")
+        return EXIT_TIMEOUT
+    except control.ControlError as exc:
+        _err(f"smsctl: {opts.cmd} failed: {exc.message}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:  # e.g. a socket path too long for AF_UNIX
+        _err(f"smsctl: cannot reach smsd at {path}: {exc}")
+        return EXIT_FAILED
+
+    out = sys.stdout
+    try:
+        if opts.cmd == "quarantine":
+            reply = _scrub_quarantine(reply)
+        if getattr(opts, "json", False):
+            json.dump(reply, out, indent=2, sort_keys=False, default=str)
+            out.write("\n")
+        elif opts.cmd == "status":
+            out.write(format_status(reply))
+        elif opts.cmd == "quarantine":
+            out.write(format_quarantine(reply))
+        else:
+            out.write(format_ack(opts.cmd, reply))
+        out.flush()
+    except BrokenPipeError:  # `smsctl status | head`
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+    return EXIT_OK
+
+
+def _err(message: str, stream: TextIO | None = None) -> None:
+    print(message, file=stream or sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# formatting
+# ---------------------------------------------------------------------------
+
+def _duration(seconds: Any) -> str:
+    try:
+        s = int(float(seconds))
+    except (TypeError, ValueError):
+        return "-"
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _mib(value: Any) -> str:
+    try:
+        return f"{int(value) / (1024 * 1024):.1f}"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> list[str]:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def fmt(row: Sequence[str]) -> str:
+        parts = [v.rjust(widths[i]) if i in right else v.ljust(widths[i]) for i, v in enumerate(row)]
+        return "  ".join(parts).rstrip()
+
+    return [fmt(headers)] + [fmt(r) for r in cells]
+
+
+def format_status(reply: Mapping[str, Any]) -> str:
+    """The human-readable ``smsctl status``: header, USERS, WORKERS and (with --user-id) the checkpoint."""
+    lines: list[str] = []
+    mongo = reply.get("mongo") or {}
+    if mongo.get("ok") is True:
+        mongo_s = "ok"
+    elif mongo:
+        mongo_s = "DOWN" + (f" ({mongo.get('error')})" if mongo.get("error") else "")
+    else:
+        mongo_s = "?"
+    journal = reply.get("journal") or {}
+    llm = reply.get("llm") or {}
+    version = f" {reply['version']}" if reply.get("version") else ""
+    lines.append(f"smsd{version}  pid {_cell(reply.get('pid'))}  state {_cell(reply.get('state'))}  "
+                 f"uptime {_duration(reply.get('uptime_s'))}")
+    lines.append(f"mongo {mongo_s}  journal backlog {_cell(journal.get('unflushed'))}  "
+                 f"LLM calls {_cell(llm.get('calls'))} (repeated {_cell(llm.get('repeated_calls'))})  "
+                 f"tokens {_cell(llm.get('prompt_tokens'))} prompt / {_cell(llm.get('completion_tokens'))} completion")
+
+    users = reply.get("users") or []
+    lines.append("")
+    lines.append(f"USERS ({len(users)})")
+    if users:
+        lines += _table(
+            ["USER", "TOTAL", "PROCESSED", "PENDING", "QUARANTINED", "STATUS", "RESTARTS"],
+            [[u.get("user_id"), u.get("total_sms"), u.get("processed_sms"), u.get("pending_sms"),
+              u.get("quarantined_sms"), u.get("status"), u.get("restarts")] for u in users],
+            right=(1, 2, 3, 4, 6),
+        )
+    else:
+        lines.append("(none)")
+
+    workers = reply.get("workers") or []
+    lines.append("")
+    lines.append(f"WORKERS ({len(workers)})")
+    if workers:
+        lines += _table(
+            ["USER", "PID", "STATE", "UPTIME", "RSS MiB", "RESTARTS"],
+            [[w.get("user_id"), w.get("pid"), w.get("state"), _duration(w.get("uptime_s")),
+              _mib(w.get("rss_bytes")), w.get("restarts")] for w in workers],
+            right=(1, 3, 4, 5),
+        )
+    else:
+        lines.append("(none)")
+
+    if "checkpoint" in reply:
+        lines.append("")
+        lines.append(format_checkpoint(reply.get("checkpoint")))
+    return "\n".join(lines) + "\n"
+
+
+def format_checkpoint(cp: Mapping[str, Any] | None) -> str:
+    """A checkpoint in the seed guide's words: ``Resume point: batch B, 649/1443 processed, ...``."""
+    if not cp:
+        return "Resume point: none (no checkpoint yet)"
+    user = f" ({cp['user_id']})" if cp.get("user_id") else ""
+    return (f"Resume point{user}: batch {_cell(cp.get('batch_id'))}, "
+            f"{_cell(cp.get('processed_sms'))}/{_cell(cp.get('total_sms'))} processed, "
+            f"last id {_cell(cp.get('last_processed_id'))}, at {_cell(cp.get('checkpoint_timestamp'))}, "
+            f"status {_cell(cp.get('status'))}")
+
+
+def _quarantine_items(reply: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    for key in ("quarantine", "quarantined", "items"):
+        items = reply.get(key)
+        if isinstance(items, list):
+            return [i for i in items if isinstance(i, Mapping)]
+    return []
+
+
+def _scrub_quarantine(reply: dict) -> dict:
+    """Drop any SMS text a daemon might have included: smsctl never shows it."""
+    out = dict(reply)
+    for key in ("quarantine", "quarantined", "items"):
+        items = out.get(key)
+        if isinstance(items, list):
+            out[key] = [{k: v for k, v in i.items() if k not in _PII_FIELDS} if isinstance(i, Mapping) else i
+                        for i in items]
+    return out
+
+
+def format_quarantine(reply: Mapping[str, Any]) -> str:
+    """Quarantined SMS as a table of user, sms id, reason, attempts."""
+    items = _quarantine_items(reply)
+    if not items:
+        return "no quarantined SMS\n"
+    rows = [[i.get("user_id"), i.get("sms_id", i.get("id")), i.get("reason"), i.get("attempts")] for i in items]
+    lines = _table(["USER", "SMS ID", "REASON", "ATTEMPTS"], rows, right=(3,))
+    return "\n".join(lines) + f"\n{len(items)} quarantined\n"
+
+
+def format_ack(cmd: str, reply: Mapping[str, Any]) -> str:
+    """One line for a command that changes state: the daemon's message, or ``ok``."""
+    message = reply.get("message")
+    if message:
+        return f"{message}\n"
+    return f"{cmd}: ok\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

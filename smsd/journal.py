@@ -1,0 +1,719 @@
+"""The local write-ahead journal: one SQLite file per user.
+
+A paid LLM answer is committed here before any MongoDB write that depends on
+it (invariant 1), and an SMS that has a result here is never asked again
+(invariant 5).  The life of one LLM call in the journal::
+
+    begin_call()     'sent'      committed BEFORE the request goes out, so a
+                                 crash while waiting shows which SMS were in
+                                 flight (and a re-ask is counted as repeated)
+    record_answer()  'answered'  results + usage + failure counts, ONE commit
+    mark_flushed()   flushed=1   after the results are safely in MongoDB
+    record_failure() 'failed'    the whole call failed; attempts += 1
+
+Only one process may write a user's journal: :meth:`Journal.open` takes an
+exclusive ``flock`` on ``{path}.lock`` and keeps it until :meth:`Journal.close`
+(or until the process dies: the kernel drops the lock, even after
+``kill -9``).  :func:`scan` reads every journal read-only without the lock,
+for the supervisor's status.
+
+Files are 0600 in a 0700 directory: results contain account masks and
+counterparties.  SMS text is never stored here and never logged.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+from urllib.parse import quote
+
+import sqlite_utils
+
+from smsd.model import (Provenance, Quarantine, SmsResult, Usage, raw_id_from_bytes,
+                        raw_id_to_bytes, sms_key)
+
+log = logging.getLogger("smsd.journal")
+
+#: Version of the schema below.  A journal written by a newer smsd is refused.
+SCHEMA_VERSION = 1
+#: Longest quoted user id used as a file name; longer ones are hashed.
+MAX_NAME = 150
+#: Keys per ``IN (...)`` list (SQLite limits bound parameters per statement).
+CHUNK = 500
+#: How long a writer waits for a SQLite lock held by a reader (checkpoints).
+BUSY_TIMEOUT_MS = 5000
+#: How long :func:`scan` waits for a SQLite lock before skipping a file.
+SCAN_BUSY_TIMEOUT_MS = 200
+#: How many record_answer commit durations :meth:`Journal.commit_timings` keeps.
+TIMINGS_KEPT = 10_000
+LOCK_POLL_S = 0.05
+
+SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+
+-- One row per paid LLM call.  seq is the send order (clock-independent).
+CREATE TABLE calls (
+    seq               INTEGER PRIMARY KEY,
+    call_id           TEXT NOT NULL UNIQUE,
+    owner             TEXT NOT NULL,
+    epoch             INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    n_sms             INTEGER NOT NULL,
+    repeated_sms      INTEGER NOT NULL,   -- SMS already in an earlier call
+    sent_at           REAL NOT NULL,
+    state             TEXT NOT NULL DEFAULT 'sent'
+                      CHECK (state IN ('sent', 'answered', 'failed')),
+    answered_at       REAL,
+    request_id        TEXT,
+    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    error             TEXT,
+    flushed           INTEGER NOT NULL DEFAULT 0 CHECK (flushed IN (0, 1)),
+    flushed_at        REAL
+) STRICT;
+CREATE INDEX calls_unflushed ON calls (seq) WHERE state = 'answered' AND flushed = 0;
+
+-- Which SMS each call asked about.
+CREATE TABLE call_sms (
+    call_id TEXT NOT NULL REFERENCES calls (call_id),
+    sms_key TEXT NOT NULL,
+    raw_id  BLOB NOT NULL,
+    PRIMARY KEY (call_id, sms_key)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX call_sms_key ON call_sms (sms_key);
+
+-- One row per answered SMS; the first answer wins.  Money is strings in JSON.
+CREATE TABLE results (
+    sms_key      TEXT PRIMARY KEY,
+    call_id      TEXT NOT NULL REFERENCES calls (call_id),
+    raw_id       BLOB NOT NULL,
+    kind         TEXT NOT NULL,
+    transactions TEXT NOT NULL
+) STRICT;
+CREATE INDEX results_call ON results (call_id);
+
+-- Attempt counts of SMS whose answer was missing or invalid.
+CREATE TABLE failures (
+    sms_key    TEXT PRIMARY KEY,
+    raw_id     BLOB,
+    attempts   INTEGER NOT NULL,
+    last_error TEXT,
+    at         REAL NOT NULL
+) STRICT;
+
+-- Decided here first, written to MongoDB by the flush.
+CREATE TABLE quarantine (
+    sms_key    TEXT PRIMARY KEY,
+    raw_id     BLOB NOT NULL,
+    reason     TEXT NOT NULL,
+    attempts   INTEGER NOT NULL,
+    extra      TEXT NOT NULL,
+    at         REAL NOT NULL,
+    flushed    INTEGER NOT NULL DEFAULT 0 CHECK (flushed IN (0, 1)),
+    flushed_at REAL
+) STRICT;
+"""
+
+
+#: SMS results awaiting a flush (walks the partial index calls_unflushed).
+UNFLUSHED_COUNT = ("SELECT COUNT(*) FROM results WHERE call_id IN"
+                   " (SELECT call_id FROM calls WHERE state = 'answered' AND flushed = 0)")
+
+
+class JournalError(Exception):
+    """The journal cannot be used: corrupt, newer schema, wrong user, closed..."""
+
+
+class AlreadyAnswered(JournalError):
+    """begin_call() was given SMS that already have a result (invariant 5)."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+        super().__init__(f"{len(keys)} SMS already have a result in the journal; "
+                         "they must not be asked again")
+
+
+class JournalLocked(Exception):
+    """Another process (or another Journal in this one) holds the user's journal."""
+
+    def __init__(self, user_id: str, holder_pid: int | None):
+        self.user_id = user_id
+        self.holder_pid = holder_pid
+        holder = f"pid {holder_pid}" if holder_pid else "another process"
+        super().__init__(f"journal of user {user_id!r} is locked by {holder}")
+
+
+@dataclass
+class Answer:
+    """One answered LLM call whose results are not flushed to MongoDB yet."""
+
+    call_id: str
+    owner: str
+    epoch: int
+    model: str
+    request_id: str | None
+    answered_at: datetime
+    items: list[tuple[Any, SmsResult]]  # (raw_id, result), in answer order
+
+    def provenance(self) -> Provenance:
+        return Provenance(call_id=self.call_id, model=self.model, request_id=self.request_id,
+                          answered_at=self.answered_at, owner=self.owner, epoch=self.epoch)
+
+
+def journal_path(state_dir: str | os.PathLike, user_id: str) -> Path:
+    """``{state_dir}/journal/{quoted user id}.sqlite``; ids quoting to more than
+    150 chars get ``sha256=<hex>.sqlite`` ('=' is always quoted, so the two
+    kinds of name never collide)."""
+    if not user_id:
+        raise ValueError("user_id must not be empty")
+    name = quote(user_id, safe="")
+    if len(name) > MAX_NAME:
+        name = "sha256=" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()
+    return Path(state_dir) / "journal" / f"{name}.sqlite"
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _chunks(keys: list[str]) -> Iterator[list[str]]:
+    for i in range(0, len(keys), CHUNK):
+        yield keys[i:i + CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _chmod_600(path: Path) -> None:
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        data = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(data) if data else None
+    except (OSError, ValueError):
+        return None
+
+
+def _take_lock(lock_path: Path, user_id: str, wait: float) -> int:
+    """flock(LOCK_EX) on ``lock_path``, retrying for ``wait`` seconds; returns the fd."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise JournalLocked(user_id, _read_pid(fd)) from None
+                time.sleep(min(LOCK_POLL_S, max(0.0, deadline - time.monotonic())))
+        # Only the holder writes, so the pid in the file names the holder.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        os.fchmod(fd, 0o600)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _db(conn: sqlite3.Connection) -> sqlite_utils.Database:
+    return sqlite_utils.Database(conn, execute_plugins=False)
+
+
+def _scalar(db: sqlite_utils.Database, sql: str, params: Iterable = ()) -> Any:
+    return db.execute(sql, list(params)).fetchone()[0]
+
+
+def _meta(db: sqlite_utils.Database) -> dict[str, str]:
+    return {r["key"]: r["value"] for r in db.query("SELECT key, value FROM meta")}
+
+
+def _stats(db: sqlite_utils.Database) -> dict:
+    calls = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(repeated_sms > 0), 0), COALESCE(SUM(repeated_sms), 0),"
+        " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),"
+        " COALESCE(SUM(state = 'sent'), 0), COALESCE(SUM(state = 'failed'), 0) FROM calls"
+    ).fetchone()
+    return {
+        "unflushed": _scalar(db, UNFLUSHED_COUNT),
+        "calls": calls[0],
+        "repeated_calls": calls[1],
+        "repeated_sms": calls[2],
+        "prompt_tokens": calls[3],
+        "completion_tokens": calls[4],
+        "sent_calls": calls[5],  # never answered nor failed: in flight or cut by a crash
+        "failed_calls": calls[6],
+        "answered_sms": _scalar(db, "SELECT COUNT(*) FROM results"),
+        "quarantined": _scalar(db, "SELECT COUNT(*) FROM quarantine"),
+        "unflushed_quarantine": _scalar(db, "SELECT COUNT(*) FROM quarantine WHERE flushed = 0"),
+    }
+
+
+class Journal:
+    """One user's journal, opened for writing under the exclusive lock.
+
+    Thread-safe: every method runs under one internal lock.  Do not use a
+    Journal in a forked child (the lock fd would be shared); open it after
+    forking.
+    """
+
+    path: Path
+    user_id: str
+    db: sqlite_utils.Database  # for inspection and tests; write through the methods
+
+    def __init__(self, path: Path, user_id: str, db: sqlite_utils.Database, lock_fd: int):
+        self.path = path
+        self.user_id = user_id
+        self.db = db
+        self._lock_fd: int | None = lock_fd
+        self._pid = os.getpid()
+        self._mutex = threading.RLock()
+        self._timings: deque[float] = deque(maxlen=TIMINGS_KEPT)
+
+    # -- opening and closing -------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: str | os.PathLike, user_id: str, *, wait: float = 0.0,
+             synchronous: str = "FULL") -> "Journal":
+        """Lock and open (creating if needed) the journal of ``user_id``.
+
+        Raises :class:`JournalLocked` if another holder keeps the lock for
+        more than ``wait`` seconds, :class:`JournalError` if the file is not a
+        usable journal (corrupt, newer schema, another user's).
+        """
+        synchronous = synchronous.upper()
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        path = journal_path(state_dir, user_id)
+        os.makedirs(path.parent, mode=0o700, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        lock_fd = _take_lock(Path(f"{path}.lock"), user_id, wait)
+        conn = None
+        try:
+            # Create the file 0600 before SQLite opens it; SQLite gives the
+            # -wal and -shm files the mode of the database file.
+            created = not path.exists()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+            if created:
+                _fsync_dir(path.parent)
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE
+            # ... COMMIT in _write), nothing is opened or committed behind our back.
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
+            db = _db(conn)
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise JournalError(f"{path}: cannot switch to WAL mode (got {mode!r})")
+            # FULL by default: in WAL mode, NORMAL does not fsync the WAL at
+            # each commit, so a power loss or OS crash can lose the last
+            # commits.  A lost commit is an LLM answer we paid for and would
+            # ask again (invariant 5).  NORMAL is only safe against process
+            # crashes (kill -9), which is why it is offered for benchmarks.
+            db.execute(f"PRAGMA synchronous = {synchronous}")
+            cls._init_schema(db, path, user_id)
+            _chmod_600(path)
+        except BaseException as e:
+            if conn is not None:
+                conn.close()
+            os.close(lock_fd)
+            if isinstance(e, sqlite3.DatabaseError):  # "file is not a database", ...
+                raise JournalError(f"{path}: cannot open journal: {e}") from e
+            raise
+        log.info("journal opened user=%s path=%s synchronous=%s", user_id, path, synchronous)
+        return cls(path, user_id, db, lock_fd)
+
+    @staticmethod
+    def _init_schema(db: sqlite_utils.Database, path: Path, user_id: str) -> None:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if "meta" not in db.table_names():
+                db.executescript(SCHEMA)
+                db.table("meta").insert_all([
+                    {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                    {"key": "user_id", "value": user_id},
+                    {"key": "created_at", "value": _utc(_now()).isoformat()},
+                ])
+            meta = _meta(db)
+            version = int(meta.get("schema_version", "0"))
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"{path}: journal schema version {version} is newer than this smsd "
+                    f"supports ({SCHEMA_VERSION}); upgrade smsd, do not delete the journal")
+            if version < SCHEMA_VERSION:  # no older versions exist yet
+                raise JournalError(f"{path}: unknown journal schema version {version}")
+            if meta.get("user_id") != user_id:
+                raise JournalError(f"{path}: journal belongs to user "
+                                   f"{meta.get('user_id')!r}, not {user_id!r}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.rollback()
+            raise
+
+    def close(self) -> None:
+        """Close the database and release the lock.  Idempotent."""
+        with self._mutex:
+            if self._lock_fd is None:
+                return
+            try:
+                self.db.close()
+            finally:
+                fd, self._lock_fd = self._lock_fd, None
+                os.close(fd)  # closing the only fd releases the flock
+            log.info("journal closed user=%s", self.user_id)
+
+    @property
+    def closed(self) -> bool:
+        return self._lock_fd is None
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Journal user={self.user_id!r} path={str(self.path)!r}{' closed' if self.closed else ''}>"
+
+    # -- transactions ------------------------------------------------------------
+
+    @contextmanager
+    def _use(self) -> Iterator[sqlite_utils.Database]:
+        with self._mutex:
+            if self._lock_fd is None:
+                raise JournalError(f"{self.path}: journal is closed")
+            if os.getpid() != self._pid:
+                raise JournalError(f"{self.path}: journal used in a forked child; open it there")
+            yield self.db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite_utils.Database]:
+        """One transaction, one commit; rolled back on any error."""
+        with self._use() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.rollback()
+                raise
+
+    # -- the call life cycle ---------------------------------------------------------
+
+    def begin_call(self, items: list[tuple[str, Any]], *, owner: str, epoch: int,
+                   model: str) -> str:
+        """Commit a 'sent' call for ``items`` = [(sms_key, raw_id)] and return its id.
+
+        Call this BEFORE the request is sent: after a crash the call shows
+        which SMS were in flight.  Raises :class:`AlreadyAnswered` if any of
+        the SMS already has a result, so it is never paid for twice.
+        """
+        keys = [k for k, _ in items]
+        if not keys:
+            raise ValueError("begin_call needs at least one SMS")
+        if len(set(keys)) != len(keys):
+            raise ValueError("begin_call got the same SMS twice")
+        for key, raw_id in items:
+            if sms_key(raw_id) != key:
+                raise ValueError(f"sms_key {key!r} does not match its raw_id")
+        call_id = uuid.uuid4().hex
+        with self._write() as db:
+            answered = self._answered(db, keys)
+            if answered:
+                raise AlreadyAnswered(sorted(answered))
+            repeated = sum(_scalar(db, "SELECT COUNT(DISTINCT sms_key) FROM call_sms"
+                                       f" WHERE sms_key IN ({_marks(len(c))})", c)
+                           for c in _chunks(keys))
+            db.execute(
+                "INSERT INTO calls (call_id, owner, epoch, model, n_sms, repeated_sms, sent_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [call_id, owner, epoch, model, len(keys), repeated, _now()])
+            db.conn.executemany(
+                "INSERT INTO call_sms (call_id, sms_key, raw_id) VALUES (?, ?, ?)",
+                [(call_id, k, raw_id_to_bytes(r)) for k, r in items])
+        if repeated:
+            log.info("call %s re-asks %d SMS already sent in an earlier call", call_id, repeated)
+        return call_id
+
+    def record_answer(self, call_id: str, items: list[tuple[Any, SmsResult]], *,
+                      failed: dict[str, str], request_id: str | None, usage: Usage,
+                      model: str | None = None) -> None:
+        """Commit an LLM answer in ONE transaction.
+
+        ``items`` = [(raw_id, result)] become result rows (a key that already
+        has a result keeps it: the first answer wins); the call becomes
+        'answered' with its usage, request id and (if given) the model that
+        actually answered; each key of ``failed`` (key -> error) gets one more
+        attempt.  A call left with no result row of its own is marked flushed
+        at once, so replay skips it.
+        """
+        for raw_id, result in items:
+            if sms_key(raw_id) != result.key:
+                raise ValueError(f"result key {result.key!r} does not match its raw_id")
+        start = time.perf_counter()
+        now = _now()
+        with self._write() as db:
+            self._check_state(db, call_id, "sent")
+            db.conn.executemany(
+                "INSERT OR IGNORE INTO results (sms_key, call_id, raw_id, kind, transactions)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(r.key, call_id, raw_id_to_bytes(raw_id), r.kind,
+                  json.dumps([t.to_json() for t in r.transactions], separators=(",", ":")))
+                 for raw_id, r in items])
+            own = _scalar(db, "SELECT COUNT(*) FROM results WHERE call_id = ?", [call_id])
+            db.execute(
+                "UPDATE calls SET state = 'answered', answered_at = ?, request_id = ?,"
+                " prompt_tokens = ?, completion_tokens = ?, model = COALESCE(?, model),"
+                " flushed = ?, flushed_at = ? WHERE call_id = ?",
+                [now, request_id, usage.prompt_tokens, usage.completion_tokens, model,
+                 0 if own else 1, None if own else now, call_id])
+            self._count_failures(db, call_id, failed, now)
+        self._timings.append(time.perf_counter() - start)
+        if len(items) != own:
+            log.info("call %s: %d of %d results were already journaled (first answer wins)",
+                     call_id, len(items) - own, len(items))
+
+    def record_failure(self, call_id: str, error: str, keys: list[str] | None = None, *,
+                       request_id: str | None = None, usage: Usage | None = None) -> None:
+        """The whole call failed: mark it 'failed' and count one attempt for
+        each of ``keys`` (default: every SMS of the call).  One commit.  Pass
+        ``usage`` if tokens were billed anyway (e.g. an answer that was not JSON)."""
+        now = _now()
+        usage = usage or Usage()
+        with self._write() as db:
+            self._check_state(db, call_id, "sent")
+            db.execute(
+                "UPDATE calls SET state = 'failed', answered_at = ?, error = ?, request_id = ?,"
+                " prompt_tokens = ?, completion_tokens = ? WHERE call_id = ?",
+                [now, error, request_id, usage.prompt_tokens, usage.completion_tokens, call_id])
+            if keys is None:
+                keys = [r[0] for r in db.execute(
+                    "SELECT sms_key FROM call_sms WHERE call_id = ?", [call_id])]
+            self._count_failures(db, call_id, dict.fromkeys(keys, error), now)
+
+    def _check_state(self, db: sqlite_utils.Database, call_id: str, expected: str) -> None:
+        row = db.execute("SELECT state FROM calls WHERE call_id = ?", [call_id]).fetchone()
+        if row is None:
+            raise JournalError(f"{self.path}: unknown call {call_id}")
+        if row[0] != expected:
+            raise JournalError(f"{self.path}: call {call_id} is {row[0]!r}, not {expected!r}")
+
+    @staticmethod
+    def _count_failures(db: sqlite_utils.Database, call_id: str, failed: dict[str, str],
+                        now: float) -> None:
+        db.conn.executemany(
+            "INSERT INTO failures (sms_key, raw_id, attempts, last_error, at)"
+            " VALUES (?1, (SELECT raw_id FROM call_sms WHERE call_id = ?2 AND sms_key = ?1),"
+            " 1, ?3, ?4)"
+            " ON CONFLICT (sms_key) DO UPDATE SET attempts = attempts + 1,"
+            " last_error = excluded.last_error, at = excluded.at,"
+            " raw_id = COALESCE(excluded.raw_id, raw_id)",
+            [(key, call_id, error, now) for key, error in failed.items()])
+
+    # -- queries -------------------------------------------------------------------
+
+    @staticmethod
+    def _answered(db: sqlite_utils.Database, keys: list[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(keys):
+            found.update(r[0] for r in db.execute(
+                f"SELECT sms_key FROM results WHERE sms_key IN ({_marks(len(chunk))})", chunk))
+        return found
+
+    def answered_keys(self, keys: Iterable[str]) -> set[str]:
+        """The subset of ``keys`` that already has a result (never ask those again)."""
+        with self._use() as db:
+            return self._answered(db, list(keys))
+
+    def attempts(self, keys: Iterable[str]) -> dict[str, int]:
+        """Failed attempts so far for each of ``keys`` (0 for keys never failed)."""
+        keys = list(keys)
+        out = dict.fromkeys(keys, 0)
+        with self._use() as db:
+            for chunk in _chunks(keys):
+                out.update(db.execute(
+                    f"SELECT sms_key, attempts FROM failures"
+                    f" WHERE sms_key IN ({_marks(len(chunk))})", chunk).fetchall())
+        return out
+
+    def unflushed(self, limit: int | None = None) -> list[Answer]:
+        """Answered calls with results not yet flushed to MongoDB, oldest first."""
+        with self._use() as db:
+            calls = db.execute(
+                "SELECT call_id, owner, epoch, model, request_id, answered_at FROM calls"
+                " WHERE state = 'answered' AND flushed = 0 ORDER BY seq LIMIT ?",
+                [-1 if limit is None else limit]).fetchall()
+            answers = {c[0]: Answer(call_id=c[0], owner=c[1], epoch=c[2], model=c[3],
+                                    request_id=c[4], answered_at=_utc(c[5]), items=[])
+                       for c in calls}
+            for chunk in _chunks(list(answers)):
+                for key, call_id, raw, kind, txs in db.execute(
+                        "SELECT sms_key, call_id, raw_id, kind, transactions FROM results"
+                        f" WHERE call_id IN ({_marks(len(chunk))}) ORDER BY rowid", chunk):
+                    result = SmsResult.from_json(
+                        {"id": key, "kind": kind, "transactions": json.loads(txs)})
+                    answers[call_id].items.append((raw_id_from_bytes(raw), result))
+        return [a for a in answers.values() if a.items]
+
+    def unflushed_count(self) -> int:
+        """Number of SMS results (not calls) awaiting a flush."""
+        with self._use() as db:
+            return _scalar(db, UNFLUSHED_COUNT)
+
+    def mark_flushed(self, call_ids: list[str]) -> None:
+        """Mark answered calls flushed (invariant 4: only after their SMS are
+        processed in MongoDB).  One commit."""
+        now = _now()
+        with self._write() as db:
+            for chunk in _chunks(list(call_ids)):
+                db.execute(f"UPDATE calls SET flushed = 1, flushed_at = ? WHERE flushed = 0"
+                           f" AND state = 'answered' AND call_id IN ({_marks(len(chunk))})",
+                           [now, *chunk])
+
+    # -- quarantine and retry ----------------------------------------------------------
+
+    def add_quarantine(self, items: list[Quarantine]) -> None:
+        """Record quarantine decisions (replacing older ones for the same SMS),
+        to be written to MongoDB by the flush.  One commit."""
+        now = _now()
+        for q in items:
+            if q.user_id != self.user_id:
+                raise ValueError(f"quarantine item of user {q.user_id!r} in the journal "
+                                 f"of {self.user_id!r}")
+        with self._write() as db:
+            db.conn.executemany(
+                "INSERT OR REPLACE INTO quarantine (sms_key, raw_id, reason, attempts, extra, at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(q.key, raw_id_to_bytes(q.raw_id), q.reason, q.attempts,
+                  json.dumps(q.extra, default=str), now) for q in items])
+
+    def unflushed_quarantine(self) -> list[Quarantine]:
+        """Quarantine decisions not yet written to MongoDB, oldest first."""
+        with self._use() as db:
+            rows = db.execute("SELECT raw_id, sms_key, reason, attempts, extra FROM quarantine"
+                              " WHERE flushed = 0 ORDER BY at, rowid").fetchall()
+        return [Quarantine(raw_id=raw_id_from_bytes(raw), key=key, user_id=self.user_id,
+                           reason=reason, attempts=attempts, extra=json.loads(extra))
+                for raw, key, reason, attempts, extra in rows]
+
+    def mark_quarantine_flushed(self, keys: list[str]) -> None:
+        """The quarantine of these SMS is stored in MongoDB.  One commit."""
+        now = _now()
+        with self._write() as db:
+            for chunk in _chunks(list(keys)):
+                db.execute(f"UPDATE quarantine SET flushed = 1, flushed_at = ?"
+                           f" WHERE sms_key IN ({_marks(len(chunk))})", [now, *chunk])
+
+    def clear_failures(self, keys: Iterable[str] | None = None) -> None:
+        """For ``smsctl retry``: forget attempt counts and quarantine rows of
+        ``keys`` (all if None), so those SMS get a fresh set of attempts.  An
+        unflushed quarantine row is dropped too: its SMS was never marked
+        quarantined in MongoDB, so it is simply still pending.  One commit."""
+        with self._write() as db:
+            if keys is None:
+                db.execute("DELETE FROM failures")
+                db.execute("DELETE FROM quarantine")
+                return
+            for chunk in _chunks(list(keys)):
+                for table in ("failures", "quarantine"):
+                    db.execute(f"DELETE FROM {table} WHERE sms_key IN ({_marks(len(chunk))})",
+                               chunk)
+
+    # -- numbers -------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Counters for ``smsctl status``::
+
+            unflushed         SMS results awaiting a flush
+            calls             LLM calls begun (sent, answered or failed)
+            repeated_calls    calls that re-asked an SMS of an earlier call
+                              (a crash or a failure made us buy it again)
+            repeated_sms      SMS re-asked, summed over calls
+            prompt_tokens, completion_tokens
+            sent_calls        calls never answered nor failed (in flight or cut by a crash)
+            failed_calls
+            answered_sms      SMS with a result
+            quarantined, unflushed_quarantine
+        """
+        with self._use() as db:
+            return _stats(db)
+
+    def commit_timings(self) -> list[float]:
+        """Durations (s) of the last record_answer transactions, BEGIN to COMMIT."""
+        with self._mutex:
+            return list(self._timings)
+
+
+def scan(state_dir: str | os.PathLike) -> dict[str, dict]:
+    """``{user_id: stats}`` of every journal in ``state_dir/journal``, for the
+    supervisor.  Files are opened read-only, without the per-user lock, so a
+    worker writing meanwhile is neither blocked nor blocks this (WAL).
+    Unreadable, corrupt or foreign files are skipped with a warning."""
+    out: dict[str, dict] = {}
+    directory = Path(state_dir) / "journal"
+    if not directory.is_dir():
+        return out
+    for path in sorted(directory.glob("*.sqlite")):
+        conn = None
+        try:
+            conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                                   isolation_level=None, check_same_thread=False,
+                                   timeout=SCAN_BUSY_TIMEOUT_MS / 1000)
+            db = _db(conn)
+            db.execute(f"PRAGMA busy_timeout = {SCAN_BUSY_TIMEOUT_MS}")
+            if "meta" not in db.table_names():
+                log.warning("journal scan: skipping %s: no journal schema (yet)", path)
+                continue
+            meta = _meta(db)
+            version = int(meta.get("schema_version", "0"))
+            if version != SCHEMA_VERSION or not meta.get("user_id"):
+                log.warning("journal scan: skipping %s: schema version %s, this smsd reads %s",
+                            path, version, SCHEMA_VERSION)
+                continue
+            out[meta["user_id"]] = _stats(db)
+        except (sqlite3.Error, OSError, ValueError) as e:
+            log.warning("journal scan: skipping %s: %s", path, e)
+        finally:
+            if conn is not None:
+                conn.close()
+    return out

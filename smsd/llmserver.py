@@ -1,0 +1,691 @@
+"""A local OpenAI-compatible chat-completions server for tests, the demo, drills and benchmarks.
+
+It speaks the contract's wire format (``contract/README.md``): the last ``user``
+message holds ``{"sms": [{"id", "text", "sender", "received_at"}, ...]}`` and
+the answer's ``choices[0].message.content`` is ``{"results": [...]}``.
+
+Answers come from a pluggable *extractor* ``(item) -> {"kind", "transactions"} | None``
+(``None`` leaves the id out of the answer):
+
+- :class:`KnownAnswers` — a table keyed by SMS text, loadable from the fixtures
+  JSONL format (``{"text", "expected"}`` lines);
+- ``rules`` — ``smsd.rules.extract(text, sender=None)``, imported lazily.
+
+It counts calls (per SMS id, per second, tokens) and injects faults: latency,
+429 (with ``Retry-After``), 500, timeouts, malformed JSON, partial answers,
+invalid items, a requests-per-minute limit, and a deterministic *script* of
+faults for the next calls.
+
+Admin endpoints (JSON):
+
+- ``GET  /_admin/stats``          counters (see :meth:`State.stats`)
+- ``POST /_admin/reset``          clear counters, script and rpm window;
+  body ``{"faults": true}`` also restores the faults given at start
+- ``GET  /_admin/faults``         current fault settings
+- ``POST /_admin/faults``         merge settings, e.g. ``{"p_429": 0.1, "seed": 7}``
+- ``POST /_admin/script``         ``{"faults": ["429", "ok", ...]}`` for the next calls
+- ``GET  /_admin/last_request``   shape of the last completion request (no SMS text)
+- ``GET  /_admin/health``         ``{"ok": true}``
+
+Script entries: ``ok``, ``429``, ``500``, ``503``, ``400``, ``401``, ``timeout``,
+``close`` (drop the connection without answering), ``malformed``, ``partial``,
+``bad_item``, ``unknown`` (a normal answer plus one result for an unknown id).
+
+The server never logs SMS text: only ids, counts and fault kinds.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("smsd.llmserver")
+
+Extractor = Callable[[dict], "dict | None"]
+
+#: Fault settings and their defaults.  Every one can be given at start
+#: (``LlmServer(**faults)`` / CLI flags) and changed live (``POST /_admin/faults``).
+DEFAULT_FAULTS: dict[str, Any] = {
+    "latency_ms": 0.0,          # fixed latency added to every answered call
+    "latency_jitter_ms": 0.0,   # plus uniform(0, jitter)
+    "p_429": 0.0,               # probability of a 429 (with Retry-After)
+    "p_500": 0.0,               # probability of a 500
+    "p_timeout": 0.0,           # probability of sleeping timeout_sleep_s before answering
+    "p_malformed": 0.0,         # probability of content that is not JSON
+    "p_partial": 0.0,           # probability of dropping some results (and maybe adding an unknown id)
+    "p_bad_item": 0.0,          # probability of one invalid result item
+    "timeout_sleep_s": 30.0,    # how long a "timeout" call sleeps (longer than the client timeout)
+    "retry_after_s": 1.0,       # Retry-After of 429/503 answers
+    "rpm_limit": 0,             # requests per minute; beyond it -> 429 (0 = no limit)
+    "seed": None,               # seed of the fault dice (None = random)
+}
+
+#: Order in which random faults are drawn (one die, cumulative probabilities).
+_RANDOM_FAULTS = (("429", "p_429"), ("500", "p_500"), ("timeout", "p_timeout"),
+                  ("malformed", "p_malformed"), ("partial", "p_partial"),
+                  ("bad_item", "p_bad_item"))
+
+SCRIPT_FAULTS = ("ok", "429", "500", "503", "400", "401", "timeout", "close",
+                 "malformed", "partial", "bad_item", "unknown")
+
+OTHER = {"kind": "other", "transactions": []}
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count: one token per four characters, rounded up."""
+    return math.ceil(len(text) / 4)
+
+
+# --------------------------------------------------------------------------- extractors
+
+class KnownAnswers:
+    """An extractor that answers from a table keyed by SMS text.
+
+    Unknown texts go to ``fallback(item)`` when given, else ``{"kind": "other", "transactions": []}``.
+    """
+
+    def __init__(self, table: dict[str, dict] | None = None, fallback: Extractor | None = None):
+        self.table: dict[str, dict] = dict(table or {})
+        self.fallback = fallback
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, fallback: Extractor | None = None) -> "KnownAnswers":
+        """Load ``{"text", "expected"}`` lines (the format of ``sms_fixtures.jsonl``)."""
+        table: dict[str, dict] = {}
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                    table[row["text"]] = row["expected"]
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ValueError(f"{path}:{lineno}: not a {{text, expected}} line ({exc.__class__.__name__})") from None
+        return cls(table, fallback)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __call__(self, item: dict) -> dict | None:
+        answer = self.table.get(item.get("text"))
+        if answer is not None:
+            return json.loads(json.dumps(answer))  # a private copy: faults may mangle it
+        if self.fallback is not None:
+            return self.fallback(item)
+        return dict(OTHER, transactions=[])
+
+
+def rules_extractor() -> Extractor:
+    """``smsd.rules.extract`` as an extractor, imported only when asked for."""
+    rules = importlib.import_module("smsd.rules")
+
+    def extract(item: dict) -> dict | None:
+        return rules.extract(item.get("text") or "", sender=item.get("sender"))
+
+    return extract
+
+
+def make_extractor(kind: str = "known", answers: str | Path | None = None,
+                   fallback: str = "other") -> Extractor:
+    """Build an extractor: ``known`` (table from *answers*, then *fallback*) or ``rules``."""
+    if kind == "rules":
+        return rules_extractor()
+    if kind != "known":
+        raise ValueError(f"unknown extractor {kind!r} (known|rules)")
+    fb = rules_extractor() if fallback == "rules" else None
+    if answers:
+        return KnownAnswers.from_jsonl(answers, fallback=fb)
+    return KnownAnswers({}, fallback=fb)
+
+
+# --------------------------------------------------------------------------- state
+
+class _Reject(Exception):
+    """An HTTP error answer (status, OpenAI-style error body, extra headers)."""
+
+    def __init__(self, status: int, message: str, etype: str, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+        self.headers = headers or {}
+
+
+class State:
+    """Counters, fault settings and the script; shared by all handler threads."""
+
+    def __init__(self, extractor: Extractor, faults: dict | None = None,
+                 api_key: str | None = None, model: str = "smsd-local"):
+        self.extractor = extractor
+        self.api_key = api_key
+        self.model = model
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.start_faults = self._checked(dict(DEFAULT_FAULTS), faults or {})
+        self.faults = dict(self.start_faults)
+        self.rng = random.Random(self.faults["seed"])
+        self._reset_counters()
+
+    # -- settings
+    @staticmethod
+    def _checked(base: dict, changes: dict) -> dict:
+        for key, value in changes.items():
+            if key not in DEFAULT_FAULTS:
+                raise ValueError(f"unknown fault setting {key!r}")
+            if key == "seed":
+                base[key] = None if value is None else int(value)
+            elif key == "rpm_limit":
+                base[key] = int(value or 0)
+            else:
+                value = float(value)
+                if key.startswith("p_") and not 0.0 <= value <= 1.0:
+                    raise ValueError(f"{key} must be within [0, 1]")
+                if value < 0:
+                    raise ValueError(f"{key} must be >= 0")
+                base[key] = value
+        if sum(base[p] for _, p in _RANDOM_FAULTS) > 1.0 + 1e-9:
+            raise ValueError("fault probabilities add up to more than 1")
+        return base
+
+    def set_faults(self, changes: dict) -> dict:
+        with self.lock:
+            self.faults = self._checked(dict(self.faults), changes)
+            if "seed" in changes:
+                self.rng = random.Random(self.faults["seed"])
+            return dict(self.faults)
+
+    def set_script(self, entries: list) -> int:
+        bad = [e for e in entries if str(e) not in SCRIPT_FAULTS]
+        if bad:
+            raise ValueError(f"unknown script entries {bad!r}; use {', '.join(SCRIPT_FAULTS)}")
+        with self.lock:
+            self.script = collections.deque(str(e) for e in entries)
+            return len(self.script)
+
+    def _reset_counters(self) -> None:
+        self.generation = getattr(self, "generation", 0) + 1  # a late (timed-out) call of an older
+        self.calls = 0                                         # generation adds no tokens after a reset
+        self.asked: collections.Counter = collections.Counter()
+        self.billed: collections.Counter = collections.Counter()
+        self.fault_counts: collections.Counter = collections.Counter()
+        self.call_times: list[float] = []
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.rejected_429 = 0
+        self.window: collections.deque = collections.deque()  # accepted call times for rpm_limit
+        self.script: collections.deque = collections.deque()
+        self.last_request: dict = {}
+
+    def reset(self, faults: bool = False) -> None:
+        with self.lock:
+            self._reset_counters()
+            if faults:
+                self.faults = dict(self.start_faults)
+                self.rng = random.Random(self.faults["seed"])
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {
+                "calls": self.calls,
+                "asked": dict(self.asked),
+                "billed": dict(self.billed),
+                "faults": dict(self.fault_counts),
+                "call_times": list(self.call_times),
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "rejected_429": self.rejected_429,
+                "script_left": len(self.script),
+            }
+
+    # -- one completion call
+    def admit(self, ids: list[str], shape: dict) -> tuple[str, dict, int]:
+        """Count the call and decide its fault; returns (fault, settings snapshot, generation)."""
+        now = time.time()
+        with self.lock:
+            gen = self.generation
+            self.calls += 1
+            self.call_times.append(now)
+            self.asked.update(ids)
+            self.last_request = shape
+            faults = dict(self.faults)
+            limit = faults["rpm_limit"]
+            if limit:
+                while self.window and self.window[0] <= now - 60.0:
+                    self.window.popleft()
+                if len(self.window) >= limit:
+                    self.rejected_429 += 1
+                    return "rpm_429", faults, gen
+                self.window.append(now)
+            if self.script:
+                fault = self.script.popleft()
+            else:
+                fault = "ok"
+                die = self.rng.random()
+                edge = 0.0
+                for name, key in _RANDOM_FAULTS:
+                    edge += faults[key]
+                    if die < edge:
+                        fault = name
+                        break
+            if fault != "ok":
+                self.fault_counts[fault] += 1
+            if fault in ("ok", "timeout", "malformed", "partial", "bad_item", "unknown"):
+                self.billed.update(ids)  # the "model" ran on these: a paid call
+            return fault, faults, gen
+
+    def add_tokens(self, prompt: int, completion: int, generation: int) -> None:
+        with self.lock:
+            if generation != self.generation:
+                return
+            self.prompt_tokens += prompt
+            self.completion_tokens += completion
+
+    def dice(self) -> random.Random:
+        """A private RNG for one call, seeded from the shared one (reproducible under a seed)."""
+        with self.lock:
+            return random.Random(self.rng.getrandbits(64))
+
+
+# --------------------------------------------------------------------------- answers
+
+def _parse_request(body: bytes) -> tuple[dict, list[dict], str]:
+    """Return (request, sms items, all message text) or raise _Reject(400)."""
+    try:
+        req = json.loads(body or b"null")
+    except ValueError:
+        raise _Reject(400, "request body is not JSON", "invalid_request_error") from None
+    if not isinstance(req, dict) or not isinstance(req.get("messages"), list) or not req["messages"]:
+        raise _Reject(400, "'messages' must be a non-empty list", "invalid_request_error", "invalid_messages")
+    users = [m for m in req["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise _Reject(400, "no user message", "invalid_request_error", "invalid_messages")
+    content = users[-1].get("content")
+    if isinstance(content, list):  # content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    try:
+        doc = json.loads(content) if isinstance(content, str) else None
+    except ValueError:
+        doc = None
+    items = doc.get("sms") if isinstance(doc, dict) else None
+    if not isinstance(items, list) or not all(
+            isinstance(i, dict) and isinstance(i.get("id"), str) and isinstance(i.get("text"), str)
+            for i in items):
+        raise _Reject(400, "user content must be {\"sms\": [{\"id\", \"text\", ...}]}",
+                      "invalid_request_error", "invalid_sms_document")
+    all_text = "".join(m.get("content") if isinstance(m.get("content"), str) else ""
+                       for m in req["messages"] if isinstance(m, dict))
+    return req, items, all_text
+
+
+def _request_shape(req: dict, items: list[dict], authorized: bool) -> dict:
+    """What the last request looked like, without any SMS text."""
+    msgs = req.get("messages") or []
+    system = [m.get("content") for m in msgs if isinstance(m, dict) and m.get("role") == "system"]
+    return {
+        "model": req.get("model"),
+        "temperature": req.get("temperature"),
+        "response_format": req.get("response_format"),
+        "roles": [m.get("role") for m in msgs if isinstance(m, dict)],
+        "system_prompt_chars": sum(len(s) for s in system if isinstance(s, str)),
+        "n_sms": len(items),
+        "ids": [i["id"] for i in items],
+        "authorization": authorized,
+    }
+
+
+def _results(state: State, items: list[dict]) -> list[dict]:
+    out = []
+    for item in items:
+        try:
+            answer = state.extractor(item)
+        except Exception as exc:  # an extractor bug must not kill the server; no text in the log
+            log.warning("extractor failed on id=%s: %s", item["id"], exc.__class__.__name__)
+            answer = dict(OTHER, transactions=[])
+        if answer is None:
+            continue
+        out.append({"id": item["id"], "kind": answer.get("kind", "other"),
+                    "transactions": list(answer.get("transactions") or [])})
+    return out
+
+
+def _mangle(fault: str, results: list[dict], rng: random.Random) -> tuple[str, list[str]]:
+    """Apply a content fault; returns (content, ids touched)."""
+    if fault == "malformed":
+        variants = [
+            lambda: json.dumps({"results": results})[: max(1, len(json.dumps({"results": results})) // 2)],
+            lambda: "I'm sorry, I could not read these messages.",
+            lambda: "",
+            lambda: "{results: [}",
+        ]
+        return rng.choice(variants)(), []
+    touched: list[str] = []
+    if fault == "partial":
+        if results:
+            k = rng.randint(1, len(results))
+            dropped = rng.sample(range(len(results)), k)
+            touched = [results[i]["id"] for i in sorted(dropped)]
+            results = [r for i, r in enumerate(results) if i not in set(dropped)]
+        if rng.random() < 0.5:
+            extra = "unknown-" + uuid.uuid4().hex[:8]
+            results = results + [{"id": extra, "kind": "other", "transactions": []}]
+            touched.append(extra)
+    elif fault == "unknown":
+        extra = "unknown-" + uuid.uuid4().hex[:8]
+        results = results + [{"id": extra, "kind": "other", "transactions": []}]
+        touched.append(extra)
+    elif fault == "bad_item" and results:
+        with_txn = [r for r in results if r["transactions"]]
+        victim = rng.choice(with_txn or results)
+        touched.append(victim["id"])
+        if victim["transactions"]:
+            txn = victim["transactions"][0]
+            how = rng.choice(["separator", "missing_amount", "direction", "number"])
+            if how == "separator":
+                txn["amount"] = "1,234.00"
+            elif how == "missing_amount":
+                txn.pop("amount", None)
+            elif how == "direction":
+                txn["direction"] = "sideways"
+            else:
+                txn["amount"] = 1234.5
+        else:
+            victim.pop("kind", None)
+    return json.dumps({"results": results}, ensure_ascii=False), touched
+
+
+# --------------------------------------------------------------------------- HTTP
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "smsd-llmserver/1"
+    state: State  # set on the subclass made per server
+
+    def log_message(self, fmt: str, *args: Any) -> None:  # paths and status only, never bodies
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    # -- plumbing
+    def _body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n > 0 else b""
+
+    def _send(self, status: int, obj: Any, headers: dict | None = None) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            self.close_connection = True  # the client gave up (e.g. its timeout); nothing to do
+
+    def _json_body(self) -> Any:
+        raw = self._body()
+        try:
+            return json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            raise _Reject(400, "body is not JSON", "invalid_request_error") from None
+
+    # -- routes
+    def do_GET(self) -> None:  # noqa: N802
+        st = self.state
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path == "/v1/models":
+            self._send(200, {"object": "list", "data": [
+                {"id": st.model, "object": "model", "created": 0, "owned_by": "smsd"}]})
+        elif path == "/_admin/stats":
+            self._send(200, st.stats())
+        elif path == "/_admin/faults":
+            with st.lock:
+                self._send(200, dict(st.faults))
+        elif path == "/_admin/last_request":
+            with st.lock:
+                self._send(200, dict(st.last_request))
+        elif path in ("/_admin/health", "/health"):
+            self._send(200, {"ok": True})
+        else:
+            self._send(404, {"error": {"message": "not found", "type": "invalid_request_error",
+                                       "param": None, "code": "not_found"}})
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0].rstrip("/")
+        try:
+            if path == "/v1/chat/completions":
+                self._completion()
+            elif path == "/_admin/reset":
+                body = self._json_body()
+                self.state.reset(faults=bool(isinstance(body, dict) and body.get("faults")))
+                self._send(200, {"ok": True})
+            elif path == "/_admin/faults":
+                body = self._json_body()
+                if not isinstance(body, dict):
+                    raise _Reject(400, "faults must be a JSON object", "invalid_request_error")
+                try:
+                    self._send(200, self.state.set_faults(body))
+                except (ValueError, TypeError) as exc:
+                    raise _Reject(400, str(exc), "invalid_request_error") from None
+            elif path == "/_admin/script":
+                body = self._json_body()
+                entries = body.get("faults") if isinstance(body, dict) else body
+                if not isinstance(entries, list):
+                    raise _Reject(400, "script must be {\"faults\": [...]}", "invalid_request_error")
+                try:
+                    self._send(200, {"queued": self.state.set_script(entries)})
+                except ValueError as exc:
+                    raise _Reject(400, str(exc), "invalid_request_error") from None
+            else:
+                self._body()
+                raise _Reject(404, "not found", "invalid_request_error", "not_found")
+        except _Reject as rej:
+            self._send(rej.status, rej.body, rej.headers)
+
+    def _completion(self) -> None:
+        st = self.state
+        body = self._body()
+        auth = self.headers.get("Authorization") or ""
+        if st.api_key is not None and auth != f"Bearer {st.api_key}":
+            with st.lock:
+                st.calls += 1
+                st.call_times.append(time.time())
+                st.fault_counts["401"] += 1
+            raise _Reject(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        req, items, all_text = _parse_request(body)
+        ids = [i["id"] for i in items]
+        fault, faults, gen = st.admit(ids, _request_shape(req, items, bool(auth)))
+        rng = st.dice()
+        model = req.get("model") or st.model
+        log.info("call n_sms=%d fault=%s", len(ids), fault)
+
+        retry_after = faults["retry_after_s"]
+        ra_headers = {"Retry-After": str(math.ceil(retry_after))}
+        if retry_after != math.ceil(retry_after):
+            ra_headers["retry-after-ms"] = str(int(retry_after * 1000))
+        if fault == "rpm_429":
+            raise _Reject(429, "Rate limit reached for requests per minute.", "requests",
+                          "rate_limit_exceeded", ra_headers)
+        if fault == "429":
+            raise _Reject(429, "Rate limit reached (injected).", "requests", "rate_limit_exceeded", ra_headers)
+        if fault == "400":
+            raise _Reject(400, "Invalid request (injected).", "invalid_request_error")
+        if fault == "401":
+            raise _Reject(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+
+        delay = faults["latency_ms"] + rng.uniform(0, faults["latency_jitter_ms"])
+        if delay > 0 and st.stopping.wait(delay / 1000.0):
+            self.close_connection = True
+            return
+        if fault == "500":
+            raise _Reject(500, "The server had an error while processing your request (injected).", "server_error")
+        if fault == "503":
+            raise _Reject(503, "The engine is currently overloaded (injected).", "server_error",
+                          headers=ra_headers)
+        if fault == "close":
+            self.close_connection = True
+            try:
+                self.connection.shutdown(2)
+            except OSError:
+                pass
+            return
+        if fault == "timeout":
+            if st.stopping.wait(faults["timeout_sleep_s"]):
+                self.close_connection = True
+                return
+
+        results = _results(st, items)
+        content, touched = _mangle(fault, results, rng)
+        prompt_tokens = estimate_tokens(all_text)
+        completion_tokens = estimate_tokens(content)
+        st.add_tokens(prompt_tokens, completion_tokens, gen)
+        headers = {"x-request-id": "req_" + uuid.uuid4().hex}
+        if fault != "ok":
+            headers["x-smsd-fault"] = fault
+            if touched:
+                headers["x-smsd-fault-ids"] = ",".join(touched)
+        self._send(200, {
+            "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": "smsd-llmserver",
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }, headers)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+class LlmServer:
+    """The server in a background thread, for in-process use (demo, bench).
+
+    ``LlmServer(extractor, host, port=0, api_key=None, model="smsd-local", **faults)``;
+    ``.start()``, ``.stop()``, ``.url`` (``http://host:port/v1``), ``.stats()``,
+    ``.set_faults(**kw)``, ``.script([...])``, ``.reset()``.
+    """
+
+    def __init__(self, extractor: Extractor | None = None, host: str = "127.0.0.1", port: int = 0,
+                 *, api_key: str | None = None, model: str = "smsd-local", **faults: Any):
+        self.state = State(extractor or KnownAnswers(), faults, api_key=api_key, model=model)
+        handler = type("Handler", (_Handler,), {"state": self.state})
+        self._httpd = _Server((host, port), handler)
+        self.host = host
+        self.port = self._httpd.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def start(self) -> "LlmServer":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="smsd-llmserver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.state.stopping.set()
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> "LlmServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stats(self) -> dict:
+        return self.state.stats()
+
+    def set_faults(self, **changes: Any) -> dict:
+        return self.state.set_faults(changes)
+
+    def script(self, faults: list[str]) -> int:
+        return self.state.set_script(list(faults))
+
+    def reset(self, faults: bool = False) -> None:
+        self.state.reset(faults=faults)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m smsd.llmserver",
+                                description="Local OpenAI-compatible server for smsd (fault injection, call counting).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on the ready line)")
+    p.add_argument("--answers", help="JSONL of {text, expected} lines (e.g. sms_fixtures.jsonl)")
+    p.add_argument("--extractor", choices=("known", "rules"), default="known")
+    p.add_argument("--fallback", choices=("other", "rules"), default="other",
+                   help="answer for texts not in --answers (known extractor)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (401 otherwise)")
+    p.add_argument("--model", default="smsd-local", help="model id listed by /v1/models")
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--latency-jitter-ms", type=float, default=0.0)
+    for name in ("429", "500", "timeout", "malformed", "partial", "bad-item"):
+        p.add_argument(f"--p-{name}", type=float, default=0.0, help=f"probability of a {name} fault")
+    p.add_argument("--timeout-sleep-s", type=float, default=DEFAULT_FAULTS["timeout_sleep_s"])
+    p.add_argument("--retry-after-s", type=float, default=DEFAULT_FAULTS["retry_after_s"])
+    p.add_argument("--rpm-limit", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    faults = {k: getattr(args, k) for k in DEFAULT_FAULTS}
+    try:
+        extractor = make_extractor(args.extractor, args.answers, args.fallback)
+        server = LlmServer(extractor, args.host, args.port, api_key=args.api_key, model=args.model, **faults)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"smsd-llmserver: {exc}", file=sys.stderr)
+        return 2
+    done = threading.Event()
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    server.start()
+    print(f"smsd-llmserver listening on {server.url}", flush=True)
+    while not done.wait(0.5):
+        pass
+    server.stop()
+    log.info("stopped after %d calls", server.stats()["calls"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

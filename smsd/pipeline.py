@@ -1,0 +1,442 @@
+"""One user's job: replay the journal, then claim → LLM → journal → flush.
+
+This module is where DESIGN.md's invariants are kept, in this order:
+
+* invariant 1 — :meth:`Pipeline._on_answer` commits the answer to the journal
+  before :meth:`Pipeline.flush` writes anything to MongoDB;
+* invariants 2-4 — :meth:`Pipeline.flush` is the one function that writes a
+  journaled answer to MongoDB: transactions (acknowledged, journaled), then
+  ``isprocessed``, then the checkpoint, then the journal row is marked;
+* invariant 5 — :meth:`Pipeline._claim` never hands out an SMS that has a
+  result in the journal;
+* invariant 6 — :meth:`Pipeline._note_failures` quarantines an SMS after
+  ``max_attempts`` failed answers; it never marks it processed.
+
+The process model (who runs a pipeline, signals, restarts) lives elsewhere:
+``smsd once`` runs one in the foreground, a supervisor worker runs one per turn.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .config import Settings
+from .failpoints import failpoint
+from .journal import Answer, Journal
+from .llm import LlmAnswer, LlmError, validate_answer
+from .model import FlushItem, Quarantine, Sms, SmsResult, Usage
+from .store import Store, StoreUnavailable
+
+log = logging.getLogger("smsd.pipeline")
+
+
+class Extractor(Protocol):
+    """What the pipeline asks: the LLM client, or anything answering like it."""
+
+    model: str
+
+    def extract(self, sms: list[Sms], *, stop: threading.Event | None = None) -> LlmAnswer: ...
+
+
+class StaleEpoch(Exception):
+    """A flush was refused because another owner holds a newer lease on the user."""
+
+
+@dataclass
+class RunSummary:
+    """What one run did, for the one-line summary and the worker's report."""
+
+    user_id: str
+    batch_id: str = ""
+    total_sms: int = 0
+    processed_sms: int = 0        # the checkpoint's counter (whole batch, across resumes)
+    newly_processed: int = 0      # marked processed by this process
+    asked_sms: int = 0
+    llm_calls: int = 0
+    failed_calls: int = 0
+    quarantined: int = 0
+    replayed_answers: int = 0
+    status: str = "in_progress"
+    stopped: bool = False
+    elapsed_s: float = 0.0
+    pending_left: int | None = None
+    last_processed_id: Any = None
+    resumed_from: dict | None = None
+
+
+@dataclass
+class _Call:
+    call_id: str
+    sms: list[Sms]
+    sent_at: float = field(default_factory=time.monotonic)
+
+
+class Pipeline:
+    """Runs one user's SMS through the LLM into MongoDB, journal first.
+
+    ``stop`` asks for a drain: no new LLM calls, in-flight calls finish,
+    everything answered is flushed, then :meth:`run` returns.  ``abort``
+    additionally cuts waits short (fast stop).
+    """
+
+    def __init__(self, *, user_id: str, journal: Journal, store: Store, extractor: Extractor,
+                 settings: Settings, owner: str = "", epoch: int = 0,
+                 stop: threading.Event | None = None, abort: threading.Event | None = None,
+                 on_tick: Callable[["Pipeline"], None] | None = None,
+                 fence: Callable[[list[Answer]], None] | None = None) -> None:
+        self.user_id = user_id
+        self.journal = journal
+        self.store = store
+        self.extractor = extractor
+        self.settings = settings
+        self.owner = owner
+        self.epoch = epoch
+        self.stop = stop or threading.Event()
+        self.abort = abort or threading.Event()
+        self.on_tick = on_tick
+        # Multi-host fencing hook: raises StaleEpoch when our lease is gone.
+        self.fence = fence
+        self.summary = RunSummary(user_id=user_id)
+        self.mongo_ok = True
+        self.mongo_error: str | None = None
+        self._batch_id = ""
+        self._buffer: deque[Sms] = deque()
+        self._retry: deque[Sms] = deque()     # SMS whose answer failed: asked again alone
+        self._inflight: dict[Future, _Call] = {}
+        self._exhausted = False
+        self._next_store_try = 0.0
+        self._store_backoff = 0.5
+        self._llm_backoff_until = 0.0
+        self._llm_failures = 0
+
+    # ------------------------------------------------------------------ run
+    def run(self, *, limit: int | None = None, resume: bool = True,
+            max_sms: int | None = None) -> RunSummary:
+        """Process this user's pending SMS.
+
+        ``limit`` caps the SMS of this run (the seed's ``--limit``: it also sets
+        the run's ``total_sms``); ``max_sms`` caps what this call asks before it
+        returns with the run still ``in_progress`` (a worker's turn).
+        """
+        started = time.monotonic()
+        s = self.summary
+        try:
+            if not self._wait_for_store(self._start_run, resume, limit):
+                s.stopped = True
+                return s
+            self._wait_for_store(self._flush_backlog)
+            budget = min(x for x in (limit, max_sms) if x is not None) if (limit or max_sms) else None
+            with ThreadPoolExecutor(max_workers=self.settings.llm.concurrency,
+                                    thread_name_prefix="smsd-llm") as pool:
+                self._loop(pool, budget)
+            self._wait_for_store(self._flush_backlog)
+            self._wait_for_store(self._finish_run, limit)
+        finally:
+            s.elapsed_s = time.monotonic() - started
+            s.stopped = self.stop.is_set()
+        return s
+
+    def _loop(self, pool: ThreadPoolExecutor, budget: int | None) -> None:
+        s = self.summary
+        while True:
+            if self.on_tick:
+                self.on_tick(self)
+            draining = self.stop.is_set()
+            room = budget is None or s.asked_sms < budget
+            if not draining and room and not self._buffer and not self._retry and not self._exhausted:
+                self._claim()
+            if not draining and room:
+                self._submit(pool, budget)
+            if not self._inflight:
+                if draining or not room or (self._exhausted and not self._buffer and not self._retry):
+                    return
+                # Nothing in flight but work remains: the store is down, the
+                # backlog is full, or the LLM is backing off.  Flush and wait.
+                self._flush_backlog_quietly()
+                self._sleep(0.2)
+                continue
+            done, _ = wait(list(self._inflight), timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in done:
+                self._on_answer(self._inflight.pop(fut), fut)
+            if done:
+                self._flush_backlog_quietly()
+
+    # ---------------------------------------------------------------- claim
+    def _claim(self) -> None:
+        """Read the next page of pending SMS that have no result in the journal (invariant 5)."""
+        if time.monotonic() < self._next_store_try:
+            return
+        failpoint("before_claim")
+        exclude = {sms.key for call in self._inflight.values() for sms in call.sms}
+        exclude.update(a_key for a_key in self._unflushed_keys())
+        try:
+            page, malformed = self.store.fetch_pending(
+                self.user_id, limit=self.settings.pipeline.page_size, exclude_keys=exclude)
+        except StoreUnavailable as exc:
+            self._store_down(exc)
+            return
+        self._store_up()
+        if malformed:
+            self._quarantine([Quarantine(raw_id=m.raw_id, key=m.key, user_id=m.user_id,
+                                         reason=f"malformed: {m.reason}") for m in malformed])
+        answered = self.journal.answered_keys(s.key for s in page)
+        fresh = [s for s in page if s.key not in answered]
+        if not page and not malformed:
+            self._exhausted = True
+        self._buffer.extend(fresh)
+
+    def _unflushed_keys(self) -> set[str]:
+        return {res.key for answer in self.journal.unflushed() for _, res in answer.items}
+
+    # --------------------------------------------------------------- submit
+    def _submit(self, pool: ThreadPoolExecutor, budget: int | None) -> None:
+        s = self.summary
+        llm = self.settings.llm
+        while len(self._inflight) < llm.concurrency and (self._buffer or self._retry):
+            if time.monotonic() < self._llm_backoff_until:
+                return
+            if self.journal.unflushed_count() >= self.settings.journal.max_backlog:
+                return  # MongoDB is behind: pause paid calls until the flush catches up
+            left = None if budget is None else budget - s.asked_sms
+            if left is not None and left <= 0:
+                return
+            # A previously failed SMS is asked alone, so one poison SMS cannot
+            # make a whole batch fail again.
+            size = 1 if self._retry else llm.batch_size
+            queue = self._retry if self._retry else self._buffer
+            n = size if left is None else min(size, left)
+            batch = [queue.popleft() for _ in range(min(n, len(queue)))]
+            batch = self._answer_by_rules(batch)
+            if not batch:
+                continue
+            call_id = self.journal.begin_call([(m.key, m.raw_id) for m in batch], owner=self.owner,
+                                              epoch=self.epoch, model=self.extractor.model)
+            failpoint("before_llm_call")
+            s.asked_sms += len(batch)
+            s.llm_calls += 1
+            self._inflight[pool.submit(self.extractor.extract, batch, stop=self.abort)] = _Call(call_id, batch)
+
+    def _answer_by_rules(self, batch: list[Sms]) -> list[Sms]:
+        """With ``rules-then-llm``, journal what the rules are certain of; return the rest."""
+        if self.settings.llm.extractor != "rules-then-llm":
+            return batch
+        from . import rules
+        certain: list[tuple[Any, SmsResult]] = []
+        rest: list[Sms] = []
+        for m in batch:
+            answer = rules.extract_certain(m.text, m.sender)
+            result = _as_result(m.key, answer) if answer is not None else None
+            if result is None:
+                rest.append(m)
+            else:
+                certain.append((m.raw_id, result))
+        if certain:
+            call_id = self.journal.begin_call([(r.key, raw) for raw, r in certain],
+                                              owner=self.owner, epoch=self.epoch, model="rules")
+            self.journal.record_answer(call_id, certain, failed={}, request_id=None,
+                                       usage=Usage(), model="rules")
+            self.summary.asked_sms += len(certain)
+        return rest
+
+    # --------------------------------------------------------------- answer
+    def _on_answer(self, call: _Call, fut: Future) -> None:
+        s = self.summary
+        keys = [m.key for m in call.sms]
+        try:
+            answer: LlmAnswer = fut.result()
+        except LlmError as exc:
+            # The call failed as a whole (outage, timeouts after retries): not the
+            # SMS's fault, so no attempt is counted; back off and ask again later.
+            s.failed_calls += 1
+            self.journal.record_failure(call.call_id, str(exc), [])
+            self._llm_failures += 1
+            delay = min(60.0, 2.0 ** self._llm_failures)
+            self._llm_backoff_until = time.monotonic() + delay
+            log.warning("user %s: LLM call failed (%s); retrying %d SMS in %.0f s",
+                        self.user_id, exc, len(keys), delay)
+            self._buffer.extendleft(reversed(call.sms))
+            return
+        self._llm_failures = 0
+        failpoint("after_llm_answer")
+        items = [(m.raw_id, answer.results[m.key]) for m in call.sms if m.key in answer.results]
+        failed = {k: answer.failed.get(k, "missing from answer") for k in keys if k not in answer.results}
+        # Invariant 1: the answer is durable before anything is written to MongoDB.
+        self.journal.record_answer(call.call_id, items, failed=failed, request_id=answer.request_id,
+                                   usage=answer.usage, model=answer.model)
+        failpoint("after_commit")
+        if answer.unknown_ids:
+            log.warning("user %s: answer %s named %d unknown ids (ignored)",
+                        self.user_id, call.call_id, len(answer.unknown_ids))
+        if failed:
+            self._note_failures([m for m in call.sms if m.key in failed], failed)
+
+    def _note_failures(self, sms: list[Sms], reasons: dict[str, str]) -> None:
+        """Ask failed SMS again, alone, until ``max_attempts``; then quarantine (invariant 6)."""
+        attempts = self.journal.attempts(m.key for m in sms)
+        cap = self.settings.pipeline.max_attempts
+        give_up = []
+        for m in sms:
+            n = attempts.get(m.key, 0)
+            if n >= cap:
+                give_up.append(Quarantine(raw_id=m.raw_id, key=m.key, user_id=m.user_id,
+                                          reason=f"unparsed after {n} attempts: {reasons[m.key]}",
+                                          attempts=n))
+            else:
+                self._retry.append(m)
+        if give_up:
+            self._quarantine(give_up)
+
+    def _quarantine(self, items: list[Quarantine]) -> None:
+        self.journal.add_quarantine(items)   # decided locally first, like any result
+        self.summary.quarantined += len(items)
+        for q in items:
+            log.warning("user %s: SMS %s quarantined: %s", self.user_id, q.key, q.reason)
+        self._flush_backlog_quietly()
+
+    # ---------------------------------------------------------------- flush
+    def flush(self, answers: list[Answer]) -> int:
+        """Write journaled answers to MongoDB, idempotently; the only such writer.
+
+        Order (DESIGN.md invariants 2-4): the transactions with an acknowledged,
+        journaled write; then ``isprocessed`` for their SMS; then the checkpoint;
+        only then the journal rows are marked flushed.  A crash anywhere in
+        between replays this same function on the same rows, which rewrites the
+        same documents.  Returns how many SMS were newly marked processed.
+        """
+        if not answers:
+            return 0
+        if self.fence is not None:
+            self.fence(answers)      # raises StaleEpoch: a newer owner has the user
+        items = [FlushItem(raw_id=raw_id, user_id=self.user_id, result=result,
+                           provenance=answer.provenance())
+                 for answer in answers for raw_id, result in answer.items]
+        self.store.upsert_transactions(items)
+        failpoint("mid_flush")
+        raw_ids = [item.raw_id for item in items]
+        newly = self.store.mark_processed(self.user_id, raw_ids, self._batch_id)
+        s = self.summary
+        s.newly_processed += newly
+        s.processed_sms += newly
+        s.last_processed_id = raw_ids[-1]
+        self.store.checkpoint_progress(self.user_id, self._batch_id, processed_sms=s.processed_sms,
+                                       total_sms=None, last_processed_id=s.last_processed_id,
+                                       status="in_progress")
+        failpoint("after_flush")
+        self.journal.mark_flushed([a.call_id for a in answers])
+        failpoint("after_mark_flushed")
+        return newly
+
+    def _flush_backlog(self) -> bool:
+        """Flush every unflushed answer and quarantine decision in the journal."""
+        while True:
+            answers = self.journal.unflushed(limit=64)
+            if not answers:
+                break
+            self.flush(answers)
+        pending = self.journal.unflushed_quarantine()
+        if pending:
+            self.store.quarantine(pending)
+            self.journal.mark_quarantine_flushed([q.key for q in pending])
+        return True
+
+    def _flush_backlog_quietly(self) -> None:
+        if time.monotonic() < self._next_store_try:
+            return
+        try:
+            self._flush_backlog()
+        except StoreUnavailable as exc:
+            self._store_down(exc)
+        else:
+            self._store_up()
+
+    # ------------------------------------------------------------- run state
+    def _start_run(self, resume: bool, limit: int | None) -> bool:
+        s = self.summary
+        latest = self.store.latest_checkpoint(self.user_id) if resume else None
+        if latest and latest.get("status") == "in_progress":
+            self._batch_id = latest["batch_id"]
+            s.resumed_from = dict(latest)
+            s.total_sms = int(latest.get("total_sms") or 0)
+            # isprocessed may have been set by a flush whose checkpoint update was
+            # lost to a crash: count what MongoDB says, never less than we knew.
+            s.processed_sms = max(int(latest.get("processed_sms") or 0),
+                                  self.store.count_processed_in_batch(self.user_id, self._batch_id))
+            s.last_processed_id = latest.get("last_processed_id")
+        else:
+            pending = self.store.count_pending(self.user_id)
+            total = pending if limit is None else min(pending, limit)
+            checkpoint = self.store.checkpoint_start(self.user_id, total)
+            self._batch_id = checkpoint["batch_id"]
+            s.total_sms = total
+        s.batch_id = self._batch_id
+        return True
+
+    def _finish_run(self, limit: int | None) -> bool:
+        s = self.summary
+        left = self.store.count_pending(self.user_id)
+        s.pending_left = left
+        done = left == 0 or (limit is not None and s.processed_sms + s.quarantined >= s.total_sms)
+        if done and not self._retry and not self._buffer:
+            s.status = "completed"
+            s.total_sms = max(s.total_sms, s.processed_sms)
+        self.store.checkpoint_progress(self.user_id, self._batch_id, processed_sms=s.processed_sms,
+                                       total_sms=s.total_sms, last_processed_id=s.last_processed_id,
+                                       status=s.status)
+        return True
+
+    def _wait_for_store(self, fn: Callable[..., bool], *args: Any) -> bool:
+        """Call ``fn`` until MongoDB answers; False if stopped first."""
+        while True:
+            try:
+                result = fn(*args)
+            except StoreUnavailable as exc:
+                self._store_down(exc)
+                if self.abort.is_set() or (self.stop.is_set() and fn is not self._flush_backlog):
+                    return False
+                if self.stop.is_set() and self._stop_deadline_passed():
+                    return False
+                if self.on_tick:
+                    self.on_tick(self)
+                self._sleep(max(0.05, self._next_store_try - time.monotonic()))
+                continue
+            self._store_up()
+            return result
+
+    def _stop_deadline_passed(self) -> bool:
+        # A drain waits for MongoDB for a while, but not for ever: what is not
+        # flushed stays in the journal and is replayed by the next start.
+        if not hasattr(self, "_stop_seen"):
+            self._stop_seen = time.monotonic()
+        return time.monotonic() - self._stop_seen > self.settings.supervisor.drain_timeout
+
+    def _store_down(self, exc: Exception) -> None:
+        if self.mongo_ok:
+            log.warning("user %s: MongoDB unavailable (%s); journaling until it answers",
+                        self.user_id, type(exc).__name__)
+        self.mongo_ok = False
+        self.mongo_error = type(exc).__name__
+        self._next_store_try = time.monotonic() + self._store_backoff
+        self._store_backoff = min(self._store_backoff * 2, 5.0)
+
+    def _store_up(self) -> None:
+        if not self.mongo_ok:
+            log.info("user %s: MongoDB answers again", self.user_id)
+        self.mongo_ok = True
+        self.mongo_error = None
+        self._store_backoff = 0.5
+        self._next_store_try = 0.0
+
+    def _sleep(self, seconds: float) -> None:
+        self.abort.wait(seconds)
+
+
+def _as_result(key: str, answer: dict) -> SmsResult | None:
+    """Validate a rules answer exactly like an LLM answer (one validator for both)."""
+    results, _, _ = validate_answer(json.dumps({"results": [dict(answer, id=key)]}), [key])
+    return results.get(key)

@@ -1,0 +1,770 @@
+"""MongoDB side of smsd: the three seed collections, their indexes, idempotent writes.
+
+Collections (the seed guide's names):
+
+* ``sms_fin_rawdata`` -- written by whatever collects the SMS.  smsd reads it
+  and sets only its own fields: ``isprocessed`` / ``processed_at`` /
+  ``smsd_batch_id`` when an SMS is done, ``smsd_quarantine`` when it is taken
+  out of the pending set.
+* ``financial_transactions`` -- one document per transaction, deterministic
+  ``_id`` (:func:`smsd.model.transaction_id`), written with upserts.
+* ``processing_checkpoints`` -- one document per user run (``_id`` = batch id),
+  counters moved with ``$max`` only.
+
+Every write uses ``j: true`` (and ``w: "majority"`` on a replica set) and is
+idempotent, so a flush may be replayed any number of times (DESIGN.md
+invariants 2, 3, 7).  Every connection or timeout error of pymongo surfaces
+as :class:`StoreUnavailable`, the one type the pipeline catches to keep
+journaling while MongoDB is away.
+
+The pending set
+---------------
+An SMS of user ``U`` is pending when ``user_id == U``, ``isprocessed`` is not
+true (``false`` or missing) and it carries no ``smsd_quarantine``.  The query
+is written ``{user_id: U, smsd_quarantine: null, isprocessed: {$in: [false,
+null]}}`` (``null`` matches a missing field; a quarantine is always a
+sub-document, never ``null``), sorted by ``_id``.  That shape -- equalities
+plus exactly one ``$in`` -- is what SecantusDB's planner serves from the
+compound index ``smsd_pending_by_user (user_id, smsd_quarantine, isprocessed,
+_id)``: ``explain()`` shows ``IXSCAN smsd_pending_by_user`` under a blocking
+in-memory ``SORT`` on ``_id`` (it examines exactly the user's pending
+documents).  The form ``smsd_quarantine: {$exists: false}`` plans as a
+``COLLSCAN`` there, because SecantusDB only plans "equalities + one range/$in
+field".  On mongod the same index serves both the filter and, by exploding the
+``$in`` into point intervals merged in ``_id`` order, the sort.
+
+No client exists at import time: pymongo is not fork-safe and the supervisor
+forks its workers before any of them creates a :class:`Store`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Collection as AbcCollection, Iterator
+from contextlib import contextmanager
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import pymongo
+from bson.decimal128 import Decimal128
+from pymongo import DeleteMany, ReplaceOne, UpdateOne, WriteConcern
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    OperationFailure,
+    PyMongoError,
+    WriteConcernError,
+)
+
+from smsd.model import (
+    OPTIONAL_FIELDS,
+    FlushItem,
+    Malformed,
+    Quarantine,
+    Sms,
+    Transaction,
+    sms_key,
+    transaction_id,
+)
+
+log = logging.getLogger("smsd.store")
+
+RAW_COLLECTION = "sms_fin_rawdata"
+TRANSACTIONS_COLLECTION = "financial_transactions"
+CHECKPOINTS_COLLECTION = "processing_checkpoints"
+
+QUARANTINE_FIELD = "smsd_quarantine"
+BATCH_FIELD = "smsd_batch_id"
+
+STATUS_IN_PROGRESS = "in_progress"
+STATUS_COMPLETED = "completed"
+CHECKPOINT_STATUSES = (STATUS_IN_PROGRESS, STATUS_COMPLETED)
+
+#: Reasons given to :class:`~smsd.model.Malformed` documents.
+MALFORMED_USER_ID = "user_id_not_string"
+MALFORMED_TEXT_MISSING = "text_missing"
+MALFORMED_TEXT_NOT_STRING = "text_not_string"
+MALFORMED_TEXT_EMPTY = "text_empty"
+MALFORMED_TEXT_TOO_LONG = "text_too_long"
+
+#: Index names (``ensure_indexes``).
+IDX_PENDING = "smsd_pending_by_user"
+IDX_DISCOVERY = "smsd_pending_discovery"
+IDX_BATCH = "smsd_processed_by_batch"
+IDX_TX_BY_SMS = "smsd_tx_by_sms"
+IDX_LATEST_CHECKPOINT = "smsd_latest_checkpoint"
+
+#: ``_id`` lists longer than this are split over several commands.
+ID_CHUNK = 500
+
+# Server error codes that mean "not now, try again" rather than "wrong".
+_TRANSIENT_CODES = frozenset({
+    6,      # HostUnreachable
+    7,      # HostNotFound
+    50,     # MaxTimeMSExpired
+    64,     # WriteConcernFailed (wtimeout)
+    89,     # NetworkTimeout
+    91,     # ShutdownInProgress
+    100,    # UnsatisfiableWriteConcern (not enough members right now)
+    189,    # PrimarySteppedDown
+    262,    # ExceededTimeLimit
+    9001,   # SocketException
+    10107,  # NotWritablePrimary
+    11600,  # InterruptedAtShutdown
+    11602,  # InterruptedDueToReplStateChange
+    13435,  # NotPrimaryNoSecondaryOk
+    13436,  # NotPrimaryOrSecondary
+})
+
+
+class StoreUnavailable(Exception):
+    """MongoDB cannot be reached or did not acknowledge in time.
+
+    Wraps pymongo's connection / timeout errors (``ServerSelectionTimeoutError``,
+    ``AutoReconnect``, ``NetworkTimeout``, ``ConnectionFailure``, write-concern
+    timeouts, primary step-downs).  Every write of :class:`Store` is idempotent,
+    so the caller simply retries later.
+    """
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionFailure, WriteConcernError)):
+        return True
+    if isinstance(exc, BulkWriteError):
+        details = exc.details or {}
+        write_errors = details.get("writeErrors") or []
+        if not write_errors:
+            return bool(details.get("writeConcernErrors"))
+        return all(e.get("code") in _TRANSIENT_CODES for e in write_errors)
+    if isinstance(exc, OperationFailure):
+        if exc.code in _TRANSIENT_CODES:
+            return True
+        return exc.has_error_label("RetryableWriteError") or exc.has_error_label("TransientTransactionError")
+    return False
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _get_path(doc: dict, path: str) -> tuple[bool, Any]:
+    """``(present, value)`` of a possibly dotted field path in ``doc``."""
+    cur: Any = doc
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return False, None
+        cur = cur[part]
+    return True, cur
+
+
+def parse_occurred_at(text: str) -> datetime | None:
+    """An ISO 8601 date or date-time string as a datetime, else ``None``.
+
+    A bare date becomes midnight; a time with an offset keeps it (pymongo
+    stores it as UTC); a naive time is taken as it is.
+    """
+    value = text.strip()
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        pass
+    try:
+        d = date.fromisoformat(value)
+    except ValueError:
+        return None
+    return datetime(d.year, d.month, d.day)
+
+
+def transaction_doc(item: FlushItem, index: int, tx: Transaction, now: datetime) -> dict:
+    """The ``financial_transactions`` document of the ``index``-th transaction of ``item``."""
+    key = sms_key(item.raw_id)
+    prov = item.provenance
+    doc: dict[str, Any] = {
+        "_id": transaction_id(key, index),
+        "user_id": item.user_id,
+        "sms_id": item.raw_id,
+        "sms_key": key,
+        "position": index,
+        "kind": item.result.kind,
+        "direction": tx.direction,
+        "amount": Decimal128(tx.amount),
+        "currency": tx.currency,
+    }
+    for name in OPTIONAL_FIELDS:
+        value = getattr(tx, name)
+        if value is None:
+            continue
+        if name == "balance":
+            doc["balance"] = Decimal128(value if isinstance(value, Decimal) else Decimal(str(value)))
+        elif name == "occurred_at":
+            doc["occurred_at_text"] = value
+            parsed = parse_occurred_at(value) if isinstance(value, str) else None
+            if parsed is not None:
+                doc["occurred_at"] = parsed
+        else:
+            doc[name] = value
+    doc["source"] = {
+        "model": prov.model,
+        "call_id": prov.call_id,
+        "request_id": prov.request_id,
+        "answered_at": prov.answered_at,
+        "owner": prov.owner,
+        "epoch": prov.epoch,
+    }
+    doc["created_at"] = now
+    return doc
+
+
+class Store:
+    """All of smsd's MongoDB reads and writes.
+
+    The client is created lazily on first use (never at import, never before
+    the supervisor forks) and re-created if the process has forked since.
+    Datetimes read back are timezone-aware UTC.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        db_name: str,
+        *,
+        text_field: str = "body",
+        sender_field: str = "sender",
+        time_field: str = "received_at",
+        timeout_ms: int = 5000,
+        app_name: str = "smsd",
+        max_text_chars: int = 2000,
+        socket_timeout_ms: int | None = None,
+    ) -> None:
+        """Describe the connection; nothing is connected yet.
+
+        Args:
+            uri: MongoDB connection string.
+            db_name: database holding the three collections.
+            text_field / sender_field / time_field: raw SMS field names
+                (``config.toml`` settings; dotted paths allowed).
+            timeout_ms: server selection, connect and write-concern timeout.
+            app_name: ``appName`` shown in the server's logs.
+            max_text_chars: longer SMS texts are :class:`Malformed`.
+            socket_timeout_ms: per-operation socket timeout (default
+                ``max(6 * timeout_ms, 30000)``).
+        """
+        self.uri = uri
+        self.db_name = db_name
+        self.text_field = text_field
+        self.sender_field = sender_field
+        self.time_field = time_field
+        self.timeout_ms = int(timeout_ms)
+        self.app_name = app_name
+        self.max_text_chars = int(max_text_chars)
+        self.socket_timeout_ms = int(socket_timeout_ms or max(6 * self.timeout_ms, 30000))
+        self._lock = threading.Lock()
+        self._client: pymongo.MongoClient | None = None
+        self._client_pid: int | None = None
+        self._db: Database | None = None
+        self._replica_set: bool | None = None
+
+    # ------------------------------------------------------------------ plumbing
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except StoreUnavailable:
+            raise
+        except PyMongoError as exc:
+            if _is_transient(exc):
+                raise StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+            raise
+
+    def _database(self) -> Database:
+        """The database handle with smsd's write concern; connects on first use."""
+        with self._lock:
+            if self._db is not None and self._client_pid == os.getpid():
+                return self._db
+            if self._client is not None and self._client_pid == os.getpid():
+                client = self._client
+            else:
+                # First use, or a forked child holding its parent's client:
+                # never reuse pymongo's sockets across fork().
+                client = pymongo.MongoClient(
+                    self.uri,
+                    appname=self.app_name,
+                    serverSelectionTimeoutMS=self.timeout_ms,
+                    connectTimeoutMS=self.timeout_ms,
+                    socketTimeoutMS=self.socket_timeout_ms,
+                    retryWrites=True,
+                    retryReads=True,
+                    tz_aware=True,
+                    tzinfo=timezone.utc,
+                    connect=False,
+                )
+                self._client = client
+                self._client_pid = os.getpid()
+                self._db = None
+            with self._errors("hello"):
+                hello = client.admin.command("hello")
+            self._replica_set = bool(hello.get("setName")) or hello.get("msg") == "isdbgrid"
+            wc = WriteConcern(w="majority" if self._replica_set else 1, j=True, wtimeout=self.timeout_ms)
+            self._db = client.get_database(self.db_name, write_concern=wc)
+            log.debug("connected db=%s replica_set=%s", self.db_name, self._replica_set)
+            return self._db
+
+    @property
+    def raw(self) -> Collection:
+        """``sms_fin_rawdata`` (with smsd's write concern)."""
+        return self._database()[RAW_COLLECTION]
+
+    @property
+    def transactions(self) -> Collection:
+        """``financial_transactions`` (with smsd's write concern)."""
+        return self._database()[TRANSACTIONS_COLLECTION]
+
+    @property
+    def checkpoints(self) -> Collection:
+        """``processing_checkpoints`` (with smsd's write concern)."""
+        return self._database()[CHECKPOINTS_COLLECTION]
+
+    @property
+    def write_concern(self) -> WriteConcern:
+        """The write concern every write uses: ``j: true``, ``w: majority`` on a replica set."""
+        return self._database().write_concern
+
+    @property
+    def is_replica_set(self) -> bool:
+        """True when the server said it is part of a replica set (or is a mongos)."""
+        self._database()
+        return bool(self._replica_set)
+
+    def close(self) -> None:
+        """Close the client (a later call connects again)."""
+        with self._lock:
+            client, self._client, self._db = self._client, None, None
+            pid, self._client_pid = self._client_pid, None
+        if client is not None and pid == os.getpid():
+            client.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ping(self) -> bool:
+        """True when the server answers a ``ping`` within the timeout."""
+        try:
+            db = self._database()
+            with self._errors("ping"):
+                db.client.admin.command("ping")
+            return True
+        except (StoreUnavailable, PyMongoError):
+            return False
+
+    def ensure_indexes(self) -> None:
+        """Create smsd's indexes (idempotent; safe on every start).
+
+        * ``sms_fin_rawdata``: ``smsd_pending_by_user (user_id, smsd_quarantine,
+          isprocessed, _id)`` serves the pending query of one user and the
+          quarantined list of one user; ``smsd_pending_discovery
+          (smsd_quarantine, isprocessed, user_id)`` serves the supervisor's
+          "which users have pending SMS"; ``smsd_processed_by_batch (user_id,
+          smsd_batch_id)`` serves :meth:`count_processed_in_batch`.
+        * ``financial_transactions``: ``smsd_tx_by_sms (user_id, sms_id)``.
+        * ``processing_checkpoints``: ``smsd_latest_checkpoint (user_id,
+          checkpoint_timestamp desc)``.
+        """
+        with self._errors("ensure_indexes"):
+            self.raw.create_indexes([
+                pymongo.IndexModel([("user_id", 1), (QUARANTINE_FIELD, 1), ("isprocessed", 1), ("_id", 1)],
+                                   name=IDX_PENDING),
+                pymongo.IndexModel([(QUARANTINE_FIELD, 1), ("isprocessed", 1), ("user_id", 1)],
+                                   name=IDX_DISCOVERY),
+                pymongo.IndexModel([("user_id", 1), (BATCH_FIELD, 1)], name=IDX_BATCH),
+            ])
+            self.transactions.create_indexes([
+                pymongo.IndexModel([("user_id", 1), ("sms_id", 1)], name=IDX_TX_BY_SMS),
+            ])
+            self.checkpoints.create_indexes([
+                pymongo.IndexModel([("user_id", 1), ("checkpoint_timestamp", -1)], name=IDX_LATEST_CHECKPOINT),
+            ])
+
+    # ------------------------------------------------------------------ reads
+    @staticmethod
+    def pending_filter(user_id: Any | None = None) -> dict:
+        """The pending-set filter (of one user, or of all users when ``None``).
+
+        Field order matters for SecantusDB's planner only in that the filter
+        must be "equalities + one ``$in``"; see the module docstring.
+        """
+        flt: dict[str, Any] = {}
+        if user_id is not None:
+            flt["user_id"] = user_id
+        flt[QUARANTINE_FIELD] = None
+        flt["isprocessed"] = {"$in": [False, None]}
+        return flt
+
+    def count_pending(self, user_id: str) -> int:
+        """Number of pending SMS of ``user_id`` (index-served count)."""
+        with self._errors("count_pending"):
+            return int(self.raw.count_documents(self.pending_filter(user_id)))
+
+    def pending_users(self) -> dict[str, int]:
+        """``{user_id: pending count}`` of every user with pending SMS (one aggregation).
+
+        Documents whose ``user_id`` is not a string cannot be claimed by a
+        worker; they are left out and logged.
+        """
+        pipeline = [
+            {"$match": self.pending_filter()},
+            {"$group": {"_id": "$user_id", "n": {"$sum": 1}}},
+        ]
+        out: dict[str, int] = {}
+        odd = 0
+        with self._errors("pending_users"):
+            for row in self.raw.aggregate(pipeline):
+                if isinstance(row["_id"], str):
+                    out[row["_id"]] = int(row["n"])
+                else:
+                    odd += int(row["n"])
+        if odd:
+            log.warning("pending_users: %d pending documents have a user_id that is not a string", odd)
+        return out
+
+    def fetch_pending(
+        self,
+        user_id: str,
+        *,
+        limit: int,
+        exclude_keys: AbcCollection[str] = (),
+    ) -> tuple[list[Sms], list[Malformed]]:
+        """The oldest pending SMS of ``user_id`` (by ``_id``), at most ``limit`` in all.
+
+        Documents whose key (:func:`smsd.model.sms_key`) is in ``exclude_keys``
+        (already answered in the caller's journal) are skipped.  The query asks
+        for ``limit + len(exclude_keys)`` documents -- each excluded key can hide
+        at most one -- and the cursor is closed as soon as ``limit`` usable ones
+        are read, so up to ``limit`` documents come back whenever they exist.
+
+        Returns ``(sms, malformed)``: well-formed SMS ready for the LLM, and
+        documents that cannot be sent (text missing / not a string / blank /
+        longer than ``max_text_chars``; ``user_id`` not a string), with a reason
+        from the ``MALFORMED_*`` constants.  ``limit`` bounds both lists together.
+        A ``received_at`` that is not a datetime, or a ``sender`` that is not a
+        string, becomes ``None``.
+        """
+        if limit <= 0:
+            return [], []
+        excluded = exclude_keys if isinstance(exclude_keys, (set, frozenset)) else set(exclude_keys)
+        projection = {"_id": 1, "user_id": 1, self.text_field: 1, self.sender_field: 1, self.time_field: 1}
+        sms: list[Sms] = []
+        bad: list[Malformed] = []
+        query_limit = limit + len(excluded)
+        with self._errors("fetch_pending"):
+            cursor = self.raw.find(self.pending_filter(user_id), projection, sort=[("_id", 1)],
+                                   limit=query_limit, batch_size=min(query_limit, 1000))
+            try:
+                for doc in cursor:
+                    key = sms_key(doc["_id"])
+                    if key in excluded:
+                        continue
+                    item = self._classify(doc, key)
+                    (sms if isinstance(item, Sms) else bad).append(item)
+                    if len(sms) + len(bad) >= limit:
+                        break
+            finally:
+                cursor.close()
+        return sms, bad
+
+    def _classify(self, doc: dict, key: str) -> Sms | Malformed:
+        raw_id = doc["_id"]
+        uid = doc.get("user_id")
+        if not isinstance(uid, str):
+            return Malformed(raw_id=raw_id, key=key, user_id=str(uid), reason=MALFORMED_USER_ID)
+        present, text = _get_path(doc, self.text_field)
+        reason = None
+        if not present or text is None:
+            reason = MALFORMED_TEXT_MISSING
+        elif not isinstance(text, str):
+            reason = MALFORMED_TEXT_NOT_STRING
+        elif not text.strip():
+            reason = MALFORMED_TEXT_EMPTY
+        elif len(text) > self.max_text_chars:
+            reason = MALFORMED_TEXT_TOO_LONG
+        if reason is not None:
+            return Malformed(raw_id=raw_id, key=key, user_id=uid, reason=reason)
+        _, sender = _get_path(doc, self.sender_field)
+        _, received = _get_path(doc, self.time_field)
+        return Sms(
+            raw_id=raw_id,
+            key=key,
+            user_id=uid,
+            text=text,
+            sender=sender if isinstance(sender, str) else None,
+            received_at=received if isinstance(received, datetime) else None,
+        )
+
+    # ------------------------------------------------------------------ writes
+    def upsert_transactions(self, items: list[FlushItem], *, replace_stale: bool = False) -> None:
+        """Write the transaction documents of ``items`` (idempotent upserts).
+
+        One unordered ``bulk_write`` of ``ReplaceOne({_id: transaction_id(key, i)},
+        doc, upsert=True)``: replaying the same items leaves the same documents
+        (only ``created_at``, the time of the last write, moves).  Items whose
+        result has no transactions (``kind`` other than ``transaction``) write
+        nothing here; the pipeline still marks them processed.
+
+        With ``replace_stale=True`` the SMS's transaction documents that the new
+        answer does not have (a position beyond its count, e.g. after an SMS was
+        asked again and answered with fewer transactions) are deleted, after the
+        upserts.  Off by default: a plain replay of one journal row never needs it.
+        """
+        if not items:
+            return
+        now = _utcnow()
+        ops: list[ReplaceOne] = []
+        new_ids: set[str] = set()
+        for item in items:
+            key = sms_key(item.raw_id)
+            if item.result.key != key:
+                log.warning("flush item key %s does not match its raw id key %s; using the raw id",
+                            item.result.key, key)
+            for index, tx in enumerate(item.result.transactions):
+                doc = transaction_doc(item, index, tx, now)
+                new_ids.add(doc["_id"])
+                ops.append(ReplaceOne({"_id": doc["_id"]}, doc, upsert=True))
+        with self._errors("upsert_transactions"):
+            if ops:
+                self.transactions.bulk_write(ops, ordered=False)
+            if replace_stale:
+                self._delete_stale(items, new_ids)
+
+    def _delete_stale(self, items: list[FlushItem], new_ids: set[str]) -> None:
+        by_user: dict[Any, list[Any]] = {}
+        for item in items:
+            by_user.setdefault(item.user_id, []).append(item.raw_id)
+        stale: list[Any] = []
+        for uid, raw_ids in by_user.items():
+            for start in range(0, len(raw_ids), ID_CHUNK):
+                chunk = raw_ids[start:start + ID_CHUNK]
+                for doc in self.transactions.find({"user_id": uid, "sms_id": {"$in": chunk}}, {"_id": 1}):
+                    if doc["_id"] not in new_ids:
+                        stale.append(doc["_id"])
+        if stale:
+            ops = [DeleteMany({"_id": {"$in": stale[i:i + ID_CHUNK]}}) for i in range(0, len(stale), ID_CHUNK)]
+            self.transactions.bulk_write(ops, ordered=False)
+            log.info("deleted %d stale transaction documents", len(stale))
+
+    def mark_processed(self, user_id: str, raw_ids: list, batch_id: str) -> int:
+        """Set ``isprocessed: true`` (+ ``processed_at``, ``smsd_batch_id``) on the given SMS.
+
+        Only documents of ``user_id`` not yet processed change, so a replay is a
+        no-op; any quarantine mark is removed at the same time.  Returns the
+        number of documents NEWLY marked.  Call it only after their transactions
+        are stored (invariant 3).
+        """
+        if not raw_ids:
+            return 0
+        now = _utcnow()
+        changed = 0
+        with self._errors("mark_processed"):
+            for start in range(0, len(raw_ids), ID_CHUNK):
+                chunk = list(raw_ids[start:start + ID_CHUNK])
+                # `_id` first: SecantusDB serves the clause it can look up first.
+                result = self.raw.update_many(
+                    {"_id": {"$in": chunk}, "user_id": user_id, "isprocessed": {"$ne": True}},
+                    {"$set": {"isprocessed": True, "processed_at": now, BATCH_FIELD: batch_id},
+                     "$unset": {QUARANTINE_FIELD: ""}},
+                )
+                changed += int(result.modified_count)
+        return changed
+
+    def quarantine(self, items: list[Quarantine]) -> None:
+        """Take SMS out of the pending set: ``$set smsd_quarantine: {reason, attempts, at}``.
+
+        Processed SMS are left alone.  Idempotent (a repeat only refreshes the
+        mark).  ``Quarantine.extra`` is stored under ``smsd_quarantine.extra``
+        when not empty -- never put SMS text there.
+        """
+        if not items:
+            return
+        now = _utcnow()
+        ops = []
+        for q in items:
+            mark: dict[str, Any] = {"reason": q.reason, "attempts": int(q.attempts), "at": now}
+            if q.extra:
+                mark["extra"] = q.extra
+            ops.append(UpdateOne({"_id": q.raw_id, "user_id": q.user_id, "isprocessed": {"$ne": True}},
+                                 {"$set": {QUARANTINE_FIELD: mark}}))
+        with self._errors("quarantine"):
+            self.raw.bulk_write(ops, ordered=False)
+
+    def unquarantine(self, user_id: str, raw_ids: list | None = None) -> int:
+        """Put ``user_id``'s quarantined SMS (or only ``raw_ids``) back in the pending set.
+
+        Returns the number of documents changed (``smsctl retry``).
+        """
+        flt: dict[str, Any] = {"user_id": user_id, QUARANTINE_FIELD: {"$exists": True}}
+        if raw_ids is not None:
+            if not raw_ids:
+                return 0
+            flt = {"_id": {"$in": list(raw_ids)}, **flt}
+        with self._errors("unquarantine"):
+            return int(self.raw.update_many(flt, {"$unset": {QUARANTINE_FIELD: ""}}).modified_count)
+
+    def list_quarantined(self, user_id: str | None = None, limit: int = 1000) -> list[dict]:
+        """Quarantined, unprocessed SMS: ``{user_id, sms_id, reason, attempts, at}``.
+
+        ``sms_id`` is the key string (:func:`smsd.model.sms_key`).  The SMS text
+        is never read.  Oldest first.
+        """
+        # `$gte: {}` matches exactly the documents whose mark is a sub-document
+        # (type bracketing) and, unlike `$exists`, rides the indexes.
+        flt: dict[str, Any] = {}
+        if user_id is not None:
+            flt["user_id"] = user_id
+        flt[QUARANTINE_FIELD] = {"$gte": {}}
+        out: list[dict] = []
+        with self._errors("list_quarantined"):
+            cursor = self.raw.find(flt, {"_id": 1, "user_id": 1, "isprocessed": 1, QUARANTINE_FIELD: 1},
+                                   sort=[("_id", 1)])
+            try:
+                for doc in cursor:
+                    if doc.get("isprocessed") is True:
+                        continue
+                    mark = doc.get(QUARANTINE_FIELD) or {}
+                    out.append({
+                        "user_id": doc.get("user_id"),
+                        "sms_id": sms_key(doc["_id"]),
+                        "reason": mark.get("reason"),
+                        "attempts": mark.get("attempts", 0),
+                        "at": mark.get("at"),
+                    })
+                    if len(out) >= limit:
+                        break
+            finally:
+                cursor.close()
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_start(self, user_id: str, total_sms: int) -> dict:
+        """Open a new run of ``user_id``: a new checkpoint document, returned.
+
+        ``_id`` = ``batch_id`` (uuid4 hex), ``status: in_progress``,
+        ``processed_sms: 0`` -- the seed guide's schema.
+        """
+        batch_id = uuid.uuid4().hex
+        doc = {
+            "_id": batch_id,
+            "user_id": user_id,
+            "batch_id": batch_id,
+            "total_sms": int(total_sms),
+            "processed_sms": 0,
+            "last_processed_id": None,
+            "checkpoint_timestamp": _utcnow(),
+            "status": STATUS_IN_PROGRESS,
+        }
+        with self._errors("checkpoint_start"):
+            self.checkpoints.insert_one(dict(doc))
+        return doc
+
+    def latest_checkpoint(self, user_id: str) -> dict | None:
+        """The checkpoint of ``user_id`` with the newest ``checkpoint_timestamp``, or ``None``."""
+        with self._errors("latest_checkpoint"):
+            return self.checkpoints.find_one({"user_id": user_id},
+                                             sort=[("checkpoint_timestamp", -1), ("_id", -1)])
+
+    def checkpoint_progress(
+        self,
+        user_id: str,
+        batch_id: str,
+        *,
+        processed_sms: int,
+        total_sms: int | None,
+        last_processed_id: Any,
+        status: str,
+    ) -> None:
+        """Move run ``batch_id`` forward; never backward (idempotent, replay-safe).
+
+        ``processed_sms``, ``total_sms``, ``checkpoint_timestamp`` and
+        ``last_processed_id`` (the raw ``_id``; SMS are taken oldest ``_id``
+        first) move with ``$max``.  ``status`` is set, except that a
+        ``completed`` run never goes back to ``in_progress``.  One pipeline
+        update; upserts the document if the run's start was never written.
+        """
+        if status not in CHECKPOINT_STATUSES:
+            raise ValueError(f"status must be one of {CHECKPOINT_STATUSES}, not {status!r}")
+
+        def lit(value: Any) -> dict:
+            return {"$literal": value}
+
+        fields: dict[str, Any] = {
+            "user_id": lit(user_id),
+            "batch_id": lit(batch_id),
+            "processed_sms": {"$max": [{"$ifNull": ["$processed_sms", 0]}, lit(int(processed_sms))]},
+            "checkpoint_timestamp": {"$max": ["$checkpoint_timestamp", lit(_utcnow())]},
+            "status": {"$cond": [{"$eq": ["$status", STATUS_COMPLETED]}, STATUS_COMPLETED, lit(status)]},
+        }
+        if total_sms is not None:
+            fields["total_sms"] = {"$max": [{"$ifNull": ["$total_sms", 0]}, lit(int(total_sms))]}
+        else:
+            fields["total_sms"] = {"$ifNull": ["$total_sms", 0]}
+        if last_processed_id is not None:
+            fields["last_processed_id"] = {"$max": ["$last_processed_id", lit(last_processed_id)]}
+        else:
+            fields["last_processed_id"] = {"$ifNull": ["$last_processed_id", None]}
+        with self._errors("checkpoint_progress"):
+            self.checkpoints.update_one({"_id": batch_id, "user_id": user_id}, [{"$set": fields}], upsert=True)
+
+    def count_processed_in_batch(self, user_id: str, batch_id: str) -> int:
+        """Number of ``user_id``'s SMS marked processed by run ``batch_id``."""
+        with self._errors("count_processed_in_batch"):
+            return int(self.raw.count_documents({"user_id": user_id, BATCH_FIELD: batch_id}))
+
+    # ------------------------------------------------------------------ status / tests
+    def user_summaries(self, user_ids: list[str] | None = None) -> dict[str, dict]:
+        """``{user_id: {total_sms, processed_sms, pending_sms, quarantined_sms}}`` (one aggregation).
+
+        ``user_ids=None`` summarises every user (a full scan: for status, not
+        for hot paths).  Users asked for but without documents come back as zeros.
+        """
+        match: dict[str, Any] = {}
+        if user_ids is not None:
+            if not user_ids:
+                return {}
+            match = {"user_id": {"$in": list(user_ids)}}
+        is_processed = {"$eq": ["$isprocessed", True]}
+        is_quarantined = {"$and": [{"$ne": ["$isprocessed", True]},
+                                   {"$eq": [{"$type": f"${QUARANTINE_FIELD}"}, "object"]}]}
+        pipeline = [
+            {"$match": match},
+            {"$group": {
+                "_id": "$user_id",
+                "total_sms": {"$sum": 1},
+                "processed_sms": {"$sum": {"$cond": [is_processed, 1, 0]}},
+                "quarantined_sms": {"$sum": {"$cond": [is_quarantined, 1, 0]}},
+            }},
+        ]
+        out: dict[str, dict] = {}
+        with self._errors("user_summaries"):
+            for row in self.raw.aggregate(pipeline):
+                total, done, quar = int(row["total_sms"]), int(row["processed_sms"]), int(row["quarantined_sms"])
+                out[row["_id"] if isinstance(row["_id"], str) else str(row["_id"])] = {
+                    "total_sms": total,
+                    "processed_sms": done,
+                    "pending_sms": total - done - quar,
+                    "quarantined_sms": quar,
+                }
+        for uid in user_ids or ():
+            out.setdefault(uid, {"total_sms": 0, "processed_sms": 0, "pending_sms": 0, "quarantined_sms": 0})
+        return out
+
+    def transactions_for(self, user_id: str) -> list[dict]:
+        """All transaction documents of ``user_id``, by ``_id`` (tests and drills)."""
+        with self._errors("transactions_for"):
+            return list(self.transactions.find({"user_id": user_id}, sort=[("_id", 1)]))
