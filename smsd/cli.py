@@ -40,7 +40,8 @@ def setup_logging(level: str = "INFO", log_file: str | None = None) -> logging.H
     root.handlers[:] = [handler]
     root.setLevel(level)
     # httpx logs every request line at INFO; the call log of smsd.llm is enough.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return handler
 
 
@@ -243,8 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASSTHROUGH = {"evaluate": cmd_evaluate, "llm-server": cmd_llm_server, "drill": cmd_drill,
+               "demo": cmd_demo, "bench": cmd_bench}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``smsd`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        # These commands own their flags: hand them the rest untouched.
+        return PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

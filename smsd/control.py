@@ -432,7 +432,7 @@ class ControlServer:
             if client.wr_shut:
                 if now >= client.linger_until:
                     self._drop(client)
-            elif now - client.last_active > self.client_timeout:
+            elif now - client.last_active >= self.client_timeout:
                 if not client.closing:
                     log.info("control: closing idle client uid=%d pid=%d", client.peer.uid, client.peer.pid)
                     try:

@@ -60,9 +60,17 @@ def _config_runtime_dir() -> str | None:
     except Exception:
         return None
     value = getattr(settings, "runtime_dir", None)
-    if value is None and isinstance(settings, Mapping):
-        value = settings.get("runtime_dir")
-    return str(value) if value else None
+    if not value:
+        return None
+    # Only a runtime_dir someone chose (config file or environment) counts: the
+    # built-in default is for development, while an operator's shell outside
+    # systemd must still find the packaged daemon in /run/smsd.
+    try:
+        if value == type(settings)().runtime_dir:
+            return None
+    except Exception:
+        pass
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -256,9 +256,14 @@ class EmbeddedMongo:
         proc = self._proc
         if proc is not None and proc.poll() is None:
             try:
-                proc.kill()
-            except ProcessLookupError:
-                pass
+                # Its own session (start_new_session): the group is the server
+                # and anything it may have spawned.
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    proc.kill()
+                except ProcessLookupError:
+                    pass
             proc.wait()
         self._close_log()
 

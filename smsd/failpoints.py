@@ -2,7 +2,9 @@
 
 ``SMSD_FAILPOINT=after_commit`` kills the process the first time it reaches
 ``failpoint("after_commit")``.  ``SMSD_FAILPOINT=after_commit@3`` kills it the
-third time.  Several points may be given, separated by commas.  Crash tests
+third time.  ``SMSD_FAILPOINT=before_claim:hang`` makes the process hang there
+(no heartbeat) instead of dying, to test hang detection.  Several points may
+be given, separated by commas.  Crash tests
 and drills use this to hit each window of DESIGN.md's table
 deterministically; with the variable unset a failpoint costs one dict lookup.
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 POINTS = {
     "before_claim": "before reading the next batch of pending SMS",
@@ -27,12 +30,13 @@ POINTS = {
 _counts: dict[str, int] = {}
 
 
-def _armed() -> dict[str, int]:
+def _armed() -> dict[str, tuple[int, str]]:
     spec = os.environ.get("SMSD_FAILPOINT", "")
-    armed: dict[str, int] = {}
+    armed: dict[str, tuple[int, str]] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
+        part, _, action = part.partition(":")
         name, _, nth = part.partition("@")
-        armed[name] = int(nth) if nth.isdigit() else 1
+        armed[name] = (int(nth) if nth.isdigit() else 1, action or "kill")
     return armed
 
 
@@ -48,6 +52,11 @@ def failpoint(name: str) -> None:
     armed = _armed()
     if name not in armed:
         return
+    nth, action = armed[name]
     _counts[name] = _counts.get(name, 0) + 1
-    if _counts[name] >= armed[name]:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _counts[name] < nth:
+        return
+    if action == "hang":
+        while True:
+            time.sleep(3600)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -231,6 +231,9 @@ def _opt_text(txn: dict, name: str) -> str | None:
 def _money(value: Any, name: str) -> Decimal:
     if not isinstance(value, str) or not MONEY_RE.match(value):
         raise _Invalid(f"{name} is not a plain decimal string")
+    if len(value.replace(".", "").lstrip("0")) > 34:
+        # Decimal128 holds 34 significant digits; more would fail the flush for ever.
+        raise _Invalid(f"{name} has more than 34 significant digits")
     try:
         return Decimal(value)
     except InvalidOperation:  # pragma: no cover - MONEY_RE admits only valid decimals

@@ -661,6 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `smsd llm-server -- --port N` passes the separator through
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -680,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     server.start()
     print(f"smsd-llmserver listening on {server.url}", flush=True)
-    while not done.wait(0.5):
+    while not done.wait(0.1):
         pass
     server.stop()
     log.info("stopped after %d calls", server.stats()["calls"])

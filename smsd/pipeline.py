@@ -316,7 +316,8 @@ class Pipeline:
         items = [FlushItem(raw_id=raw_id, user_id=self.user_id, result=result,
                            provenance=answer.provenance())
                  for answer in answers for raw_id, result in answer.items]
-        self.store.upsert_transactions(items)
+        # replace_stale: an SMS asked again after `smsctl retry` leaves no extra documents.
+        self.store.upsert_transactions(items, replace_stale=True)
         failpoint("mid_flush")
         raw_ids = [item.raw_id for item in items]
         newly = self.store.mark_processed(self.user_id, raw_ids, self._batch_id)
@@ -382,7 +383,7 @@ class Pipeline:
         left = self.store.count_pending(self.user_id)
         s.pending_left = left
         done = left == 0 or (limit is not None and s.processed_sms + s.quarantined >= s.total_sms)
-        if done and not self._retry and not self._buffer:
+        if done:
             s.status = "completed"
             s.total_sms = max(s.total_sms, s.processed_sms)
         self.store.checkpoint_progress(self.user_id, self._batch_id, processed_sms=s.processed_sms,

@@ -108,7 +108,8 @@ class Supervisor:
         self.workers: dict[int, WorkerProc] = {}
         self.children: dict[int, Child] = {}
         self.users: dict[str, UserState] = {}
-        self.generation = 0
+        self.generation = 0            # discoveries started
+        self.applied_generation = 0    # the newest discovery whose answer is applied
         self.last_discovery = 0.0
         self.discovery_wanted = True
         self.mongo: dict = {"ok": None, "error": "not checked yet"}
@@ -316,8 +317,8 @@ class Supervisor:
             self.spawn_worker(user)
 
     def _has_work(self, user: UserState) -> bool:
-        if user.done_generation >= self.generation:
-            return False   # finished after the last discovery began: wait for a fresh look
+        if user.done_generation >= self.applied_generation:
+            return False   # finished after the last applied look began: wait for a fresh one
         return bool(user.info.get("pending_sms")) or self._unflushed(user) > 0
 
     @staticmethod
@@ -564,6 +565,7 @@ class Supervisor:
             self.mongo = {"ok": False, "error": "discovery failed (see log)"}
             return
         self.mongo = answer.get("mongo", self.mongo)
+        self.applied_generation = max(self.applied_generation, generation)
         found = answer.get("users", {})
         for user_id, info in found.items():
             user = self.users.setdefault(user_id, UserState(user_id))

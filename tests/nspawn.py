@@ -40,6 +40,9 @@ Public API (for tests)::
         c.write_file("/etc/x", "text", mode=0o644)
         c.copy_in(host_path, container_path)
         c.install_unit("x.service", text, dropins={"10-test.conf": "..."})
+        c.add_user("smsd")                        # useradd --system
+        service_dropin(exec_start=..., environment={...},
+                       readable_paths=python_binds(), extra=["WatchdogSec=5"])
         c.wait_for(lambda: ..., timeout=10)
         c.scratch                                 # host dir, also at c.scratch_in
     # stop() powers off (or kills) and always cleans up.
@@ -66,6 +69,7 @@ __all__ = [
     "NspawnError",
     "nspawn_unavailable_reason",
     "python_binds",
+    "service_dropin",
 ]
 
 NSPAWN = "systemd-nspawn"
@@ -298,6 +302,11 @@ class Container:
             )
             self.init_pid = self._find_init(deadline)
             self._wait_running(deadline)
+            # The volatile /etc has no hosts file: without it "localhost"
+            # does not resolve (glibc falls back to DNS only).
+            self.run(["sh", "-c", '[ -e /etc/hosts ] || printf "%s\\n" '
+                      '"127.0.0.1 localhost" "::1 localhost ip6-localhost ip6-loopback" '
+                      '"127.0.1.1 $(hostname)" > /etc/hosts'])
         except BaseException:
             self.stop()
             raise
@@ -484,6 +493,15 @@ class Container:
         if reload:
             self.systemctl("daemon-reload")
 
+    def add_user(self, name: str, home: str | None = None) -> None:
+        """``useradd --system`` (with a group of the same name) inside; works
+        on the volatile root because systemd-sysusers created /etc/passwd."""
+        r = self.run(["id", "-u", name], check=False)
+        if r.returncode == 0:
+            return
+        self.run(["useradd", "--system", "--user-group", "--no-create-home",
+                  "--home-dir", home or "/nonexistent", "--shell", "/usr/sbin/nologin", name])
+
     def wait_for(self, predicate: Callable[[], object], timeout: float = 30, interval: float = 0.2,
                  what: str = "condition") -> object:
         """Poll ``predicate`` until it returns a truthy value."""
@@ -521,6 +539,38 @@ class Container:
             except OSError:
                 continue
         return None
+
+
+def service_dropin(
+    exec_start: str | None = None,
+    environment: dict[str, str] | None = None,
+    readable_paths: Iterable[str] = (),
+    extra: Iterable[str] = (),
+) -> str:
+    """A ``[Service]`` drop-in that adapts a hardened unit to the container.
+
+    ``exec_start`` replaces ExecStart (the list is reset first).
+    ``environment`` becomes Environment= lines (values must not hold
+    spaces or quotes). ``readable_paths`` are the binds the service must
+    read (e.g. ``python_binds()``): those under /root or /home are hidden by
+    ProtectHome=yes, so they get ``ProtectHome=tmpfs`` plus
+    ``BindReadOnlyPaths=`` (the unit's other settings stay as shipped).
+    ``extra`` lines are appended verbatim (``WatchdogSec=5``...).
+    """
+    lines = ["[Service]"]
+    if exec_start is not None:
+        lines += ["ExecStart=", f"ExecStart={exec_start}"]
+    for k, v in (environment or {}).items():
+        if any(ch in v for ch in " \t\"'\\"):
+            raise ValueError(f"environment value for {k} needs quoting: {v!r}")
+        lines.append(f"Environment={k}={v}")
+    dests = [os.fspath(p).split(":", 1)[-1] for p in readable_paths]
+    home = [d for d in dests if d in ("/root", "/home") or d.startswith(("/root/", "/home/"))]
+    if home:
+        lines.append("ProtectHome=tmpfs")
+        lines.append("BindReadOnlyPaths=" + " ".join(home))
+    lines += list(extra)
+    return "\n".join(lines) + "\n"
 
 
 def _bind_spec(b: str | os.PathLike) -> str:

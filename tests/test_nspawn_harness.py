@@ -14,6 +14,7 @@ inside every sandbox setting that smsd depends on.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import textwrap
@@ -21,7 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.nspawn import SCRATCH_IN, Container, nspawn_unavailable_reason, python_binds
+from tests.nspawn import (
+    SCRATCH_IN,
+    Container,
+    nspawn_unavailable_reason,
+    python_binds,
+    service_dropin,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "smsd.service"
@@ -83,6 +90,7 @@ def probe():
         s.listen()
         before = oct(os.stat(p).st_mode & 0o777)
         os.chmod(p, 0o660)
+        os.chown(p, -1, os.getgid())  # what config socket_group = "smsd" does
         return [before, oct(os.stat(p).st_mode & 0o777)]
     check("control_socket_modes", control_socket)
     def cred():
@@ -102,6 +110,7 @@ def probe():
     check("var_tmp_writable", lambda: writable("/var/tmp/smsd-probe"))
     check("tmp_writable", lambda: writable("/tmp/smsd-probe"))
     check("dev", lambda: sorted(os.listdir("/dev")))
+    check("uid_map", lambda: open("/proc/self/uid_map").read().split())
     check("proc_1_visible", lambda: os.path.exists("/proc/1/cmdline"))
     def netlink():
         try:
@@ -213,26 +222,28 @@ def smsd_dropin() -> str:
     """Adapt the shipped unit to this container: stand-in ExecStart, the
     base interpreter (under /root, hidden by ProtectHome=yes) bound back in,
     loopback URLs; User=smsd is kept (created with useradd)."""
-    home_binds = [p for p in python_binds() if p.startswith(("/root", "/home"))]
-    lines = [
-        "[Service]",
-        "ExecStart=",
-        f"ExecStart={VENV_PYTHON} {SCRIPT_IN} --probe",
-        "WatchdogSec=5",
-        "Environment=SMSD_MONGO_URI=mongodb://127.0.0.1:27017 SMSD_MONGO_DB=smsd_test",
-        "Environment=SMSD_LLM_BASE_URL=http://127.0.0.1:8000/v1 SMSD_LLM_MODEL=test-model",
-    ]
-    if home_binds:
-        lines.append("ProtectHome=tmpfs")
-        lines.append("BindReadOnlyPaths=" + " ".join(home_binds))
-    return "\n".join(lines) + "\n"
+    return service_dropin(
+        exec_start=f"{VENV_PYTHON} {SCRIPT_IN} --probe",
+        environment={
+            "SMSD_MONGO_URI": "mongodb://127.0.0.1:27017",
+            "SMSD_MONGO_DB": "smsd_test",
+            "SMSD_LLM_BASE_URL": "http://127.0.0.1:8000/v1",
+            "SMSD_LLM_MODEL": "test-model",
+        },
+        readable_paths=python_binds(ROOT),
+        extra=["WatchdogSec=5"],
+    )
 
 
 @pytest.fixture(scope="module")
-def container():
+def container(pytestconfig):
     reason = nspawn_unavailable_reason()
     if reason:
-        sys.__stderr__.write(f"\nSKIP nspawn tests: {reason}\n")
+        # never silent: on the terminal now, and in the -rs summary
+        capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
+        ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+        with ctx:
+            sys.stderr.write(f"\nSKIP nspawn tests: {reason}\n")
         pytest.skip(reason)
     c = Container()
     c.start(binds=python_binds(ROOT), timeout=60)
@@ -304,19 +315,26 @@ def test_systemctl_stop_lets_the_service_drain(container):
 def test_shipped_unit_hardening_works_under_real_systemd(container):
     """systemd/smsd.service as shipped, only ExecStart and paths adapted."""
     c = container
-    c.run(["useradd", "--system", "--user-group", "--no-create-home",
-           "--home-dir", "/var/lib/smsd", "--shell", "/usr/sbin/nologin", "smsd"])
-    c.write_file("/etc/smsd/openai_api_key", "sk-test-not-a-secret\n", mode=0o600)
+    c.add_user("smsd", home="/var/lib/smsd")
     c.copy_in(UNIT, "/etc/systemd/system/smsd.service", mode=0o644)
     c.install_unit("smsd.service", dropins={"50-test.conf": smsd_dropin()})
+
+    def start_and_probe() -> dict:
+        try:
+            c.systemctl("start", "smsd.service", timeout=60)
+        except Exception:
+            print(c.journal("smsd.service"))
+            raise
+        return json.loads(c.run(["cat", "/var/lib/smsd/probe.json"]).stdout)
+
     try:
-        c.systemctl("start", "smsd.service", timeout=60)
-    except Exception:
-        print(c.journal("smsd.service"))
-        raise
-    try:
+        # No /etc/smsd/openai_api_key: SetCredential= supplies an empty key
+        # instead of failing the start with 243/CREDENTIALS.
+        assert start_and_probe()["credential"] == ""
+        c.systemctl("stop", "smsd.service")
+        c.write_file("/etc/smsd/openai_api_key", "sk-test-not-a-secret\n", mode=0o600)
+        probe = start_and_probe()
         assert c.show("smsd.service", "ActiveState") == "active"
-        probe = json.loads(c.run(["cat", "/var/lib/smsd/probe.json"]).stdout)
         print(json.dumps(probe, indent=1))
         assert probe["user"] == "smsd"
         assert probe["state_dir"] == "/var/lib/smsd"
@@ -324,18 +342,21 @@ def test_shipped_unit_hardening_works_under_real_systemd(container):
         assert probe["state_dir_mode"] == "0o700"
         assert probe["runtime_dir_mode"] == "0o750"
         assert probe["new_file_mode"] == "0o600"  # UMask=0077
-        assert probe["control_socket_modes"] == ["0o600", "0o660"]  # chmod needed
+        # UMask=0077: bind() makes the socket 0700; smsd must chmod it 0660
+        assert probe["control_socket_modes"] == ["0o700", "0o660"]
         assert probe["credential"] == "sk-test-not-a-secret"
         assert probe["env"]["SMSD_MONGO_URI"] == "mongodb://127.0.0.1:27017"
         assert "OPENAI_API_KEY" not in probe["env"]
         assert probe["etc_writable"] == "EROFS"  # ProtectSystem=strict
         assert probe["tmp_writable"] is True  # PrivateTmp
         assert "sda" not in probe["dev"] and "null" in probe["dev"]  # PrivateDevices
+        uid_map = probe["uid_map"]  # PrivateUsers=yes: only root and smsd mapped
+        assert uid_map[:3] == ["0", "0", "1"] and len(uid_map) == 6, uid_map
         assert probe["proc_1_visible"] is False  # ProtectProc=invisible
         assert probe["netlink"] == "EAFNOSUPPORT"  # RestrictAddressFamilies
         assert "127.0.0.1" in probe["getaddrinfo"]  # works without AF_NETLINK
         assert probe["tcp_loopback"] is True
-        assert probe["wx_memory"] == "EACCES"  # MemoryDenyWriteExecute
+        assert probe["wx_memory"] == "EPERM"  # MemoryDenyWriteExecute
         assert probe["pdeathsig"] == 0  # prctl allowed by @system-service
         assert probe["mp_lock"] is True
         ps = probe["psutil"]

@@ -1,0 +1,243 @@
+"""Score an extractor against labelled SMS fixtures (``smsd evaluate``).
+
+Each line of the data file is a fixture ``{"id", "text", "sender",
+"expected"}`` whose ``expected`` is an answer in the contract's format.  The
+headline is the share of SMS whose kind, and whose transactions' direction,
+amount (compared as numbers) and currency, all match.  The optional fields
+get precision and recall:
+
+* predicted non-null and equal to expected → true positive;
+* predicted non-null and different → false positive (and a false negative
+  too when something was expected);
+* predicted null where something was expected → false negative.
+
+Only fixture ids are printed, never SMS texts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from decimal import Decimal, InvalidOperation
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any, Callable
+
+from smsd import rules
+
+Extractor = Callable[..., Any]
+
+#: Default data file, relative to the working directory or the source tree.
+DEFAULT_DATA = Path("tests/data/sms_fixtures.jsonl")
+HEADLINE_PARTS = ("kind", "direction", "amount", "currency")
+SCORED_FIELDS = ("channel", "account_mask", "card_mask", "counterparty", "reference",
+                 "balance", "occurred_at", "bank")
+#: Fields compared as numbers rather than as strings.
+_NUMERIC = {"amount", "balance"}
+
+
+def _default_data() -> Path:
+    if DEFAULT_DATA.exists():
+        return DEFAULT_DATA
+    return Path(__file__).resolve().parent.parent / DEFAULT_DATA
+
+
+def _load(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def _decimal(value: Any) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        return None
+
+
+def _same(name: str, got: Any, want: Any) -> bool:
+    if name in _NUMERIC and got is not None and want is not None:
+        a, b = _decimal(got), _decimal(want)
+        return a is not None and a == b
+    return got == want
+
+
+def _txns(answer: Any) -> list[dict]:
+    txns = answer.get("transactions") if isinstance(answer, dict) else None
+    return [t if isinstance(t, dict) else {} for t in txns] if isinstance(txns, list) else []
+
+
+def _part_matches(name: str, got: dict, want: dict) -> bool:
+    """One headline component of one SMS: kind, or the field over all transactions."""
+    if name == "kind":
+        return isinstance(got, dict) and got.get("kind") == want.get("kind")
+    pairs = list(zip_longest(_txns(got), _txns(want)))
+    return all(g is not None and w is not None and _same(name, g.get(name), w.get(name))
+               for g, w in pairs)
+
+
+def _headline(got: dict, want: dict) -> bool:
+    return all(_part_matches(p, got, want) for p in HEADLINE_PARTS)
+
+
+def _rate(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def evaluate(path: Path | None = None, extractor: Extractor = rules.extract, *,
+             certain_extractor: Extractor | None = None) -> dict:
+    """Score ``extractor(text, sender)`` on every fixture in ``path``.
+
+    Returns a JSON-ready dict: ``total``, ``headline`` (matched, total,
+    rate), ``accuracy`` per headline component, ``fields`` (tp, fp, fn,
+    precision, recall per optional field), ``by_bank`` (headline per bank,
+    the bank being the fixture id's first segment), ``failing`` (ids that
+    miss the headline) and ``errors`` (ids where the extractor raised).
+    With ``certain_extractor`` (e.g. :func:`rules.extract_certain`) it adds
+    ``certain``: how many SMS it answered and how many of those were right.
+    """
+    path = Path(path) if path is not None else _default_data()
+    rows = _load(path)
+    parts = {p: 0 for p in HEADLINE_PARTS}
+    fields = {f: {"tp": 0, "fp": 0, "fn": 0} for f in SCORED_FIELDS}
+    by_bank: dict[str, dict] = {}
+    failing: list[str] = []
+    errors: list[str] = []
+    matched = 0
+    certain = {"answered": 0, "correct": 0, "wrong": []}
+
+    for row in rows:
+        fid = str(row.get("id"))
+        want = row["expected"]
+        try:
+            got = extractor(row["text"], row.get("sender"))
+        except Exception:  # a crashing extractor scores as "found nothing"
+            errors.append(fid)
+            got = {"kind": None, "transactions": []}
+        for p in HEADLINE_PARTS:
+            parts[p] += _part_matches(p, got, want)
+        ok = _headline(got, want)
+        matched += ok
+        if not ok:
+            failing.append(fid)
+        bank = fid.split("/", 1)[0]
+        stats = by_bank.setdefault(bank, {"matched": 0, "total": 0})
+        stats["total"] += 1
+        stats["matched"] += ok
+
+        for g, w in zip_longest(_txns(got), _txns(want)):
+            g, w = g or {}, w or {}
+            for f in SCORED_FIELDS:
+                gv, wv = g.get(f), w.get(f)
+                if gv is not None and _same(f, gv, wv):
+                    fields[f]["tp"] += 1
+                elif gv is not None:
+                    fields[f]["fp"] += 1
+                    fields[f]["fn"] += wv is not None
+                elif wv is not None:
+                    fields[f]["fn"] += 1
+
+        if certain_extractor is not None:
+            answer = certain_extractor(row["text"], row.get("sender"))
+            if answer is not None:
+                certain["answered"] += 1
+                if _headline(answer, want):
+                    certain["correct"] += 1
+                else:
+                    certain["wrong"].append(fid)
+
+    total = len(rows)
+    for stats in fields.values():
+        stats["precision"] = _rate(stats["tp"], stats["tp"] + stats["fp"])
+        stats["recall"] = _rate(stats["tp"], stats["tp"] + stats["fn"])
+    for stats in by_bank.values():
+        stats["rate"] = _rate(stats["matched"], stats["total"])
+    result = {
+        "data": str(path),
+        "total": total,
+        "headline": {"matched": matched, "total": total, "rate": _rate(matched, total)},
+        "accuracy": {p: _rate(n, total) for p, n in parts.items()},
+        "fields": fields,
+        "by_bank": dict(sorted(by_bank.items())),
+        "failing": failing,
+        "errors": errors,
+    }
+    if certain_extractor is not None:
+        certain["coverage"] = _rate(certain["answered"], total)
+        certain["precision"] = _rate(certain["correct"], certain["answered"])
+        result["certain"] = certain
+    return result
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for r in [header, *rows]:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def format_report(result: dict) -> str:
+    """The human-readable report of :func:`evaluate`'s result."""
+    total = result["total"]
+    head = result["headline"]
+    lines = [f"data: {result['data']} ({total} SMS)", "",
+             f"headline (kind + direction + amount + currency): "
+             f"{head['matched']}/{total}  {_pct(head['rate'])}", ""]
+    lines.append(_table(["component", "rate"],
+                        [[p, _pct(r)] for p, r in result["accuracy"].items()]))
+    lines.append("")
+    lines.append(_table(
+        ["field", "TP", "FP", "FN", "precision", "recall"],
+        [[f, str(s["tp"]), str(s["fp"]), str(s["fn"]), _pct(s["precision"]), _pct(s["recall"])]
+         for f, s in result["fields"].items()]))
+    lines.append("")
+    lines.append(_table(
+        ["bank", "SMS", "exact", "rate"],
+        [[b, str(s["total"]), str(s["matched"]), _pct(s["rate"])]
+         for b, s in result["by_bank"].items()]))
+    if "certain" in result:
+        c = result["certain"]
+        lines += ["", f"extract_certain: answered {c['answered']}/{total} ({_pct(c['coverage'])}), "
+                      f"correct {c['correct']}/{c['answered']} ({_pct(c['precision'])})"]
+        if c["wrong"]:
+            lines.append("  wrong: " + ", ".join(c["wrong"]))
+    lines += ["", "failing: " + (", ".join(result["failing"]) or "none")]
+    if result["errors"]:
+        lines.append("extractor raised on: " + ", ".join(result["errors"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``smsd evaluate [--data FILE] [--json]``: score the rule extractor."""
+    parser = argparse.ArgumentParser(prog="smsd evaluate",
+                                     description="Score the offline rule extractor on labelled SMS.")
+    parser.add_argument("--data", type=Path, default=None,
+                        help=f"fixture file (JSON lines; default {DEFAULT_DATA})")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    path = args.data if args.data is not None else _default_data()
+    if not path.is_file():
+        print(f"smsd evaluate: no such file: {path}", file=sys.stderr)
+        return 2
+    result = evaluate(path, rules.extract, certain_extractor=rules.extract_certain)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
