@@ -53,10 +53,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_once(args: argparse.Namespace) -> int:
     """One user, one shot: replay the journal, then process pending SMS."""
     from .embedded import EmbeddedMongo
-    from .extractor import build_extractor, build_rate_limiter
     from .journal import Journal, JournalLocked
-    from .pipeline import Pipeline
-    from .store import Store
+    from .worker import make_pipeline, make_store
 
     settings = _settings(args)
     setup_logging(settings.supervisor.log_level)
@@ -64,7 +62,8 @@ def cmd_once(args: argparse.Namespace) -> int:
         print("smsd once: --limit must be a positive number", file=sys.stderr)
         return EXIT_USAGE
     try:
-        journal = Journal.open(settings.state_dir, args.user_id, wait=args.wait)
+        journal = Journal.open(settings.state_dir, args.user_id, wait=args.wait,
+                               synchronous=settings.journal.synchronous)
     except JournalLocked as exc:
         print(f"smsd once: another smsd process is working on user {args.user_id} ({exc})",
               file=sys.stderr)
@@ -74,10 +73,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     if uri == "embedded":
         embedded = EmbeddedMongo(_embedded_path(settings), port=settings.mongo.embedded_port)
         uri = embedded.start()
-    store = Store(uri, settings.mongo.db, text_field=settings.mongo.text_field,
-                  sender_field=settings.mongo.sender_field, time_field=settings.mongo.time_field,
-                  timeout_ms=settings.mongo.timeout_ms,
-                  max_text_chars=settings.pipeline.max_text_chars)
+    store = make_store(settings, uri)
     stop, abort = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -93,10 +89,8 @@ def cmd_once(args: argparse.Namespace) -> int:
     if args.resume:
         _print_resume_point(store, args.user_id)
     progress = _Progress(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
-    pipeline = Pipeline(user_id=args.user_id, journal=journal, store=store,
-                        extractor=build_extractor(settings, build_rate_limiter(settings)),
-                        settings=settings, stop=stop, abort=abort,
-                        on_tick=progress.update if progress else None)
+    pipeline = make_pipeline(settings, args.user_id, journal, store, stop=stop, abort=abort,
+                             on_tick=progress.update if progress else None)
     try:
         summary = pipeline.run(limit=args.limit, resume=args.resume)
     finally:

@@ -37,9 +37,13 @@ _NUMERIC = {"amount", "balance"}
 
 
 def _default_data() -> Path:
-    if DEFAULT_DATA.exists():
-        return DEFAULT_DATA
-    return Path(__file__).resolve().parent.parent / DEFAULT_DATA
+    """tests/data/... from the working directory, else from the source tree,
+    else the copy shipped in the package (smsd/data/) when installed."""
+    here = Path(__file__).resolve().parent
+    for candidate in (DEFAULT_DATA, here.parent / DEFAULT_DATA, here / "data" / DEFAULT_DATA.name):
+        if candidate.exists():
+            return candidate
+    return DEFAULT_DATA
 
 
 def _load(path: Path) -> list[dict]:

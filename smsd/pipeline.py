@@ -344,6 +344,8 @@ class Pipeline:
         if pending:
             self.store.quarantine(pending)
             self.journal.mark_quarantine_flushed([q.key for q in pending])
+            # MongoDB now carries the reason and count; `smsctl retry` gives a fresh set of attempts.
+            self.journal.clear_failures([q.key for q in pending])
         return True
 
     def _flush_backlog_quietly(self) -> None:

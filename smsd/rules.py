@@ -44,13 +44,13 @@ _ISO = ("(?-i:INR|USD|EUR|GBP|SGD|AED|JPY|AUD|CAD|CHF|HKD|SAR|QAR|KWD|OMR|BHD|TH
 #: "$" (also "US$", "S$", ...), "€", "£".
 _CUR_PRE = rf"(?<![A-Za-z])(?:{_ISO}|rs|inr)(?![A-Za-z])|₹|(?<![A-Za-z])(?:US|S|A|C|HK|NZ)?\$|€|£"
 #: Indian ("1,23,456.78") or western ("123,456.78") grouping, or none.
-_NUM = r"\d{1,3}(?:,\d{2,3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+_NUM = r"\d{1,3}(?:,\d{2,3}){1,6}(?:\.\d{1,6})?|\d{1,15}(?:\.\d{1,6})?"
 #: An amount with its currency, before or after the number.
 AMT = (rf"(?:(?P<cur>{_CUR_PRE})\s*[.:]?\s*(?P<num>{_NUM})(?!\d|,\d)(?:/-)?"
-       rf"|(?P<num2>{_NUM})\s*(?P<cur2>{_ISO})(?![A-Za-z]))")
+       rf"|(?<![\d,.])(?P<num2>{_NUM})\s*(?P<cur2>{_ISO})(?![A-Za-z]))")
 #: An amount that may also be written with no currency at all ("debited by
 #: 100.00"): then INR is assumed, and the form is never trusted as certain.
-AMT_OPT = rf"(?:{AMT}|(?P<bare>\d+\.\d{{2}})(?!\d|,\d))"
+AMT_OPT = rf"(?:{AMT}|(?<![\d,.])(?P<bare>\d{{1,15}}\.\d{{2}})(?!\d|,\d))"
 
 _SYMBOLS = {"₹": "INR", "RS": "INR", "$": "USD", "US$": "USD", "S$": "SGD", "A$": "AUD",
             "C$": "CAD", "HK$": "HKD", "NZ$": "NZD", "€": "EUR", "£": "GBP"}
@@ -98,8 +98,11 @@ class Form:
 
     ``pattern`` contains exactly one amount group (``AMT`` or ``AMT_OPT``).
     ``channel`` is the form's own channel, ``scan`` says whether keywords
-    elsewhere in the SMS (UPI, NEFT, ...) may supply one, and ``kind`` groups
-    forms for the decline check and for certainty.
+    elsewhere in the SMS (UPI, NEFT, ...) may supply one.  ``kind``:
+    ``plain``; ``card_payment`` (a payment towards a card); ``refund`` (a
+    refund or reversal: "failed" in it does not make it a decline);
+    ``outward`` (a credit-worded confirmation of an outgoing transfer) and
+    ``loose`` (amount and verb some words apart), both never certain.
     """
 
     name: str
@@ -204,6 +207,7 @@ FORMS: tuple[Form, ...] = (
 
     # Outward transfers and generic debits.
     _form("payment_from_account", "debit", r"\bpayment\s+of\s+{AMT}\s+from\s+(?:your\s+)?a/c"),
+    _form("payment_to_payee", "debit", r"\bpayment\s+of\s+{AMT}\s+(?:to|towards)\s+(?!your\b)(?![^.\n]{0,40}\bcard\b)"),
     _form("amount_debited", "debit",
           r"{AMT}\s+(?:has\s+been\s+|is\s+|was\s+)?(?:debited|sent|transferred|deducted|paid|charged|Dr\.)"),
     _form("debited_amount", "debit",
@@ -295,7 +299,7 @@ _DOUBT_RE = re.compile(
 
 #: A masked account/card number as banks write it: XX1234, *1234, x123,
 #: 000***000000, 4xxx0000, or bare digits.
-_MASK = r"(?:(?:[Xx*]|\.{2,})+\d{2,}|\d+[Xx*]+\d+|\d{3,})(?![\w*])"
+_MASK = r"(?:(?:[Xx*]|\.(?=[.\d]))+\d{2,}|\d+[Xx*]+\d+|\d{3,})(?![\w*])"
 _CARD_MASK = r"(?:[Xx*]+\d{3,}|\d+[Xx*]+\d+|\d{4})(?![\w*])"
 
 _ACCOUNT_RES = (
@@ -316,8 +320,8 @@ _REF_RES = tuple(re.compile(p, _I) for p in (
     rf"(?:NEFT|RTGS|IMPS)\s*[-/]\s*(?P<r>(?=[A-Z0-9]*\d)[A-Z0-9]{{8,}})\s*[-/]",
     r"\*(?:INFT|NEFT|RTGS|IMPS)\*(?P<r>(?=[A-Z0-9]*\d)[A-Z0-9]{8,})\*",
     r"Info\s*(?:RTGS|NEFT|IMPS)\*(?P<r>(?=[A-Z0-9]*\d)[A-Z0-9]{8,})",
-    r"NEFT\s+Cr-[A-Z0-9]{8,}-.+-(?P<r>(?=[A-Z0-9]*\d)[A-Z0-9]{10,})\.",
-    r"\bfor\s+IMPS\s*-[^\n]*?-\s*(?P<r>\d{6,})",
+    r"NEFT\s+Cr-[A-Z0-9]{8,}-.{1,160}-(?P<r>(?=[A-Z0-9]*\d)[A-Z0-9]{10,})\.",
+    r"\bfor\s+IMPS\s*-[^\n]{0,80}?-\s*(?P<r>\d{6,})",
     r"\bRRN\s*(?:no\.?)?\s*[:.\-]?\s*(?P<r>\d{6,})",
     rf"\bUTR\s*(?:no\.?|number)?\s*[:.\-]?\s*(?P<r>{_REFTOK})",
     rf"\bref(?:erence)?\.?\s*(?:no\.?|number|id|#)?\s*[:.#\-]?\s*(?P<r>{_REFTOK})",
@@ -360,7 +364,7 @@ _DATE_LEAD_RE = re.compile(r"(?:\bon|\bdated?)\s*:?\s*$", _I)
 # ---------------------------------------------------------------------------
 
 #: A UPI handle (user@bank); not an e-mail address (no ".com" after it).
-_VPA = r"[\w.\-]+@[A-Za-z][A-Za-z0-9]*(?![\w@]|\.[A-Za-z])"
+_VPA = r"(?<![\w.\-])[\w.\-]+@[A-Za-z][A-Za-z0-9]*(?![\w@]|\.[A-Za-z])"
 #: Words after "to"/"from"/"by" that do not start a payee's name.
 _STOP = (r"(?:your|you|the|a/c|acct|account|an?\b|report|dispute|block|raise|pay\b|view|know|"
          r"avoid|register|ur\b|SMS|mobile|beneficiary|VPA|card|UPI|IMPS|NEFT|RTGS|BRANCH|"
@@ -383,49 +387,49 @@ def _party(pattern: str, direction: str | None = None, fmt: str = "{cp}", flags:
 #: Ordered: structured narrations, then account/mobile/VPA payees, then
 #: merchants, then names after "to"/"from"/"by".
 PARTIES: tuple[Party, ...] = (
-    _party(r"UPI/P2[AMP]/\d+/(?P<cp>[^/\n]+?)(?=/|\s+Not\s+you|\s+-\s|\.\s|\n|$)"),
-    _party(r"NEFT\s+Cr-[A-Z0-9]{8,}-(?P<cp>.+)-[^-\n]+-[A-Z0-9]{10,}\."),
-    _party(r"\bfor\s+IMPS\s*-\s*(?P<cp>[^-\n]+?)\s*-\s*\d{6,}"),
-    _party(r"\bfor\s+FT\s*-\s*(?P<cp>[^\n]+?)\s*\.(?=\S|\s*$)"),
+    _party(r"UPI/P2[AMP]/\d+/(?P<cp>[^/\n]{1,80}?)(?=/|\s+Not\s+you|\s+-\s|\.\s|\n|$)"),
+    _party(r"NEFT\s+Cr-[A-Z0-9]{8,}-(?P<cp>.{1,80})-[^-\n]{1,80}-[A-Z0-9]{10,}\."),
+    _party(r"\bfor\s+IMPS\s*-\s*(?P<cp>[^-\n]{1,80}?)\s*-\s*\d{6,}"),
+    _party(r"\bfor\s+FT\s*-\s*(?P<cp>[^\n]{1,80}?)\s*\.(?=\S|\s*$)"),
     _party(rf"\bInfo:?\s*(?:NEFT|RTGS|IMPS)\s*[-/]\s*{_REFTOK}\s*[-/]\s*"
-           r"(?P<cp>[^/.\n]*[A-Za-z][^/.\n]*?)\s*\."),
-    _party(r"\bInfo:?\s*(?P<cp>\S[^\n]*?)\.(?=\s*(?:Avl|Available|New\s+bal)|\s*$)"),
-    _party(r"\bbeneficiary\s+(?P<cp>[^\n]+?)\s+has\s+received\b"),
-    _party(r"\bmandate\s+(?:of|for)\s+[^\n]{1,30}?\s+raised\s+by\s+(?P<cp>[^\n]+?)\s+on\b"),
-    _party(rf"\btransferred\s+to\s+your\s+(?P<what>[\w/ ]+?)\s+A/c\s*(?:No\.?)?\s*(?P<m>{_MASK})",
+           r"(?P<cp>[^/.\n]*[A-Za-z][^/.\n]{0,80}?)\s*\."),
+    _party(r"\bInfo:?\s*(?P<cp>\S[^\n]{0,80}?)\.(?=\s*(?:Avl|Available|New\s+bal)|\s*$)"),
+    _party(r"\bbeneficiary\s+(?P<cp>[^\n]{1,80}?)\s+has\s+received\b"),
+    _party(r"\bmandate\s+(?:of|for)\s+[^\n]{1,30}?\s+raised\s+by\s+(?P<cp>[^\n]{1,80}?)\s+on\b"),
+    _party(rf"\btransferred\s+to\s+your\s+(?P<what>[\w/ ]{{1,80}}?)\s+A/c\s*(?:No\.?)?\s*(?P<m>{_MASK})",
            "debit", fmt="{what} A/c {m}"),
-    _party(r"\bto\s+pay\s+your\s+(?P<cp>[^\n]+?)\s+bill\b"),
+    _party(r"\bto\s+pay\s+your\s+(?P<cp>[^\n]{1,80}?)\s+bill\b"),
     _party(rf"\blinked\s+to\s+VPA\s+(?P<cp>{_VPA})"),
-    _party(r"\blinked\s+to\s+mobile(?:\s+(?:number|no\.?))?\s+[\dXx*]+-(?P<cp>[^(\n]+?)\s*(?:\(|$)"),
+    _party(r"\blinked\s+to\s+mobile(?:\s+(?:number|no\.?))?\s+[\dXx*]+-(?P<cp>[^(\n]{1,80}?)\s*(?:\(|$)"),
     _party(r"\blinked\s+to\s+mobile(?:\s+(?:number|no\.?))?\s+(?P<mob>[\dXx*]{3,})",
            fmt="Mobile {mob}"),
     _party(r"(?:&|\band)\s+(?:a/c|acct|account)(?:\s+ending)?\s+(?P<m>[Xx*\d]{3,}(?:/[^\s.]+)?)\s+"
            r"(?:will\s+be\s+)?credited", fmt="Acct {m}"),
     _party(rf"\bto\s+(?:a/c|acct|account)\s*(?:no\.?)?\s*(?P<m>{_MASK})", "debit", fmt="Acct {m}"),
-    _party(r";\s*(?P<cp>[^;\n]+?)\s+credited\b", "debit"),
-    _party(r"\bFvg:?\s*(?P<cp>[^\n]+?)(?=\s+Avl\b|\s*$)"),
+    _party(r";\s*(?P<cp>[^;\n]{1,80}?)\s+credited\b", "debit"),
+    _party(r"\bFvg:?\s*(?P<cp>[^\n]{1,80}?)(?=\s+Avl\b|\s*$)"),
     _party(rf"(?:\bVPA|\bCr\.\s*to|\bfrom|\bto|\btowards|\bat|\bby)\s+(?P<cp>{_VPA})"),
     # Merchants.
-    _party(r"\bat\s+(?P<cp>(?:(?!\b(?:has|was|is|on)\b)[^\n])+?)\s+with\s+your\b"),
-    _party(r"\bat\s+(?![+\d]|https?:|www\.|\S*@)(?!" + _STOP + r")(?P<cp>[^\n]+?)"
+    _party(r"\bat\s+(?P<cp>(?:(?!\b(?:has|was|is|on)\b)[^\n]){1,80}?)\s+with\s+your\b"),
+    _party(r"\bat\s+(?![+\d]|https?:|www\.|\S*@)(?!" + _STOP + r")(?P<cp>[^\n]{1,80}?)"
            r"(?=\s+(?:on|for|was|has|by|via|using)\b|\.\s|\.$|\s*\(|\n|$)"),
     _party(r"(?:IST|\d{1,2}:\d{2}(?::\d{2})?)\s*\n(?P<cp>[A-Za-z][^\n]*)\n\s*(?:Avl|Available)"),
-    _party(r"\bon\s+\d{1,2}[-/ ]?[A-Za-z]{3}[-/ ]?\d{2,4}\s+on\s+(?P<cp>[^\n]+?)(?=\.\s|\.$|$)"),
-    _party(r"^(?!Dear\b)(?P<cp>[A-Z][^,\n]*?)\s+refund\s+of\b"),
-    _party(r"\brefunded\s+by\s+(?!" + _STOP + r")(?P<cp>[^\n]+?)\s+on\b"),
+    _party(r"\bon\s+\d{1,2}[-/ ]?[A-Za-z]{3}[-/ ]?\d{2,4}\s+on\s+(?P<cp>[^\n]{1,80}?)(?=\.\s|\.$|$)"),
+    _party(r"^(?!Dear\b)(?P<cp>[A-Z][^,\n]{0,80}?)\s+refund\s+of\b"),
+    _party(r"\brefunded\s+by\s+(?!" + _STOP + r")(?P<cp>[^\n]{1,80}?)\s+on\b"),
     _party(r"\bby\s+(?!" + _STOP + r")(?!rs\b|inr\b)(?P<cp>[A-Za-z][^\s]*)\s+on\s+\d"),
-    _party(r"\bfor\s+(?!NEFT|RTGS|IMPS|UPI|money\b|the\b|your\b)(?P<cp>[^\n]+?)\s+transaction\b",
+    _party(r"\bfor\s+(?!NEFT|RTGS|IMPS|UPI|money\b|the\b|your\b)(?P<cp>[^\n]{1,80}?)\s+transaction\b",
            "debit"),
-    _party(r"\bRef-(?P<cp>[A-Za-z][^.\n]*?)\.", "credit"),
+    _party(r"\bRef-(?P<cp>[A-Za-z][^.\n]{0,80}?)\.", "credit"),
     # People.
-    _party(r"\bto\s+(?!" + _STOP + r")(?P<cp>[A-Za-z][^;\n~(]*?)"
-           r"(?=\s+(?:on|from|via|using)\b|\s*;|\s*\(|\s*\n|\s*~|\s+(?:Ref|RRN|UPI\b|is\s+successful)|"
+    _party(r"\bto\s+(?!" + _STOP + r")(?P<cp>[A-Za-z][^;\n~(]{0,80}?)"
+           r"(?=\s+(?:on|from|via|using|is|has|was)\b|\s*;|\s*\(|\s*\n|\s*~|\s+(?:Ref|RRN|UPI\b)|"
            r"\.\s*(?:RRN|Ref)|"
            r"\.\s|\.$|$)", "debit"),
-    _party(r"\bfrom\s+(?!" + _STOP + r")(?P<cp>[A-Za-z][^;\n(]*?)"
+    _party(r"\bfrom\s+(?!" + _STOP + r")(?P<cp>[A-Za-z][^;\n(]{0,80}?)"
            r"(?=\s+on\b|\s+in\s+your\b|\s+via\b|\s+has\s+been\b|\s*;|\s*\(|\s*\n|"
            r"\s+(?:Ref|RRN|UPI\b)|\.\s|\.(?=[A-Z])|\.$|$)", "credit"),
-    _party(r"\bcredited\b[^\n]*?\bby\s+(?!" + _STOP + r")(?P<cp>[A-Za-z][^.\n]*?)\.\s*(?:RRN|Ref)",
+    _party(r"\bcredited\b[^\n]{0,80}?\bby\s+(?!" + _STOP + r")(?P<cp>[A-Za-z][^.\n]{0,80}?)\.\s*(?:RRN|Ref)",
            "credit"),
 )
 
@@ -712,16 +716,19 @@ def _channel(text: str, form: Form, card_mask: str | None) -> str | None:
     return None
 
 
-def _is_otp(text: str, movement: bool) -> bool:
-    """An OTP SMS.  "<code> is your OTP" is unmistakable; "OTP ... is <code>"
-    counts in an SMS that also reads as a movement only when it is an "OTP
-    for/to" something, so that "never share OTP, helpline: 1930" in a debit
-    alert does not hide the debit."""
+def _otp(text: str, movement: bool) -> tuple[bool, bool]:
+    """(is an OTP SMS, certainly).  "<code> is your OTP" is unmistakable.
+    "OTP ... is <code>" in an SMS that also reads as a movement counts only
+    for an "OTP for/to" something, and never for certain: "do not share OTP
+    for any reason: 1930" in a debit alert must not hide the debit."""
     code_first, otp_is_code, use_code = _OTP_RES
     if code_first.search(text) or use_code.search(text):
-        return True
-    m = otp_is_code.search(text)
-    return bool(m) and (not movement or _OTP_FOR_RE.search(text) is not None)
+        return True, True
+    if not otp_is_code.search(text):
+        return False, False
+    if not movement:
+        return True, True
+    return _OTP_FOR_RE.search(text) is not None, False
 
 
 # ---------------------------------------------------------------------------
@@ -750,8 +757,9 @@ def _empty(kind: str, certain: bool = False) -> _Analysis:
 def _analyse(text: str, sender: str | None) -> _Analysis:
     text = _normalise(text or "")
     hit = _first_form(text)
-    if _is_otp(text, movement=hit is not None):
-        return _empty("otp", certain=True)
+    is_otp, certain_otp = _otp(text, movement=hit is not None)
+    if is_otp:
+        return _empty("otp", certain=certain_otp)
     if _NO_MOVEMENT_RE.search(text):
         return _empty("other")
 

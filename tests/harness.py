@@ -11,6 +11,11 @@ from typing import Any
 
 from bson import ObjectId
 
+import signal
+import time
+
+from smsd import control
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "data" / "sms_fixtures.jsonl"
 
@@ -86,3 +91,48 @@ def run_smsd(config: Path, *args: str, timeout: float = 120, **env: str) -> subp
 def start_smsd(config: Path, *args: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "smsd.cli", *args], env=smsd_env(config, **env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(REPO))
+
+
+class Daemon:
+    """A running ``smsd run`` subprocess and its control socket."""
+
+    def __init__(self, config, tmp_path, **env):
+        self.config = config
+        self.sock = tmp_path / "run" / "control.sock"
+        self.proc = start_smsd(config, "run", **env)
+        wait_for(lambda: self.status(quiet=True) is not None, timeout=30, what="control socket")
+
+    def status(self, quiet: bool = False, **args):
+        try:
+            return control.request(str(self.sock), "status", args, timeout=5)
+        except (control.DaemonNotRunning, control.ControlTimeout, OSError):
+            if quiet:
+                return None
+            raise
+
+    def cmd(self, name, **args):
+        return control.request(str(self.sock), name, args, timeout=10)
+
+    def worker_pids(self):
+        st = self.status(quiet=True) or {"workers": []}
+        return {w["pid"]: w["user_id"] for w in st["workers"]}
+
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except Exception:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return self.proc.returncode, out
+
+
+def wait_for(cond, timeout=60.0, what="condition", interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout} s")

@@ -110,6 +110,10 @@ SYNTHETIC_TRANSACTIONS = [
     ("Money received! Rs 750 from PRIYA via UPI in your Jupiter account. Ref 412345678901", None,
      {"direction": "credit", "amount": "750", "currency": "INR", "channel": "upi",
       "counterparty": "PRIYA", "bank": "jupiter"}),
+    ("Your payment of Rs.1,234 to BESCOM has been received by the biller. Ref 123456789 -HDFC Bank", None,
+     {"direction": "debit", "amount": "1234", "currency": "INR", "counterparty": "BESCOM"}),
+    ("RAHUL has sent you Rs 100 on PhonePe", None,
+     {"direction": "credit", "amount": "100", "currency": "INR", "bank": "phonepe"}),
 ]
 #: Texts on which the rules must not claim certainty (synthetic).
 SYNTHETIC_UNCERTAIN = [
@@ -127,6 +131,8 @@ SYNTHETIC_UNCERTAIN = [
     "Txn of Rs 800.00 on your card XX1234 failed due to insufficient balance",
     # marketing around a real credit
     "Congratulations! Rs 50 cashback has been credited to your Paytm Wallet.",
+    # an OTP-looking phrase in a debit alert
+    "Rs 500 debited from A/c XX1234 on 01-02-24. Do not share OTP for any reason: 1930 -SBI",
     # not recognised at all
     "Your transaction for INR 10000.00 against txn ID 1234567 has been processed successfully.",
     "Dear customer, your KYC is due for update. Visit your branch.",
@@ -287,6 +293,17 @@ def test_bank_from_sender(sender, bank):
     # synthetic: the text names no bank, so only the sender can
     answer = rules.extract("Rs 100.00 debited from A/c XX1234 on 01-02-24.", sender)
     assert answer["transactions"][0]["bank"] == bank
+
+
+def test_long_input_stays_fast():
+    # synthetic garbage: the patterns are bounded, so no catastrophic backtracking
+    import time
+    for text in ("1" * 5000 + " debited", "Rs 5 debited at x " * 500, "A/c " + "X" * 5000,
+                 "to x " * 2000, "x" * 10000 + "@"):
+        start = time.monotonic()
+        rules.extract(text)
+        rules.extract_certain(text)
+        assert time.monotonic() - start < 2.0
 
 
 def test_odd_input_does_not_raise():
