@@ -91,6 +91,7 @@ def probe():
         before = oct(os.stat(p).st_mode & 0o777)
         os.chmod(p, 0o660)
         os.chown(p, -1, os.getgid())  # what config socket_group = "smsd" does
+        state["ctl"] = s  # answered from the main loop below
         return [before, oct(os.stat(p).st_mode & 0o777)]
     check("control_socket_modes", control_socket)
     def cred():
@@ -172,6 +173,25 @@ def probe():
     with open(os.path.join(state_dir, "probe.json"), "w") as f:
         json.dump(out, f)
 
+def serve(timeout):
+    """Sleep, or answer one control.sock client with what the kernel tells
+    about it (SO_PEERCRED, SO_PEERGROUPS) and whether its /proc is visible."""
+    import select, struct
+    ctl = state.get("ctl")
+    if ctl is None:
+        time.sleep(timeout)
+        return
+    if not select.select([ctl], [], [], timeout)[0]:
+        return
+    conn, _ = ctl.accept()
+    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    raw = conn.getsockopt(socket.SOL_SOCKET, 59, 256)  # SO_PEERGROUPS
+    groups = sorted(struct.unpack("%dI" % (len(raw) // 4), raw))
+    reply = {"uid": uid, "gid": gid, "groups": groups,
+             "proc_visible": os.path.exists("/proc/%d/status" % pid)}
+    conn.sendall((json.dumps(reply) + "\n").encode())
+    conn.close()
+
 delay = float(os.environ.get("READY_DELAY", "0"))
 if "--probe" in sys.argv:
     probe()
@@ -185,7 +205,7 @@ while not state["stop"]:
     elif not state["ping"]:
         print("watchdog pings stopped", flush=True)
         state["ping"] = None
-    time.sleep(wd / 4 if wd else 0.2)
+    serve(wd / 4 if wd else 0.2)
 notify("STOPPING=1\nSTATUS=draining")
 print("SIGTERM: draining", flush=True)
 os.kill(child, signal.SIGTERM)
@@ -312,6 +332,45 @@ def test_systemctl_stop_lets_the_service_drain(container):
     assert "SIGTERM: draining" in log and "stopped cleanly" in log
 
 
+CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect("/run/smsd/control.sock")
+except OSError as exc:
+    print(json.dumps({"error": type(exc).__name__}))
+    sys.exit(0)
+print(s.makefile().readline().strip())
+"""
+
+
+def _check_operator_access(c: Container) -> None:
+    """A member of the smsd group reaches control.sock (0660 in a 0750
+    directory); the daemon sees the real uid and, through SO_PEERGROUPS,
+    the smsd group, while the peer's /proc entry is hidden by
+    ProtectProc=invisible. Anyone else gets EACCES from the kernel."""
+    if c.run(["test", "-x", "/usr/bin/python3"], check=False).returncode != 0:
+        print("no /usr/bin/python3 for the client: operator access not checked")
+        return
+    c.run(["useradd", "--create-home", "--groups", "smsd", "operator"])
+    c.run(["useradd", "--create-home", "outsider"])
+    smsd_gid = int(c.run(["getent", "group", "smsd"]).stdout.split(":")[2])
+
+    def connect_as(user: str) -> dict:
+        uid = c.run(["id", "-u", user]).stdout.strip()
+        gid = c.run(["id", "-g", user]).stdout.strip()
+        r = c.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups",
+                   "/usr/bin/python3", "-c", CLIENT])
+        return {"uid_expected": int(uid), **json.loads(r.stdout)}
+
+    op = connect_as("operator")
+    assert op["uid"] == op["uid_expected"], op
+    assert smsd_gid in op["groups"], op
+    assert op["proc_visible"] is False, op
+    assert connect_as("outsider") == {"uid_expected": connect_as("outsider")["uid_expected"],
+                                      "error": "PermissionError"}
+
+
 def test_shipped_unit_hardening_works_under_real_systemd(container):
     """systemd/smsd.service as shipped, only ExecStart and paths adapted."""
     c = container
@@ -350,8 +409,7 @@ def test_shipped_unit_hardening_works_under_real_systemd(container):
         assert probe["etc_writable"] == "EROFS"  # ProtectSystem=strict
         assert probe["tmp_writable"] is True  # PrivateTmp
         assert "sda" not in probe["dev"] and "null" in probe["dev"]  # PrivateDevices
-        uid_map = probe["uid_map"]  # PrivateUsers=yes: only root and smsd mapped
-        assert uid_map[:3] == ["0", "0", "1"] and len(uid_map) == 6, uid_map
+        assert probe["uid_map"] == ["0", "0", "4294967295"]  # no PrivateUsers=
         assert probe["proc_1_visible"] is False  # ProtectProc=invisible
         assert probe["netlink"] == "EAFNOSUPPORT"  # RestrictAddressFamilies
         assert "127.0.0.1" in probe["getaddrinfo"]  # works without AF_NETLINK
@@ -364,6 +422,7 @@ def test_shipped_unit_hardening_works_under_real_systemd(container):
         assert ps["children"] == [ps["child"]] and ps["child_ppid"] > 0
         assert ps["child_rss"] and ps["child_create_time"]
         assert probe["imports_and_sqlite_wal"] == "wal"
+        _check_operator_access(c)
         c.systemctl("reload", "smsd.service")  # ExecReload=kill -HUP $MAINPID
         c.wait_for(lambda: "SIGHUP: reload" in c.journal("smsd.service"), timeout=10,
                    what="SIGHUP to reach the main process")

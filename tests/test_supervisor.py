@@ -263,3 +263,47 @@ def test_shared_rate_limit_holds_across_workers(tmp_path, db, mongo_server, mong
     assert worst <= 4
     assert stats["rejected_429"] == 0
     assert rate <= 3.3
+
+
+def test_a_429_slows_every_worker_not_only_the_one_that_got_it(tmp_path, db, mongo_server, mongo_db_name,
+                                                               make_llm_server):
+    server = make_llm_server(latency_ms=30, retry_after_s=2)
+    for user in ("o1", "o2", "o3"):
+        seed(db, user, 80)
+    config = write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=server.url,
+                          llm={"requests_per_minute": 6000.0, "batch_size": 2},
+                          supervisor={"max_workers": 3})
+    d = Daemon(config, tmp_path)
+    try:
+        wait_for(lambda: server.stats()["calls"] >= 10, what="calls flowing")
+        server.script(["429"])
+        wait_for(lambda: server.stats()["faults"].get("429"), what="the 429", interval=0.02)
+        time.sleep(2.5)
+    finally:
+        d.stop()
+    stats = server.stats()
+    times = sorted(stats["call_times"])
+    # The 429 is the first call after the script was set; find it as the call followed by the longest gap.
+    gaps = [(b - a, a) for a, b in zip(times, times[1:])]
+    longest, at = max(gaps)
+    print(f"longest pause after the 429: {longest:.2f} s")
+    assert longest >= 1.5, "a 429 with Retry-After: 2 must pause every worker on the host"
+
+
+def test_worker_over_its_rss_limit_is_recycled_and_its_user_still_finishes(tmp_path, db, mongo_server,
+                                                                          mongo_db_name, llm_server):
+    expected = seed(db, "rex", 30)
+    llm_server.set_faults(latency_ms=200)
+    config = _config(tmp_path, mongo_server, mongo_db_name, llm_server,
+                     supervisor={"worker_rss_limit_mb": 1})
+    d = Daemon(config, tmp_path)
+    try:
+        wait_for(lambda: processed(db) == 30, timeout=90, what="all processed despite recycling")
+        st = d.status()
+    finally:
+        code, out = d.stop()
+    assert "RSS" in out and "recycling" in out
+    assert code == 0
+    report = verify(db, expected, state_dir=tmp_path / "state", billed=llm_server.stats()["billed"])
+    assert report.ok and report.sms_asked_more_than_once == 0, report.to_dict()
+    assert st["users"][0]["restarts"] == 0     # a recycle is not a crash
