@@ -52,7 +52,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 # ------------------------------------------------------------------ once
 def cmd_once(args: argparse.Namespace) -> int:
     """One user, one shot: replay the journal, then process pending SMS."""
-    from .embedded import EmbeddedMongo
+    from .embedded import EmbeddedError, EmbeddedMongo, EmbeddedUnavailable
     from .journal import Journal, JournalLocked
     from .worker import make_pipeline, make_store
 
@@ -72,7 +72,12 @@ def cmd_once(args: argparse.Namespace) -> int:
     uri = settings.mongo.uri
     if uri == "embedded":
         embedded = EmbeddedMongo(_embedded_path(settings), port=settings.mongo.embedded_port)
-        uri = embedded.start()
+        try:
+            uri = embedded.start()
+        except (EmbeddedUnavailable, EmbeddedError) as exc:   # e.g. the embedded extra is missing
+            journal.close()
+            print(f"smsd once: cannot start the embedded MongoDB: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     store = make_store(settings, uri)
     stop, abort = threading.Event(), threading.Event()
 

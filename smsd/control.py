@@ -166,6 +166,29 @@ def _peercred(sock: socket.socket) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid)
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux >= 4.13
+
+
+def _peer_groups(sock: socket.socket, pid: int) -> set[int]:
+    """Supplementary groups of the peer, from the kernel (``SO_PEERGROUPS``).
+
+    The kernel's answer works under ``ProtectProc=invisible``, which hides
+    ``/proc/<pid>`` from the daemon; ``/proc`` is only the fallback.
+    """
+    size = 64
+    while size <= 65536 * 4:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                size *= 4
+                continue
+            break
+        n = len(raw) // 4
+        return set(struct.unpack(f"{n}I", raw[: n * 4]))
+    return _proc_groups(pid)
+
+
 def _proc_groups(pid: int) -> set[int]:
     """Supplementary groups of ``pid`` (empty if the process is gone or unreadable)."""
     try:
@@ -473,18 +496,18 @@ class ControlServer:
                 continue
             client = _Client(sock, peer, time.monotonic())
             self._clients[client.fd] = client
-            if not self._allowed(peer):
+            if not self._allowed(peer, sock):
                 log.warning("control: permission denied for uid=%d gid=%d pid=%d", peer.uid, peer.gid, peer.pid)
                 self._fatal(client, "permission denied")
             self._pump(client)
 
-    def _allowed(self, peer: Peer) -> bool:
+    def _allowed(self, peer: Peer, sock: socket.socket) -> bool:
         if peer.uid == 0 or peer.uid == self._uid or peer.uid in self.allowed_uids:
             return True
         if self.allowed_gids:
             if peer.gid in self.allowed_gids:
                 return True
-            if _proc_groups(peer.pid) & self.allowed_gids:
+            if _peer_groups(sock, peer.pid) & self.allowed_gids:
                 return True
         return False
 

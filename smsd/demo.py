@@ -622,7 +622,7 @@ def run_demo(plan: Plan, out: Out, cleanups: list[Callable[[], None]]) -> int:
     out.block(smsctl_status(plan))
     progress.close()
 
-    out(f"stopping smsd (SIGTERM: drain) ...")
+    out("stopping smsd (SIGTERM: drain) ...")
     code = run.terminate(timeout=30)
     out(f"smsd run {run.pid} exited with code {code}")
 
@@ -631,6 +631,7 @@ def run_demo(plan: Plan, out: Out, cleanups: list[Callable[[], None]]) -> int:
     if llm_server:
         llm_server.stop()
         cleanups.remove(llm_server.stop)
+    out("checking the invariants on the stopped system (journals + database) ...")
     outcome = check(plan, mongo_port, seeded, billed)
     totals = journal_totals(plan.state_dir)
     print_summary(plan, out, seeded, outcome, totals, server_calls, code)
@@ -644,9 +645,14 @@ def print_summary(plan: Plan, out: Out, seeded: Seeded, outcome: Outcome, totals
     calls = totals.get("calls", 0)
     repeated = totals.get("repeated_calls", 0)
     in_flight = totals.get("sent_calls", 0)
-    if repeated or in_flight:
-        repeat_text = (f"{repeated} ({in_flight} calls were in flight at the kill and their "
-                       f"{totals.get('repeated_sms', 0)} SMS were asked again)")
+    reasons = []
+    if in_flight:
+        sms = "" if totals.get("failed_calls") else f" ({totals.get('repeated_sms', 0)} SMS)"
+        reasons.append(f"{in_flight} calls were in flight at the kill and were asked again{sms}")
+    if totals.get("failed_calls"):
+        reasons.append(f"{totals['failed_calls']} calls failed and their SMS were asked again")
+    if repeated or reasons:
+        repeat_text = f"{repeated} ({'; '.join(reasons) or 'see the journal'})"
     else:
         repeat_text = "0 (no call was in flight at the kill)"
     rows = [

@@ -12,6 +12,7 @@ The server advertises itself as the primary of a one-node replica set named
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import shutil
@@ -202,6 +203,11 @@ class EmbeddedMongo:
         except BaseException:
             self.kill()
             raise
+        finally:
+            # Free the ping clients (pymongo objects live in reference cycles) now:
+            # a caller that forks next (the supervisor) must not hand them to its
+            # children as garbage, which pymongo's at-fork hook trips over.
+            gc.collect()
         return self.uri
 
     def _bind_host(self) -> str:

@@ -39,6 +39,9 @@ class Report:
     sms_asked_more_than_once: int = 0
     repeats_explained: int = 0
     repeats_unexplained: int = 0
+    repeats_in_flight: int = 0        # explained by a call cut by a crash ('sent')
+    repeats_failed: int = 0           # explained by a call that failed as a whole
+    repeats_without_answer: int = 0   # explained by an answer that left the SMS out (fault)
     asked_after_answer: int = 0
     unflushed_left: int = 0
     checkpoints_incomplete: int = 0
@@ -60,7 +63,10 @@ def journal_facts(state_dir: str | Path) -> dict[str, dict]:
     ``calls``: journal calls that included the key; ``after_answer``: calls sent
     after the call that produced its result (each one breaks invariant 5);
     ``unanswered``: calls that gave no result for it (in flight at a crash,
-    failed, or partial) — the only legitimate reasons to ask again.
+    failed, or partial) — the only legitimate reasons to ask again.  ``unanswered``
+    splits into ``in_flight`` (the call is still 'sent': a crash cut it),
+    ``failed`` (the call failed as a whole) and ``without_answer`` (the call was
+    answered, but not for this SMS: a partial or malformed answer).
     """
     facts: dict[str, dict] = {}
     for path in sorted((Path(state_dir) / "journal").glob("*.sqlite")):
@@ -71,22 +77,66 @@ def journal_facts(state_dir: str | Path) -> dict[str, dict]:
             for key, seq, state in conn.execute(
                     "SELECT cs.sms_key, c.seq, c.state FROM call_sms cs "
                     "JOIN calls c ON c.call_id = cs.call_id ORDER BY c.seq"):
-                f = facts.setdefault(key, {"calls": 0, "after_answer": 0, "unanswered": 0,
-                                           "unflushed": 0})
+                f = facts.setdefault(key, _new_fact())
                 f["calls"] += 1
                 answer_seq = answered.get(key)
                 if answer_seq is None or seq < answer_seq:
                     f["unanswered"] += 1
+                    f[_UNANSWERED_BY_STATE.get(state, "without_answer")] += 1
                 elif seq > answer_seq:
                     f["after_answer"] += 1
             for (key,) in conn.execute(
                     "SELECT r.sms_key FROM results r JOIN calls c ON c.call_id = r.call_id "
                     "WHERE c.flushed = 0"):
-                facts.setdefault(key, {"calls": 0, "after_answer": 0, "unanswered": 0,
-                                       "unflushed": 0})["unflushed"] += 1
+                facts.setdefault(key, _new_fact())["unflushed"] += 1
         finally:
             conn.close()
     return facts
+
+
+_UNANSWERED_BY_STATE = {"sent": "in_flight", "failed": "failed", "answered": "without_answer"}
+
+
+def _new_fact() -> dict:
+    return {"calls": 0, "after_answer": 0, "unanswered": 0, "unflushed": 0,
+            "in_flight": 0, "failed": 0, "without_answer": 0}
+
+
+def journal_calls(state_dir: str | Path) -> list[dict]:
+    """Every LLM call of every journal (read-only), in send order per user.
+
+    Each: ``user_id``, ``call_id``, ``seq``, ``state`` ('sent', 'answered',
+    'failed'), ``sent_at`` / ``answered_at`` / ``flushed_at`` (epoch seconds or
+    None), ``flushed`` and ``n_sms``.  A call still 'sent' after the daemon
+    stopped was cut by a crash while in flight.
+    """
+    out: list[dict] = []
+    for path in sorted((Path(state_dir) / "journal").glob("*.sqlite")):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta"))
+            user_id = meta.get("user_id", path.stem)
+            for row in conn.execute(
+                    "SELECT call_id, seq, state, sent_at, answered_at, flushed, flushed_at, n_sms"
+                    " FROM calls ORDER BY seq"):
+                out.append({"user_id": user_id, "call_id": row[0], "seq": row[1],
+                            "state": row[2], "sent_at": row[3], "answered_at": row[4],
+                            "flushed": bool(row[5]), "flushed_at": row[6], "n_sms": row[7]})
+        finally:
+            conn.close()
+    return out
+
+
+def journal_answers(state_dir: str | Path) -> dict[str, str]:
+    """SMS key → the ``call_id`` whose answer the journal holds for it (read-only)."""
+    out: dict[str, str] = {}
+    for path in sorted((Path(state_dir) / "journal").glob("*.sqlite")):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+        try:
+            out.update(conn.execute("SELECT sms_key, call_id FROM results"))
+        finally:
+            conn.close()
+    return out
 
 
 def verify(db: Any, expected: dict[Any, dict], *, state_dir: str | Path,
@@ -139,7 +189,7 @@ def verify(db: Any, expected: dict[Any, dict], *, state_dir: str | Path,
     billed = billed or {}
     for raw_id in expected:
         key = sms_key(raw_id)
-        f = facts.get(key, {"calls": 0, "after_answer": 0, "unanswered": 0, "unflushed": 0})
+        f = facts.get(key) or _new_fact()
         r.journal_calls += f["calls"]
         r.asked_after_answer += f["after_answer"]
         r.unflushed_left += f["unflushed"]
@@ -150,6 +200,11 @@ def verify(db: Any, expected: dict[Any, dict], *, state_dir: str | Path,
             unexplained = max(0, asks - 1 - explained)
             r.repeats_explained += min(asks - 1, explained)
             r.repeats_unexplained += unexplained
+            left = min(asks - 1, explained)
+            for reason in ("in_flight", "failed", "without_answer"):
+                share = min(left, f[reason])
+                setattr(r, "repeats_" + reason, getattr(r, "repeats_" + reason) + share)
+                left -= share
     r.repeats_unexplained = max(0, r.repeats_unexplained - extra_repeats_allowed)
     if expect_complete:
         for user_id in users:

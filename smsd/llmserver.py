@@ -579,6 +579,13 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client killed mid-connection (crash tests, drills, the demo) is routine: no traceback."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            log.debug("client %s went away", client_address)
+            return
+        super().handle_error(request, client_address)
+
 
 class LlmServer:
     """The server in a background thread, for in-process use (demo, bench).

@@ -17,6 +17,7 @@ stuck loop is a dead service.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -354,6 +355,11 @@ class Supervisor:
                     pass
         self.control = None   # the child must not unlink the supervisor's socket
         self.embedded = None
+        # Finalize inherited garbage now, while its descriptors are still its own:
+        # e.g. the EmbeddedMongo, kept alive by a traceback cycle of its start-up
+        # pings, owns the server's log file object; collected later, it would close
+        # whatever reuses that fd number (a journal's WAL: "disk I/O error").
+        gc.collect()
         last = 3
         for fd in sorted(keep):
             if fd >= last:

@@ -7,7 +7,7 @@ The container is the host's own ``/usr`` on a tmpfs root::
                    --link-journal=no
                    --bind-ro=PRESET:/etc/systemd/system-preset/00-smsd-nspawn.preset
                    --bind=SCRATCH:/run/nspawn-scratch  [--bind-ro=P ...] [--bind=P ...]
-                   systemd.firstboot=off
+                   systemd.firstboot=off systemd.show_status=false
 
 * ``--volatile=yes`` with ``-D /``: the root is a fresh tmpfs, only ``/usr``
   comes from the host (read-only). ``/etc``, ``/var``, ``/root``, ``/home``
@@ -27,25 +27,32 @@ The container is the host's own ``/usr`` on a tmpfs root::
 
 Commands run inside through ``nsenter -t INIT_PID -a`` with a clean
 environment (``machinectl`` and ``systemctl -M`` need machined: not used).
+After boot the harness writes a minimal ``/etc/hosts`` (the volatile /etc
+has none, so "localhost" would not resolve).
 
 Public API (for tests)::
 
-    reason = nspawn_unavailable_reason()        # None, or why not (skip)
-    with Container() as c:                       # or c = Container(); c.start(...)
-        c.start(binds=[venv, python_home], rw_binds=[], timeout=60)
-        c.run(["id"]) -> CompletedProcess        # check=True raises ContainerCommandError
-        c.systemctl("start", "x.service")
+    reason = nspawn_unavailable_reason()        # None, or why not: pytest.skip(reason)
+    with Container().start(binds=python_binds(ROOT), rw_binds=[], timeout=60) as c:
+        c.run(["id"]) -> CompletedProcess        # as root; check=True raises ContainerCommandError
+        c.run("echo $HOSTNAME", check=False)     # a string goes through sh -c
+        c.systemctl("start", "x.service")        # Type=notify: returns after READY=1
         c.show("x.service", "MainPID") -> "123"
+        c.wait_prop("x.service", "ActiveState", "active", timeout=15)
+        c.wait_for(lambda: ..., timeout=10, what="...")
         c.journal("x.service") -> str
         c.write_file("/etc/x", "text", mode=0o644)
         c.copy_in(host_path, container_path)
-        c.install_unit("x.service", text, dropins={"10-test.conf": "..."})
-        c.add_user("smsd")                        # useradd --system
-        service_dropin(exec_start=..., environment={...},
-                       readable_paths=python_binds(), extra=["WatchdogSec=5"])
-        c.wait_for(lambda: ..., timeout=10)
-        c.scratch                                 # host dir, also at c.scratch_in
-    # stop() powers off (or kills) and always cleans up.
+        c.install_unit("x.service", text, dropins={"10-test.conf": "..."})  # + daemon-reload
+        c.add_user("smsd")                        # useradd --system --user-group
+        c.host_pid(container_pid) -> host pid     # e.g. to check a process is gone
+        c.scratch / c.scratch_in                  # a rw dir: host path / path inside
+        c.log_tail()                              # nspawn's console output (boot errors)
+    service_dropin(exec_start=..., environment={...},
+                   readable_paths=python_binds(ROOT), extra=["WatchdogSec=5"]) -> str
+    # stop() (also on __exit__, atexit, and SIGTERM to nspawn if the test
+    # process dies) powers off, kills after a timeout, and always removes
+    # the work dir and cgroups; SMSD_NSPAWN_KEEP=1 keeps the work dir.
 """
 from __future__ import annotations
 

@@ -521,3 +521,26 @@ def test_members_of_the_socket_group_are_served(start_daemon: Callable[..., Daem
     result = d.run_ctl("drain", user=NOBODY)
     assert result.returncode == ctl.EXIT_OK, result.stderr
     assert result.stdout.strip() == "drain accepted for all users"
+
+
+def test_a_supplementary_member_of_an_allowed_group_is_served(start_daemon: Callable[..., Daemon]) -> None:
+    # uid and primary gid are nobody's; only a supplementary group grants access, and the
+    # server learns it from the kernel (SO_PEERGROUPS), which works where /proc is hidden.
+    group = 4242
+    d = start_daemon(group=group)
+    cmd, env = smsctl_for(NOBODY)
+    result = subprocess.run([*cmd, "--socket", str(d.path), "drain"], capture_output=True, text=True,
+                            timeout=20, user=NOBODY, group=NOBODY, extra_groups=[group], cwd="/", env=env)
+    assert result.returncode == ctl.EXIT_OK, result.stderr
+    assert d.calls and d.calls[-1][2].uid == NOBODY
+
+
+def test_peer_groups_come_from_the_kernel_not_proc() -> None:
+    from smsd.control import _peer_groups
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # A pid that does not exist: the /proc fallback would find nothing.
+        assert _peer_groups(a, 2 ** 22 + 7) == set(os.getgroups())
+    finally:
+        a.close()
+        b.close()

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import sys
-import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from tests.nspawn import (
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "smsd.service"
-VENV_PYTHON = Path(sys.prefix) / "bin" / "python"
+VENV_PYTHON = Path(sys.executable)  # the venv python (bound in at the same path)
 SCRIPT_IN = f"{SCRATCH_IN}/notify_service.py"
 TEST_UNIT = "notify-test.service"
 
@@ -128,6 +129,11 @@ def probe():
         c.close(); srv.close()
         return True
     check("tcp_loopback", tcp_loopback)
+    def host_server():
+        port = int(os.environ["HOST_TEST_PORT"])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            return c.makefile().readline().strip()
+    check("host_server", host_server)
     def wx_memory():
         try:
             mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC).close()
@@ -238,7 +244,7 @@ WatchdogSec=3
 """
 
 
-def smsd_dropin() -> str:
+def smsd_dropin(host_port: int) -> str:
     """Adapt the shipped unit to this container: stand-in ExecStart, the
     base interpreter (under /root, hidden by ProtectHome=yes) bound back in,
     loopback URLs; User=smsd is kept (created with useradd)."""
@@ -249,6 +255,7 @@ def smsd_dropin() -> str:
             "SMSD_MONGO_DB": "smsd_test",
             "SMSD_LLM_BASE_URL": "http://127.0.0.1:8000/v1",
             "SMSD_LLM_MODEL": "test-model",
+            "HOST_TEST_PORT": str(host_port),
         },
         readable_paths=python_binds(ROOT),
         extra=["WatchdogSec=5"],
@@ -367,16 +374,30 @@ def _check_operator_access(c: Container) -> None:
     assert op["uid"] == op["uid_expected"], op
     assert smsd_gid in op["groups"], op
     assert op["proc_visible"] is False, op
-    assert connect_as("outsider") == {"uid_expected": connect_as("outsider")["uid_expected"],
-                                      "error": "PermissionError"}
+    outsider = connect_as("outsider")
+    assert outsider.get("error") == "PermissionError", outsider
 
 
 def test_shipped_unit_hardening_works_under_real_systemd(container):
     """systemd/smsd.service as shipped, only ExecStart and paths adapted."""
     c = container
+    # A server on the host's loopback, as the Mongo and LLM fixtures will be.
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(30)
+
+    def answer() -> None:
+        for _ in range(2):  # one connection per start
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"hello from the host\n")
+
+    threading.Thread(target=answer, daemon=True).start()
     c.add_user("smsd", home="/var/lib/smsd")
     c.copy_in(UNIT, "/etc/systemd/system/smsd.service", mode=0o644)
-    c.install_unit("smsd.service", dropins={"50-test.conf": smsd_dropin()})
+    c.install_unit("smsd.service", dropins={"50-test.conf": smsd_dropin(server.getsockname()[1])})
 
     def start_and_probe() -> dict:
         try:
@@ -414,6 +435,7 @@ def test_shipped_unit_hardening_works_under_real_systemd(container):
         assert probe["netlink"] == "EAFNOSUPPORT"  # RestrictAddressFamilies
         assert "127.0.0.1" in probe["getaddrinfo"]  # works without AF_NETLINK
         assert probe["tcp_loopback"] is True
+        assert probe["host_server"] == "hello from the host"  # shared network
         assert probe["wx_memory"] == "EPERM"  # MemoryDenyWriteExecute
         assert probe["pdeathsig"] == 0  # prctl allowed by @system-service
         assert probe["mp_lock"] is True
@@ -432,3 +454,4 @@ def test_shipped_unit_hardening_works_under_real_systemd(container):
         assert _restarts(c, "smsd.service") == 0
     finally:
         c.systemctl("stop", "smsd.service", check=False)
+        server.close()
