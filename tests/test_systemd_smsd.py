@@ -95,9 +95,18 @@ def _restarts(c):
     return int(c.show("smsd.service", "NRestarts") or 0)
 
 
-def _state_dir(c):
-    # The container's volatile root, seen from the host through its init's mount namespace.
-    return Path(f"/proc/{c.init_pid}/root/var/lib/smsd")
+def _state_dir(c, tmp_path):
+    """A host copy of the service's StateDirectory (journals with their WAL files).
+
+    The container's volatile root is reachable from the host only through its
+    init's mount namespace, where SQLite cannot open files itself; copied
+    while the service is idle, the journals are a consistent snapshot.
+    """
+    import shutil
+    copy = tmp_path / "state-copy"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(f"/proc/{c.init_pid}/root/var/lib/smsd", copy)
+    return copy
 
 
 def test_start_waits_for_ready_and_smsctl_answers(smsd_service):
@@ -115,7 +124,7 @@ def test_start_waits_for_ready_and_smsctl_answers(smsd_service):
                what="all processed")
 
 
-def test_sigkilled_main_pid_is_restarted_and_the_job_completes(smsd_service, llm):
+def test_sigkilled_main_pid_is_restarted_and_the_job_completes(smsd_service, llm, tmp_path):
     c, db = smsd_service
     expected = {}
     for user in ("k1", "k2"):
@@ -132,7 +141,7 @@ def test_sigkilled_main_pid_is_restarted_and_the_job_completes(smsd_service, llm
     c.wait_for(lambda: not json.loads(c.run([SMSCTL, "--socket", "/run/smsd/control.sock", "status",
                                              "--json"]).stdout)["workers"], timeout=30, what="idle")
     assert _restarts(c) == 1
-    report = verify(db, expected, state_dir=_state_dir(c), billed=llm.stats()["billed"])
+    report = verify(db, expected, state_dir=_state_dir(c, tmp_path), billed=llm.stats()["billed"])
     assert report.ok, report.to_dict()
 
 
@@ -148,7 +157,7 @@ def test_watchdog_kills_and_restarts_a_supervisor_that_stops_pinging(smsd_servic
     assert "Watchdog timeout" in log or "watchdog timeout" in log.lower()
 
 
-def test_systemctl_stop_drains_and_exits_cleanly(smsd_service, llm):
+def test_systemctl_stop_drains_and_exits_cleanly(smsd_service, llm, tmp_path):
     c, db = smsd_service
     expected = seed(db, "d1", 40)
     llm.set_faults(latency_ms=1200)
@@ -159,11 +168,11 @@ def test_systemctl_stop_drains_and_exits_cleanly(smsd_service, llm):
     assert c.show("smsd.service", "ExecMainStatus") == "0"
     assert "draining" in c.journal("smsd.service")
     from smsd import journal as journal_mod
-    scanned = journal_mod.scan(_state_dir(c))
+    scanned = journal_mod.scan(_state_dir(c, tmp_path))
     assert scanned and all(s["sent_calls"] == 0 and s["unflushed"] == 0 for s in scanned.values()), scanned
     llm.set_faults(latency_ms=0)
     c.systemctl("start", "smsd.service")
     c.wait_for(lambda: db.sms_fin_rawdata.count_documents({"isprocessed": True}) == 40, timeout=60,
                what="finished after the restart")
-    report = verify(db, expected, state_dir=_state_dir(c), billed=llm.stats()["billed"])
+    report = verify(db, expected, state_dir=_state_dir(c, tmp_path), billed=llm.stats()["billed"])
     assert report.ok and report.sms_asked_more_than_once == 0, report.to_dict()
