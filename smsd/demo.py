@@ -144,7 +144,7 @@ class Out:
 
     def block(self, text: str, indent: str = "    ") -> None:
         for line in text.rstrip("\n").splitlines():
-            print(indent + line, flush=True)
+            print(indent + line if line.strip() else "", flush=True)
 
 
 def _show(path: Path) -> str:

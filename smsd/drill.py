@@ -271,8 +271,13 @@ class Monitor(threading.Thread):
         with self.lock:
             return self.processed, self.pending
 
-    def recovery(self, since: float, user: str | None) -> tuple[float | None, str]:
-        """Seconds from ``since`` until the processed count (of ``user``, or all) rises."""
+    def recovery(self, since: float, user: str | None,
+                 until: float | None = None) -> tuple[float | None, str]:
+        """Seconds from ``since`` until the processed count (of ``user``, or all) rises.
+
+        ``None`` with a note when it did not rise, or only after ``until`` (the
+        next kill, which then owns the delay).
+        """
         with self.lock:
             samples = list(self.samples)
         base = None
@@ -288,6 +293,8 @@ class Monitor(threading.Thread):
             now = counts.get(user, 0) if user else sum(counts.values())
             before = base.get(user, 0) if user else sum(base.values())
             if now > before:
+                if until is not None and t > until:
+                    return None, "the next kill came first"
                 return round(t - since, 2), ""
         return None, "no further flush seen (nothing left to do)"
 
@@ -588,9 +595,14 @@ class Drill:
         window = max(1.0, 0.6 * o.duration - start)
         times = [start + window * (i + self.rng.uniform(0.2, 0.8)) / max(1, n) for i in range(n)]
         fracs = [0.9 * (i + 1) / (n + 1) for i in range(n)]
-        min_gap = max(0.5, min(3.0, window / (3 * max(1, n))))
+        spacing = window / max(1, n)
+        min_gap = max(0.5, min(3.0, spacing / 3))
+        # The next kill waits for the last one's recovery (the processed count
+        # rose again) unless that takes longer than this: then it strikes anyway.
+        gate = max(min_gap, 2.0 * spacing)
         total = len(self.expected)
         last_resume = self.elapsed()
+        last: KillEvent | None = None
         i = 0
         waiting_since: float | None = None
         kill_fn = {"worker": self.kill_worker, "supervisor": self.kill_supervisor,
@@ -606,7 +618,9 @@ class Drill:
                 self.say(f"work finished before kills {i + 1}..{n}: skipped")
                 return
             due = now >= times[i] or processed >= fracs[i] * total
-            if not due or now - last_resume < min_gap:
+            recovered = last is None or self.monitor is None or self.monitor.recovery(
+                last_resume, last.user_id if last.kind == "worker" else None)[0] is not None
+            if not due or now - last_resume < min_gap or (not recovered and now - last_resume < gate):
                 time.sleep(0.1)
                 continue
             ev = kill_fn[plan[i]](i + 1)
@@ -620,6 +634,7 @@ class Drill:
                 time.sleep(0.1)
                 continue
             waiting_since = None
+            last = ev
             self.events.append(ev)
             last_resume = ev.resumed_at_s if ev.resumed_at_s is not None else self.elapsed()
             i += 1
@@ -742,11 +757,12 @@ class Drill:
             self.say(f"all SMS done after {work_s} s; draining")
         self.check_orphans(final=True)
         drain = self.drain()
-        for ev in self.events:
+        for ev, nxt in zip(self.events, self.events[1:] + [None]):
             if ev.resumed_at_s is None:
                 continue
             ev.recovery_s, ev.recovery_note = self.monitor.recovery(
-                ev.resumed_at_s, ev.user_id if ev.kind == "worker" else None)
+                ev.resumed_at_s, ev.user_id if ev.kind == "worker" else None,
+                until=nxt.at_s if nxt is not None else None)
         self.monitor.stop_event.set()
         self.monitor.join(15)
         stats = self.llm.stats()

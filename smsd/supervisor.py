@@ -16,7 +16,6 @@ stuck loop is a dead service.
 """
 from __future__ import annotations
 
-import errno
 import gc
 import json
 import logging
@@ -35,7 +34,7 @@ from . import __version__, discovery, failpoints
 from .config import ConfigError, Settings, load_settings
 from .control import ControlServer, Peer, UnknownCommand
 from .sdnotify import Notifier, unset_environment
-from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MORE, EXIT_PARENT_GONE, run_worker
+from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MORE, run_worker
 
 log = logging.getLogger("smsd.supervisor")
 

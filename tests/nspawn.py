@@ -625,3 +625,20 @@ def _static_reason() -> str | None:
     if not os.access("/usr/lib/systemd/systemd", os.X_OK):
         return "no /usr/lib/systemd/systemd on this host: nothing to boot"
     return None
+
+
+def booted_container(pytestconfig, binds: Iterable[str], timeout: float = 60) -> "Container":
+    """A started Container, or ``pytest.skip`` with the reason printed (never silently)."""
+    import contextlib
+    import sys
+
+    import pytest
+
+    reason = nspawn_unavailable_reason()
+    if reason:
+        capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
+        ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+        with ctx:
+            sys.stderr.write(f"\nSKIP nspawn tests: {reason}\n")
+        pytest.skip(reason)
+    return Container().start(binds=binds, timeout=timeout)

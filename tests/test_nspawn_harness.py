@@ -14,7 +14,6 @@ inside every sandbox setting that smsd depends on.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import sys
@@ -26,7 +25,7 @@ import pytest
 from tests.nspawn import (
     SCRATCH_IN,
     Container,
-    nspawn_unavailable_reason,
+    booted_container,
     python_binds,
     service_dropin,
 )
@@ -264,16 +263,7 @@ def smsd_dropin(host_port: int) -> str:
 
 @pytest.fixture(scope="module")
 def container(pytestconfig):
-    reason = nspawn_unavailable_reason()
-    if reason:
-        # never silent: on the terminal now, and in the -rs summary
-        capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
-        ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
-        with ctx:
-            sys.stderr.write(f"\nSKIP nspawn tests: {reason}\n")
-        pytest.skip(reason)
-    c = Container()
-    c.start(binds=python_binds(ROOT), timeout=60)
+    c = booted_container(pytestconfig, python_binds(ROOT))
     try:
         c.write_file(SCRIPT_IN, NOTIFY_SERVICE)
         c.install_unit(TEST_UNIT, TEST_UNIT_TEXT, {"10-test.conf": TEST_UNIT_DROPIN})

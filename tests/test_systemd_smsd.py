@@ -8,7 +8,6 @@ loopback URLs); every directive under test comes from systemd/smsd.service.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -19,7 +18,7 @@ from pymongo import MongoClient
 
 from smsd.invariants import verify
 from tests.harness import seed
-from tests.nspawn import Container, nspawn_unavailable_reason, python_binds, service_dropin
+from tests.nspawn import booted_container, python_binds, service_dropin
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "smsd.service"
@@ -30,15 +29,7 @@ DB = "smsd_systemd"
 
 @pytest.fixture(scope="module")
 def container(pytestconfig):
-    reason = nspawn_unavailable_reason()
-    if reason:
-        capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
-        ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
-        with ctx:
-            sys.stderr.write(f"\nSKIP systemd tests: {reason}\n")
-        pytest.skip(reason)
-    c = Container()
-    c.start(binds=python_binds(ROOT), timeout=60)
+    c = booted_container(pytestconfig, python_binds(ROOT))
     try:
         c.add_user("smsd")
         yield c
@@ -47,23 +38,11 @@ def container(pytestconfig):
 
 
 @pytest.fixture(scope="module")
-def llm(make_llm_server_module):
-    return make_llm_server_module(latency_ms=150)
-
-
-@pytest.fixture(scope="module")
-def make_llm_server_module():
+def llm():
     from tests.fixtures_llm import LlmServerProcess
-    started = []
-
-    def factory(**opts):
-        server = LlmServerProcess(**opts).start()
-        started.append(server)
-        return server
-
-    yield factory
-    for server in started:
-        server.stop()
+    server = LlmServerProcess(latency_ms=150).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -72,9 +51,9 @@ def smsd_service(container, mongo_server, llm):
     c = container
     client = MongoClient(mongo_server.uri)
     client.drop_database(DB)
-    config = (f'[supervisor]\ndiscovery_interval = 1.0\ndrain_timeout = 20.0\nrestart_backoff = 0.2\n'
-              f'socket_group = "smsd"\n[llm]\nbatch_size = 5\nconcurrency = 2\nbackoff_base = 0.05\n'
-              f'backoff_max = 0.5\n')
+    config = ('[supervisor]\ndiscovery_interval = 1.0\ndrain_timeout = 20.0\nrestart_backoff = 0.2\n'
+              'socket_group = "smsd"\n[llm]\nbatch_size = 5\nconcurrency = 2\nbackoff_base = 0.05\n'
+              'backoff_max = 0.5\n')
     c.write_file("/etc/smsd/config.toml", config, mode=0o640, owner="root:smsd")
     env = {"SMSD_MONGO_URI": mongo_server.uri, "SMSD_MONGO_DB": DB, "SMSD_LLM_BASE_URL": llm.url,
            "SMSD_LLM_MODEL": "smsd-test", "SMSD_CONFIG": "/etc/smsd/config.toml"}
