@@ -307,3 +307,22 @@ def test_worker_over_its_rss_limit_is_recycled_and_its_user_still_finishes(tmp_p
     report = verify(db, expected, state_dir=tmp_path / "state", billed=llm_server.stats()["billed"])
     assert report.ok and report.sms_asked_more_than_once == 0, report.to_dict()
     assert st["users"][0]["restarts"] == 0     # a recycle is not a crash
+
+
+def test_a_big_user_does_not_starve_a_small_one(tmp_path, db, mongo_server, mongo_db_name, llm_server):
+    seed(db, "big", 300)
+    llm_server.set_faults(latency_ms=20)
+    config = _config(tmp_path, mongo_server, mongo_db_name, llm_server,
+                     supervisor={"max_workers": 1}, pipeline={"worker_max_sms": 20})
+    d = Daemon(config, tmp_path)
+    try:
+        wait_for(lambda: db.sms_fin_rawdata.count_documents({"user_id": "big", "isprocessed": True}) >= 20,
+                 what="big started")
+        seed(db, "small", 10)
+        wait_for(lambda: db.sms_fin_rawdata.count_documents({"user_id": "small", "isprocessed": True}) == 10,
+                 timeout=60, what="small finished")
+        big_left = db.sms_fin_rawdata.count_documents({"user_id": "big", "isprocessed": False})
+    finally:
+        d.stop()
+    print(f"small user done while the big one still had {big_left} of 300 pending")
+    assert big_left > 150
