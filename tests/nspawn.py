@@ -573,9 +573,12 @@ def service_dropin(
         lines.append(f"Environment={k}={v}")
     dests = [os.fspath(p).split(":", 1)[-1] for p in readable_paths]
     home = [d for d in dests if d in ("/root", "/home") or d.startswith(("/root/", "/home/"))]
+    # A checkout under /tmp (CI clones anywhere) is hidden by PrivateTmp=yes the same way.
+    tmp = [d for d in dests if d.startswith(("/tmp/", "/var/tmp/"))]
     if home:
         lines.append("ProtectHome=tmpfs")
-        lines.append("BindReadOnlyPaths=" + " ".join(home))
+    if home or tmp:
+        lines.append("BindReadOnlyPaths=" + " ".join(home + tmp))
     lines += list(extra)
     return "\n".join(lines) + "\n"
 
