@@ -595,6 +595,14 @@ class Journal:
                     answers[call_id].items.append((raw_id_from_bytes(raw), result))
         return [a for a in answers.values() if a.items]
 
+    def unflushed_keys(self, limit: int | None = None) -> list[str]:
+        """Keys of the SMS results awaiting a flush, oldest answer first (no parsing)."""
+        with self._use() as db:
+            return [row[0] for row in db.execute(
+                "SELECT r.sms_key FROM calls c JOIN results r ON r.call_id = c.call_id"
+                " WHERE c.state = 'answered' AND c.flushed = 0 ORDER BY c.seq LIMIT ?",
+                [-1 if limit is None else limit])]
+
     def unflushed_count(self) -> int:
         """Number of SMS results (not calls) awaiting a flush."""
         with self._use() as db:

@@ -35,6 +35,9 @@ from .store import Store, StoreUnavailable
 
 log = logging.getLogger("smsd.pipeline")
 
+#: Journal answers replayed per loop turn, between new LLM calls.
+REPLAY_CHUNK = 64
+
 
 class Extractor(Protocol):
     """What the pipeline asks: the LLM client, or anything answering like it."""
@@ -114,6 +117,7 @@ class Pipeline:
         self._store_backoff = 0.5
         self._llm_backoff_until = 0.0
         self._llm_failures = 0
+        self._backlog = True        # unknown until the first replay chunk: assume some
 
     # ------------------------------------------------------------------ run
     def run(self, *, limit: int | None = None, resume: bool = True,
@@ -130,7 +134,9 @@ class Pipeline:
             if not self._wait_for_store(self._start_run, resume, limit):
                 s.stopped = True
                 return s
-            self._wait_for_store(self._flush_backlog)
+            # The journal's backlog (a crash's answered-but-unflushed rows) is replayed
+            # by the loop in chunks, between new calls: a big backlog does not hold
+            # back the first new LLM call.
             budget = min(x for x in (limit, max_sms) if x is not None) if (limit or max_sms) else None
             with ThreadPoolExecutor(max_workers=self.settings.llm.concurrency,
                                     thread_name_prefix="smsd-llm") as pool:
@@ -158,14 +164,15 @@ class Pipeline:
                     return
                 # Nothing in flight but work remains: the store is down, the
                 # backlog is full, or the LLM is backing off.  Flush and wait.
-                self._flush_backlog_quietly()
-                self._sleep(0.2)
+                self._flush_backlog_quietly(REPLAY_CHUNK)
+                if not self._backlog or not self.mongo_ok:
+                    self._sleep(0.2)
                 continue
-            done, _ = wait(list(self._inflight), timeout=0.5, return_when=FIRST_COMPLETED)
+            done, _ = wait(list(self._inflight), timeout=0.0 if self._backlog else 0.5,
+                           return_when=FIRST_COMPLETED)
             for fut in done:
                 self._on_answer(self._inflight.pop(fut), fut)
-            if done:
-                self._flush_backlog_quietly()
+            self._flush_backlog_quietly(REPLAY_CHUNK)
 
     # ---------------------------------------------------------------- claim
     def _claim(self) -> None:
@@ -174,7 +181,9 @@ class Pipeline:
             return
         failpoint("before_claim")
         exclude = {sms.key for call in self._inflight.values() for sms in call.sms}
-        exclude.update(a_key for a_key in self._unflushed_keys())
+        # Answered but not yet flushed (a replay in progress): still pending in MongoDB,
+        # so the store skips them and the page holds SMS that still need an answer.
+        exclude.update(self.journal.unflushed_keys())
         try:
             page, malformed = self.store.fetch_pending(
                 self.user_id, limit=self.settings.pipeline.page_size, exclude_keys=exclude)
@@ -191,9 +200,6 @@ class Pipeline:
             self._exhausted = True
         self._buffer.extend(fresh)
 
-    def _unflushed_keys(self) -> set[str]:
-        return {res.key for answer in self.journal.unflushed() for _, res in answer.items}
-
     # --------------------------------------------------------------- submit
     def _submit(self, pool: ThreadPoolExecutor, budget: int | None) -> None:
         s = self.summary
@@ -201,8 +207,8 @@ class Pipeline:
         while len(self._inflight) < llm.concurrency and (self._buffer or self._retry):
             if time.monotonic() < self._llm_backoff_until:
                 return
-            if self.journal.unflushed_count() >= self.settings.journal.max_backlog:
-                return  # MongoDB is behind: pause paid calls until the flush catches up
+            if not self.mongo_ok and self.journal.unflushed_count() >= self.settings.journal.max_backlog:
+                return  # MongoDB is down: pause paid calls until the flush can catch up
             left = None if budget is None else budget - s.asked_sms
             if left is not None and left <= 0:
                 return
@@ -325,21 +331,32 @@ class Pipeline:
         s.newly_processed += newly
         s.processed_sms += newly
         s.last_processed_id = raw_ids[-1]
+        # The flush that processes the run's last pending SMS completes its checkpoint in
+        # the same update: a kill before _finish_run must not leave the run in_progress
+        # for ever (no pending SMS, no journal backlog: no worker would ever resume it).
+        done = bool(s.total_sms) and s.processed_sms >= s.total_sms \
+            and self.store.count_pending(self.user_id) == 0
         self.store.checkpoint_progress(self.user_id, self._batch_id, processed_sms=s.processed_sms,
-                                       total_sms=None, last_processed_id=s.last_processed_id,
-                                       status="in_progress")
+                                       total_sms=s.total_sms if done else None,
+                                       last_processed_id=s.last_processed_id,
+                                       status="completed" if done else "in_progress")
         failpoint("after_flush")
         self.journal.mark_flushed([a.call_id for a in answers])
         failpoint("after_mark_flushed")
         return newly
 
-    def _flush_backlog(self) -> bool:
-        """Flush every unflushed answer and quarantine decision in the journal."""
-        while True:
-            answers = self.journal.unflushed(limit=64)
+    def _flush_backlog(self, max_answers: int | None = None) -> bool:
+        """Flush unflushed answers (all, or up to ``max_answers``) and quarantine decisions."""
+        flushed = 0
+        self._backlog = True
+        while max_answers is None or flushed < max_answers:
+            answers = self.journal.unflushed(limit=64 if max_answers is None else
+                                             min(64, max_answers - flushed))
             if not answers:
+                self._backlog = False
                 break
             self.flush(answers)
+            flushed += len(answers)
         pending = self.journal.unflushed_quarantine()
         if pending:
             self.store.quarantine(pending)
@@ -348,11 +365,11 @@ class Pipeline:
             self.journal.clear_failures([q.key for q in pending])
         return True
 
-    def _flush_backlog_quietly(self) -> None:
+    def _flush_backlog_quietly(self, max_answers: int | None = None) -> None:
         if time.monotonic() < self._next_store_try:
             return
         try:
-            self._flush_backlog()
+            self._flush_backlog(max_answers)
         except StoreUnavailable as exc:
             self._store_down(exc)
         else:
