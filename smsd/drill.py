@@ -238,6 +238,7 @@ class Monitor(threading.Thread):
         self.processed = 0
 
     def run(self) -> None:
+        """Poll until stopped (a daemon thread)."""
         import pymongo
         from pymongo.errors import PyMongoError
 
@@ -271,32 +272,44 @@ class Monitor(threading.Thread):
         with self.lock:
             return self.processed, self.pending
 
-    def recovery(self, since: float, user: str | None,
-                 until: float | None = None) -> tuple[float | None, str]:
-        """Seconds from ``since`` until the processed count (of ``user``, or all) rises.
+    def recovery(self, killed: float, resumed: float, user: str | None,
+                 until: float | None = None, db_was_down: bool = False) -> tuple[float | None, str]:
+        """Seconds from ``resumed`` until the processed count (of ``user``, or all) rises.
 
-        ``None`` with a note when it did not rise, or only after ``until`` (the
-        next kill, which then owns the delay).
+        The baseline is the count just after the kill (nothing killed can
+        flush any more), or, when the database was down, the last count before
+        the kill.  ``None`` with a note when the count did not rise, or only
+        after ``until`` (the next kill, which then owns the delay).
         """
         with self.lock:
-            samples = list(self.samples)
-        base = None
+            samples = [(t, c) for t, c in self.samples if c is not None]
+
+        def value(counts: dict[str, int]) -> int:
+            return counts.get(user, 0) if user else sum(counts.values())
+
+        if db_was_down:
+            before = [(t, c) for t, c in samples if t <= killed]
+            base = before[-1] if before else None
+        else:
+            after = [(t, c) for t, c in samples if t >= killed]
+            base = after[0] if after else None
+        if base is None:
+            return None, "no count around the kill"
         for t, counts in samples:
-            if t <= since and counts is not None:
-                base = counts
-        for t, counts in samples:
-            if t <= since or counts is None:
+            if t <= max(resumed, base[0]):
                 continue
-            if base is None:
-                base = counts
-                continue
-            now = counts.get(user, 0) if user else sum(counts.values())
-            before = base.get(user, 0) if user else sum(base.values())
-            if now > before:
+            if value(counts) > value(base[1]):
                 if until is not None and t > until:
                     return None, "the next kill came first"
-                return round(t - since, 2), ""
+                return round(t - resumed, 2), ""
         return None, "no further flush seen (nothing left to do)"
+
+    def recovered(self, ev: "KillEvent") -> bool:
+        """Whether the processed count rose again after ``ev``."""
+        if ev.resumed_at_s is None:
+            return True
+        return self.recovery(ev.at_s, ev.resumed_at_s, ev.user_id if ev.kind == "worker" else None,
+                             db_was_down=ev.db_down_s is not None)[0] is not None
 
 
 # ----------------------------------------------------------------------------- the drill
@@ -330,9 +343,11 @@ class Drill:
 
     # ------------------------------------------------------------------ set-up
     def elapsed(self) -> float:
+        """Seconds since the clock origin (reset when the daemon is first started)."""
         return time.monotonic() - self.origin
 
     def setup(self) -> None:
+        """Directory, database, seeded SMS, LLM server and config.toml (no daemon yet)."""
         from pymongo import MongoClient
 
         from .embedded import EmbeddedMongo
@@ -419,6 +434,7 @@ class Drill:
         return self.dir / "run" / "control.sock"
 
     def start_supervisor(self) -> int:
+        """Start a new ``smsd run`` in its own session; return its pid."""
         assert self.dir is not None and self.config is not None
         self.sup_count += 1
         log_path = self.dir / f"smsd-run-{self.sup_count}.log"
@@ -432,14 +448,18 @@ class Drill:
         return self.sup.pid
 
     def status(self, timeout: float = 2.0) -> dict | None:
+        """The current supervisor's ``status`` reply, or ``None`` if it does not answer."""
         from .control import ControlClientError, request
         try:
             reply = request(self.socket, "status", {}, timeout=timeout)
         except (ControlClientError, OSError, ValueError):
             return None
-        return reply if reply.get("ok", True) and reply.get("pid") == (self.sup.pid if self.sup else None) else None
+        # Only the current supervisor's answer counts (not a stale one's).
+        current = self.sup.pid if self.sup else None
+        return reply if reply.get("ok", True) and reply.get("pid") == current else None
 
     def wait_ready(self, timeout: float = 40.0) -> dict:
+        """Wait until the current supervisor answers ``status``; :class:`DrillError` if it dies."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.sup is not None and self.sup.poll() is not None:
@@ -476,6 +496,7 @@ class Drill:
         return out
 
     def kill_worker(self, n: int) -> KillEvent | None:
+        """SIGKILL a random worker of the current supervisor; ``None`` if there is none."""
         import psutil
         st = self.status()
         if not st or self.sup is None:
@@ -517,6 +538,7 @@ class Drill:
                                    "children": children, "workers": set(ev.workers)})
 
     def kill_supervisor(self, n: int) -> KillEvent | None:
+        """SIGKILL the supervisor, then start a new ``smsd run``; ``None`` if none answers."""
         if self.sup is None or self.status(timeout=1.0) is None:
             return None
         ev = KillEvent(n=n, kind="supervisor", at_s=self.elapsed(), wall=time.time())
@@ -530,11 +552,12 @@ class Drill:
         return ev
 
     def kill_database(self, n: int) -> KillEvent | None:
+        """SIGKILL the database server; restart it on the same port and storage soon after."""
         assert self.mongo is not None
         ev = KillEvent(n=n, kind="database", at_s=self.elapsed(), wall=time.time(),
                        pid=self.mongo.pid)
         self.mongo.kill()
-        down = self.rng.uniform(1.0, 3.5)
+        down = self.rng.uniform(0.5, 2.0)
         self.say(f"kill {n}: database pid {ev.pid}, down for {down:.1f} s")
         time.sleep(down)
         self.mongo.start()
@@ -543,26 +566,28 @@ class Drill:
         return ev
 
     def kill_supervisor_db_down(self, n: int) -> KillEvent | None:
+        """SIGKILL the database, then the supervisor while it is down; restart both."""
         assert self.mongo is not None
         if self.sup is None or self.status(timeout=1.0) is None:
             return None
         ev = KillEvent(n=n, kind="supervisor-db-down", at_s=self.elapsed(), wall=time.time())
         db_pid = self.mongo.pid
         self.mongo.kill()
-        time.sleep(self.rng.uniform(0.3, 1.5))
+        time.sleep(self.rng.uniform(0.2, 1.0))
         self._kill_supervisor_now(ev)
         ev.new_supervisor_pid = self.start_supervisor()
         self.say(f"kill {n}: database pid {db_pid}, then supervisor pid {ev.pid} "
                  f"({len(ev.workers)} workers) while it is down -> new smsd run pid "
                  f"{ev.new_supervisor_pid}")
         self.wait_ready()
-        time.sleep(self.rng.uniform(1.0, 3.0))
+        time.sleep(self.rng.uniform(0.5, 2.0))
         self.mongo.start()
         ev.db_down_s = round(self.elapsed() - ev.at_s, 2)
         ev.resumed_at_s = self.elapsed()
         return ev
 
     def check_orphans(self, final: bool = False) -> None:
+        """Children of killed supervisors still alive 5 s later are orphans (``final``: wait)."""
         now = time.monotonic()
         for check in list(self.orphan_checks):
             if not final and now < check["due"]:
@@ -579,6 +604,7 @@ class Drill:
 
     # ------------------------------------------------------------------- plan
     def plan(self) -> list[str]:
+        """The kinds of the kills, in order: each chosen kind at least once if there is room."""
         o = self.o
         kinds = list(o.kinds)
         plan = kinds[:o.kills] if o.kills >= len(kinds) else self.rng.sample(kinds, o.kills)
@@ -596,7 +622,7 @@ class Drill:
         times = [start + window * (i + self.rng.uniform(0.2, 0.8)) / max(1, n) for i in range(n)]
         fracs = [0.9 * (i + 1) / (n + 1) for i in range(n)]
         spacing = window / max(1, n)
-        min_gap = max(0.5, min(3.0, spacing / 3))
+        min_gap = max(0.5, min(1.5, spacing / 4))
         # The next kill waits for the last one's recovery (the processed count
         # rose again) unless that takes longer than this: then it strikes anyway.
         gate = max(min_gap, 2.0 * spacing)
@@ -612,14 +638,15 @@ class Drill:
             self.check_orphans()
             now = self.elapsed()
             processed, pending = self.monitor.snapshot() if self.monitor else (0, None)
-            if pending == 0 and processed > 0:
+            finished = pending == 0 and processed > 0
+            if finished or now > o.duration + o.grace:
+                why = "the work was finished" if finished else "past --duration + --grace"
                 for kind in plan[i:]:
-                    self.skipped.append({"kind": kind, "why": "the work was finished"})
-                self.say(f"work finished before kills {i + 1}..{n}: skipped")
+                    self.skipped.append({"kind": kind, "why": why})
+                self.say(f"kills {i + 1}..{n} skipped: {why}")
                 return
             due = now >= times[i] or processed >= fracs[i] * total
-            recovered = last is None or self.monitor is None or self.monitor.recovery(
-                last_resume, last.user_id if last.kind == "worker" else None)[0] is not None
+            recovered = last is None or self.monitor is None or self.monitor.recovered(last)
             if not due or now - last_resume < min_gap or (not recovered and now - last_resume < gate):
                 time.sleep(0.1)
                 continue
@@ -644,6 +671,8 @@ class Drill:
         """Until every SMS is processed or quarantined and the daemon is idle (twice in a row)."""
         idle_seen = 0
         last_note = 0.0
+        all_done_said = False
+        failed_seen: set[str] = set()
         while self.elapsed() < deadline:
             self.check_supervisor()
             self.check_orphans()
@@ -654,11 +683,19 @@ class Drill:
                     and all(u.get("status") in ("completed", "quarantined")
                             for u in st.get("users", [])))
             if st is not None:
-                failed = [u["user_id"] for u in st.get("users", []) if u.get("status") == "failed"]
-                if failed:
-                    self.violations.append(f"users marked failed by the supervisor: {failed}")
-                    from .control import request
-                    request(self.socket, "resume", {}, timeout=5.0)
+                failed = {u["user_id"] for u in st.get("users", []) if u.get("status") == "failed"}
+                if failed - failed_seen:
+                    failed_seen |= failed
+                    self.violations.append(f"users marked failed by the supervisor: {sorted(failed)}")
+                    self.say(f"!! users marked failed: {sorted(failed)}; resuming them")
+                    from .control import ControlClientError, request
+                    try:
+                        request(self.socket, "resume", {}, timeout=5.0)
+                    except ControlClientError:
+                        pass
+            if pending == 0 and not all_done_said:
+                all_done_said = True
+                self.say("every SMS processed or quarantined; waiting for the daemon to go idle")
             idle_seen = idle_seen + 1 if idle else 0
             if idle_seen >= 2:
                 return True
@@ -670,6 +707,7 @@ class Drill:
         return False
 
     def drain(self) -> dict:
+        """SIGTERM the supervisor: it must exit 0 and leave no process of any ``smsd run``."""
         assert self.sup is not None
         t = time.monotonic()
         self.sup.send_signal(signal.SIGTERM)
@@ -690,21 +728,24 @@ class Drill:
         return {"exit_code": code, "seconds": took, "processes_left": left}
 
     def _session_members(self) -> list[int]:
+        """Live processes of this drill's ``smsd run`` sessions (checked by their config)."""
         import psutil
         out = []
         for p in psutil.process_iter(["pid"]):
             try:
-                if os.getpgid(p.pid) in self.sessions and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(p.pid)
+                if os.getpgid(p.pid) not in self.sessions or p.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                if p.environ().get("SMSD_CONFIG") == str(self.config):
+                    out.append(p.pid)   # ours: a pgid reused by a stranger is never touched
             except (OSError, psutil.Error):
                 pass
         return out
 
     def cleanup(self) -> None:
         """Stop every process the drill started (idempotent; safe after any failure)."""
-        for pgid in self.sessions:
+        for pid in self._session_members() if self.sessions else []:
             try:
-                os.killpg(pgid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
         if self.sup is not None and self.sup.poll() is None:
@@ -732,6 +773,7 @@ class Drill:
 
     # ------------------------------------------------------------------ main
     def run(self) -> dict:
+        """The whole drill; returns the report (see :func:`format_report`)."""
         o = self.o
         t_start = time.monotonic()
         self.setup()
@@ -761,8 +803,8 @@ class Drill:
             if ev.resumed_at_s is None:
                 continue
             ev.recovery_s, ev.recovery_note = self.monitor.recovery(
-                ev.resumed_at_s, ev.user_id if ev.kind == "worker" else None,
-                until=nxt.at_s if nxt is not None else None)
+                ev.at_s, ev.resumed_at_s, ev.user_id if ev.kind == "worker" else None,
+                until=nxt.at_s if nxt is not None else None, db_was_down=ev.db_down_s is not None)
         self.monitor.stop_event.set()
         self.monitor.join(15)
         stats = self.llm.stats()
@@ -774,6 +816,7 @@ class Drill:
         return report
 
     def report(self, checks: dict, stats: dict, drain: dict, work_s: float, total_s: float) -> dict:
+        """Assemble the report from the checks, the LLM server's stats and the kills."""
         o = self.o
         r = checks["invariants"]
         billed = stats["billed"]
@@ -823,7 +866,8 @@ class Drill:
                     "asked_after_answer": r["asked_after_answer"]},
             "kills": {"planned": o.kills, "done": len(self.events),
                       "by_kind": {k: by_kind.get(k, 0) for k in KINDS},
-                      "skipped": self.skipped,
+                      "skipped": len(self.skipped),
+                      "skipped_why": dict(Counter(x["why"] for x in self.skipped)),
                       "events": [asdict(e) for e in self.events]},
             "orphans": {"supervisor_kills_checked": sum(1 for e in self.events
                                                         if e.kind in SUPERVISOR_KINDS),
@@ -833,7 +877,8 @@ class Drill:
             "recovery_s": {"by_kind": rec_by_kind},
             "drain": drain,
             "invariants": r,
-            "logs": self.log_files,
+            "logs": {"daemon": "smsd.log", "runs": f"smsd-run-1..{len(self.log_files)}.log",
+                     "database": "mongo.log"},
         }
 
 
@@ -978,7 +1023,7 @@ def format_report(rep: dict) -> str:
         f"{llm['calls_cut_unexplained']} beyond the bound",
         f"  kills         {k['done']}/{k['planned']}: "
         + ", ".join(f"{kind} {n}" for kind, n in k["by_kind"].items())
-        + (f"; {len(k['skipped'])} skipped" if k["skipped"] else ""),
+        + (f"; {k['skipped']} skipped ({', '.join(k['skipped_why'])})" if k["skipped"] else ""),
         f"  orphans       {o['workers']} workers, {o['other_children']} other children alive "
         f"{ORPHAN_GRACE_S:.0f} s after {o['supervisor_kills_checked']} supervisor kills",
         "  recovery      " + (", ".join(
@@ -1002,7 +1047,11 @@ def format_report(rep: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``smsd drill`` command line."""
-    p = argparse.ArgumentParser(prog="smsd drill", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="smsd drill",
+        description="Kill -9 recovery drill: run smsd against an embedded database and a faulty "
+                    "local LLM, SIGKILL workers, the supervisor and the database while it works, "
+                    "then check every invariant of DESIGN.md (docs/DRILLS.md).")
     p.add_argument("--users", type=int, default=4, help="users to seed (default 4)")
     p.add_argument("--sms", type=int, default=50, help="SMS per user (default 50)")
     p.add_argument("--kills", type=int, default=8, help="kills to make (default 8)")
@@ -1088,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         raise _Interrupted(signal.Signals(signum).name)
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     drill = Drill(opts, say)
     report: dict | None = None
     try:
@@ -1113,6 +1162,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"kept {drill.dir}")
         if report is not None:
             report["kept"] = keep
+            if keep and drill.dir is not None:
+                (drill.dir / "drill-report.json").write_text(json.dumps(report, indent=2, default=str))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -94,6 +94,7 @@ def journal_facts(state_dir: str | Path) -> dict[str, dict]:
     return facts
 
 
+_IN_CHUNK = 100
 _UNANSWERED_BY_STATE = {"sent": "in_flight", "failed": "failed", "answered": "without_answer"}
 
 
@@ -152,8 +153,22 @@ def verify(db: Any, expected: dict[Any, dict], *, state_dir: str | Path,
     r = Report(sms_seeded=len(expected))
     facts = journal_facts(state_dir)
     raw = db["sms_fin_rawdata"]
-    docs = {d["_id"]: d for d in raw.find({"_id": {"$in": list(expected)}},
-                                          {"isprocessed": 1, "smsd_quarantine": 1, "user_id": 1})}
+    # Small $in lists: a server may answer a 10,000-id $in in quadratic time.
+    ids = list(expected)
+    docs = {d["_id"]: d for i in range(0, len(ids), _IN_CHUNK)
+            for d in raw.find({"_id": {"$in": ids[i:i + _IN_CHUNK]}},
+                              {"isprocessed": 1, "smsd_quarantine": 1, "user_id": 1})}
+    # Transactions of the seeded SMS, fetched per user through the (user_id, sms_id)
+    # index: one query per SMS without the user would scan the whole collection.
+    by_user: dict[Any, list] = {}
+    for raw_id, doc in docs.items():
+        by_user.setdefault(doc.get("user_id"), []).append(raw_id)
+    tx_by_key: dict[str, list] = {}
+    for user_id, ids in by_user.items():
+        for i in range(0, len(ids), _IN_CHUNK):
+            for d in db["financial_transactions"].find({"user_id": user_id,
+                                                        "sms_id": {"$in": ids[i:i + _IN_CHUNK]}}):
+                tx_by_key.setdefault(sms_key(d["sms_id"]), []).append(d)
     users = set()
     for raw_id, answer in expected.items():
         doc = docs.get(raw_id)
@@ -170,7 +185,7 @@ def verify(db: Any, expected: dict[Any, dict], *, state_dir: str | Path,
             r.sms_lost += 1
         want = answer.get("transactions") or [] if answer.get("kind") == "transaction" else []
         r.tx_expected += len(want)
-        found = list(db["financial_transactions"].find({"sms_id": raw_id}))
+        found = tx_by_key.get(key, [])
         r.tx_found += len(found)
         by_id = {d["_id"]: d for d in found}
         if doc.get("isprocessed") is True:

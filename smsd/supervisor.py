@@ -34,7 +34,7 @@ from . import __version__, discovery, failpoints
 from .config import ConfigError, Settings, load_settings
 from .control import ControlServer, Peer, UnknownCommand
 from .sdnotify import Notifier, unset_environment
-from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MORE, run_worker
+from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MORE, die_with_parent, run_worker
 
 log = logging.getLogger("smsd.supervisor")
 
@@ -206,6 +206,11 @@ class Supervisor:
         timeout = 1.0
         if self.watchdog_every:
             timeout = min(timeout, self.watchdog_every / 2)
+        now = time.monotonic()
+        waiting = [u.next_start for u in self.users.values() if u.next_start > now]
+        if waiting and self.state == RUNNING:
+            # Wake for the next back-off that ends, so a restart is as prompt as configured.
+            timeout = max(0.01, min(timeout, min(waiting) - now))
         try:
             readable, writable, _ = select.select(readers, writers, [], timeout)
         except InterruptedError:
@@ -494,6 +499,7 @@ class Supervisor:
             return
         delay = min(sup.restart_backoff_max, sup.restart_backoff * 2 ** (user.consecutive_crashes - 1))
         user.next_start = now + delay
+        user.last_served = 0.0   # restart the dead first, not after every other user's turn
         log.warning("worker %d (user %s) died (%s); restarting in %.1f s", w.pid, user.user_id, why, delay)
 
     # -------------------------------------------------- discovery / admin
@@ -517,6 +523,7 @@ class Supervisor:
             code = 1
             try:
                 os.close(r)
+                die_with_parent(self.pid)   # never outlive a killed supervisor
                 self._close_inherited(keep={w})
                 for sig in self.SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)

@@ -7,6 +7,8 @@ Afterwards no process of it may remain, and no SMS text may have been printed.
 """
 from __future__ import annotations
 
+import pytest
+
 import os
 import re
 import signal
@@ -18,6 +20,8 @@ from pathlib import Path
 import psutil
 
 from smsd import demo
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -30,6 +30,8 @@ from tests.nspawn import (
     service_dropin,
 )
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "smsd.service"
 VENV_PYTHON = Path(sys.executable)  # the venv python (bound in at the same path)

@@ -20,6 +20,8 @@ from smsd.invariants import verify
 from tests.harness import seed
 from tests.nspawn import booted_container, python_binds, service_dropin
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "smsd.service"
 SMSD = f"{sys.prefix}/bin/smsd"
