@@ -363,6 +363,14 @@ class Pipeline:
             self.journal.mark_quarantine_flushed([q.key for q in pending])
             # MongoDB now carries the reason and count; `smsctl retry` gives a fresh set of attempts.
             self.journal.clear_failures([q.key for q in pending])
+            if self._batch_id and self.store.count_pending(self.user_id) == 0:
+                # A quarantine may be the run's last act: complete the checkpoint now, as the
+                # last flush does, so a kill before _finish_run cannot leave it in_progress.
+                s = self.summary
+                self.store.checkpoint_progress(self.user_id, self._batch_id,
+                                               processed_sms=s.processed_sms, total_sms=None,
+                                               last_processed_id=s.last_processed_id,
+                                               status="completed")
         return True
 
     def _flush_backlog_quietly(self, max_answers: int | None = None) -> None:
