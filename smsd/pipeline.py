@@ -118,6 +118,7 @@ class Pipeline:
         self._llm_backoff_until = 0.0
         self._llm_failures = 0
         self._backlog = True        # unknown until the first replay chunk: assume some
+        self._stop_seen: float | None = None   # when a drain first found MongoDB down
 
     # ------------------------------------------------------------------ run
     def run(self, *, limit: int | None = None, resume: bool = True,
@@ -439,7 +440,7 @@ class Pipeline:
     def _stop_deadline_passed(self) -> bool:
         # A drain waits for MongoDB for a while, but not for ever: what is not
         # flushed stays in the journal and is replayed by the next start.
-        if not hasattr(self, "_stop_seen"):
+        if self._stop_seen is None:
             self._stop_seen = time.monotonic()
         return time.monotonic() - self._stop_seen > self.settings.supervisor.drain_timeout
 
