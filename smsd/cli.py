@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
+from .logsetup import setup_logging
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -24,25 +25,6 @@ EXIT_LOCKED = 75         # EX_TEMPFAIL: another process holds this user's journa
 EXIT_CONFIG = 78         # EX_CONFIG: bad config file or value
 
 log = logging.getLogger("smsd.cli")
-
-
-def setup_logging(level: str = "INFO", log_file: str | None = None) -> logging.Handler:
-    """Log to stderr (journald adds time and unit) or to a file (daemon mode)."""
-    handler: logging.Handler
-    if log_file:
-        handler = logging.FileHandler(log_file)
-        fmt = "%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        fmt = "%(process)d %(name)s %(levelname)s %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # httpx logs every request line at INFO; the call log of smsd.llm is enough.
-    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    return handler
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -187,27 +169,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------- others
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import main as evaluate_main
+    from .lab.evaluate import main as evaluate_main
     return evaluate_main(args.rest)
 
 
 def cmd_llm_server(args: argparse.Namespace) -> int:
-    from .llmserver import main as server_main
+    from .lab.llmserver import main as server_main
     return server_main(args.rest)
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
-    from .drill import main as drill_main
+    from .lab.drill import main as drill_main
     return drill_main(args.rest)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    from .lab.demo import main as demo_main
     return demo_main(args.rest)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from .lab.bench import main as bench_main
     return bench_main(args.rest)
 
 

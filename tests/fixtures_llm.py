@@ -1,4 +1,4 @@
-"""pytest plugin: the local OpenAI-compatible LLM server (``python -m smsd.llmserver``) as a subprocess.
+"""pytest plugin: the local OpenAI-compatible LLM server (``python -m smsd.lab.llmserver``) as a subprocess.
 
 Fixtures:
 
@@ -51,7 +51,7 @@ def load_fixtures(path: Path | None = None) -> list[dict]:
 
 
 class LlmServerProcess:
-    """One ``python -m smsd.llmserver`` subprocess and its admin API."""
+    """One ``python -m smsd.lab.llmserver`` subprocess and its admin API."""
 
     def __init__(self, **opts: Any):
         opts.setdefault("answers", str(fixtures_path()))
@@ -62,7 +62,7 @@ class LlmServerProcess:
         self._log = tempfile.NamedTemporaryFile(prefix="smsd-llmserver-", suffix=".log", delete=False)
 
     def argv(self) -> list[str]:
-        args = [sys.executable, "-m", "smsd.llmserver", "--host", "127.0.0.1", "--port", "0"]
+        args = [sys.executable, "-m", "smsd.lab.llmserver", "--host", "127.0.0.1", "--port", "0"]
         for key, value in self.opts.items():
             if value is None or value is False:
                 continue

@@ -11,7 +11,7 @@ import time
 import pytest
 from pymongo import MongoClient
 
-from .harness import REPO, Daemon, seed, wait_for, write_config
+from ..harness import REPO, Daemon, seed, wait_for, write_config
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from smsd.daemonize import PidFile, PidfileLocked, pid_alive, running_under_systemd
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Becomes a daemon, logs through a FileHandler (whose stream must survive
 # the descriptor cleanup), writes to stdout/stderr (redirected to the log

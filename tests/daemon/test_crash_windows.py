@@ -10,10 +10,10 @@ import signal
 import pytest
 from pymongo import MongoClient
 
-from smsd.invariants import journal_facts, verify
+from smsd.lab.invariants import journal_facts, verify
 from smsd.model import sms_key
 
-from .harness import run_smsd, seed, write_config
+from ..harness import run_smsd, seed, write_config
 
 # (failpoint, visit): the n-th visit, so some work is already flushed when it strikes.
 WINDOWS = [

@@ -11,9 +11,9 @@ import psutil
 import pytest
 from pymongo import MongoClient
 
-from smsd.invariants import verify
+from smsd.lab.invariants import verify
 
-from .harness import Daemon, seed, wait_for, write_config
+from ..harness import Daemon, seed, wait_for, write_config
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_supervisor_runs_every_user_and_status_has_the_contract_keys(tmp_path, d
 
 
 def _some_fixture_texts():
-    from .harness import fixture_lines
+    from ..harness import fixture_lines
     return fixture_lines()[:20]
 
 

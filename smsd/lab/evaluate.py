@@ -40,7 +40,7 @@ def _default_data() -> Path:
     """tests/data/... from the working directory, else from the source tree,
     else the copy shipped in the package (smsd/data/) when installed."""
     here = Path(__file__).resolve().parent
-    for candidate in (DEFAULT_DATA, here.parent / DEFAULT_DATA, here / "data" / DEFAULT_DATA.name):
+    for candidate in (DEFAULT_DATA, here.parent.parent / DEFAULT_DATA, here / "data" / DEFAULT_DATA.name):
         if candidate.exists():
             return candidate
     return DEFAULT_DATA

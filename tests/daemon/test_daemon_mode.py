@@ -11,7 +11,7 @@ from pymongo import MongoClient
 
 from smsd import control
 
-from .harness import REPO, seed, smsd_env, wait_for, write_config
+from ..harness import REPO, seed, smsd_env, wait_for, write_config
 
 
 def test_daemon_mode_detaches_serves_smsctl_refuses_a_second_start_and_stops_on_sigterm(

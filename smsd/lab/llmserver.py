@@ -649,7 +649,7 @@ class LlmServer:
 # --------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m smsd.llmserver",
+    p = argparse.ArgumentParser(prog="python -m smsd.lab.llmserver",
                                 description="Local OpenAI-compatible server for smsd (fault injection, call counting).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on the ready line)")

@@ -17,7 +17,7 @@ import urllib.request
 import openai
 import pytest
 
-from smsd import llmserver
+from smsd.lab import llmserver
 from tests.fixtures_llm import READY_PREFIX, REPO, fixtures_path
 
 pytest_plugins = ["tests.fixtures_llm"]
@@ -222,7 +222,7 @@ def test_admin_rejects_unknown_settings_and_script_entries(llm_server):
 
 
 def test_cli_prints_one_ready_line_and_exits_cleanly_on_sigterm():
-    proc = subprocess.Popen([sys.executable, "-m", "smsd.llmserver", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "smsd.lab.llmserver", "--port", "0",
                              "--answers", str(fixtures_path()), "--p-429", "0.1", "--seed", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
     try:

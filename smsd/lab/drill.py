@@ -6,7 +6,7 @@ The drill is self-contained.  In a temporary directory it
    and seeds synthetic SMS for several users.  Each text is a labelled fixture
    (``smsd/data/sms_fixtures.jsonl``) with a harmless ``" Ref#<n>"`` appended,
    so every SMS is distinct and its right answer is known;
-2. starts the local LLM server (:class:`smsd.llmserver.LlmServer`, in this
+2. starts the local LLM server (:class:`smsd.lab.llmserver.LlmServer`, in this
    process) answering from that table, with latency and, unless
    ``--no-faults``, small probabilities of 429, 500, partial and malformed
    answers;
@@ -16,7 +16,7 @@ The drill is self-contained.  In a temporary directory it
    supervisor while the database is down;
 4. waits until every SMS is processed (or quarantined) and the daemon is idle,
    drains it (SIGTERM), and checks every invariant of DESIGN.md with
-   :func:`smsd.invariants.verify` plus the drill's own checks (orphans, calls
+   :func:`smsd.lab.invariants.verify` plus the drill's own checks (orphans, calls
    cut in flight, provenance of every transaction);
 5. prints a report (``--json`` for a machine-readable one) and exits 0 only if
    nothing was violated.
@@ -242,7 +242,7 @@ class Monitor(threading.Thread):
         import pymongo
         from pymongo.errors import PyMongoError
 
-        from .store import RAW_COLLECTION, Store
+        from ..store import RAW_COLLECTION, Store
 
         client = pymongo.MongoClient(self.uri, directConnection=True, serverSelectionTimeoutMS=400,
                                      connectTimeoutMS=400, socketTimeoutMS=10000)
@@ -350,9 +350,9 @@ class Drill:
         """Directory, database, seeded SMS, LLM server and config.toml (no daemon yet)."""
         from pymongo import MongoClient
 
-        from .embedded import EmbeddedMongo
+        from ..embedded import EmbeddedMongo
         from .llmserver import KnownAnswers, LlmServer
-        from .store import Store
+        from ..store import Store
 
         o = self.o
         if o.dir:
@@ -449,7 +449,7 @@ class Drill:
 
     def status(self, timeout: float = 2.0) -> dict | None:
         """The current supervisor's ``status`` reply, or ``None`` if it does not answer."""
-        from .control import ControlClientError, request
+        from ..control import ControlClientError, request
         try:
             reply = request(self.socket, "status", {}, timeout=timeout)
         except (ControlClientError, OSError, ValueError):
@@ -688,7 +688,7 @@ class Drill:
                     failed_seen |= failed
                     self.violations.append(f"users marked failed by the supervisor: {sorted(failed)}")
                     self.say(f"!! users marked failed: {sorted(failed)}; resuming them")
-                    from .control import ControlClientError, request
+                    from ..control import ControlClientError, request
                     try:
                         request(self.socket, "resume", {}, timeout=5.0)
                     except ControlClientError:
@@ -917,7 +917,7 @@ def _cut_calls_unexplained(calls: list[dict], events: list[dict], concurrency: i
 
 def verify_state(directory: Path, uri: str, expected: dict[Any, dict], billed: dict[str, int],
                  events: list[dict] | None, concurrency: int) -> dict:
-    """Run every check on a stopped drill: :func:`smsd.invariants.verify` plus the drill's own.
+    """Run every check on a stopped drill: :func:`smsd.lab.invariants.verify` plus the drill's own.
 
     Returns ``{"invariants": Report dict, "violations": [...], "tx_stray",
     "tx_not_from_journal", "processed_without_journal", "journal_calls",
@@ -926,7 +926,7 @@ def verify_state(directory: Path, uri: str, expected: dict[Any, dict], billed: d
     from pymongo import MongoClient
 
     from .invariants import journal_answers, journal_calls, verify
-    from .model import sms_key
+    from ..model import sms_key
 
     state_dir = Path(directory) / "state"
     client = MongoClient(uri, directConnection=True, serverSelectionTimeoutMS=10000)
@@ -975,7 +975,7 @@ def verify_dir(directory: str | os.PathLike) -> dict:
     """
     from bson import json_util
 
-    from .embedded import EmbeddedMongo
+    from ..embedded import EmbeddedMongo
 
     directory = Path(directory).resolve()
     path = directory / STATE_FILE
@@ -1117,7 +1117,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[drill {time.monotonic() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
     if args.verify_only:
-        from .embedded import EmbeddedUnavailable
+        from ..embedded import EmbeddedUnavailable
         try:
             checks = verify_dir(args.verify_only)
         except (DrillError, EmbeddedUnavailable) as exc:
@@ -1146,7 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"interrupted ({exc or 'SIGINT'}): stopping every process")
         return 130
     except Exception as exc:  # noqa: BLE001 - report the setup failure, clean up below
-        from .embedded import EmbeddedError, EmbeddedUnavailable
+        from ..embedded import EmbeddedError, EmbeddedUnavailable
         if isinstance(exc, (DrillError, EmbeddedUnavailable, EmbeddedError)):
             print(f"smsd drill: {exc}", file=sys.stderr)
             return EXIT_USAGE

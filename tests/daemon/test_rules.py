@@ -15,10 +15,10 @@ import jsonschema
 import pytest
 
 import smsd
-from smsd import evaluate as ev
+from smsd.lab import evaluate as ev
 from smsd import rules
 
-DATA = Path(__file__).parent / "data" / "sms_fixtures.jsonl"
+DATA = Path(__file__).resolve().parents[1] / "data" / "sms_fixtures.jsonl"
 SCHEMA = json.loads((Path(smsd.__file__).parent / "llm_response.schema.json").read_text())
 FIXTURES = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
 MONEY = re.compile(r"^[0-9]+(\.[0-9]+)?$")

@@ -2,7 +2,7 @@
 
 The bench starts its own MongoDB-wire server (:class:`smsd.embedded.EmbeddedMongo`
 in a temporary directory) and the local OpenAI-compatible server
-(``python -m smsd.llmserver`` as a subprocess, so its CPU is not charged to
+(``python -m smsd.lab.llmserver`` as a subprocess, so its CPU is not charged to
 the process being measured), seeds synthetic bank SMS whose answers the LLM
 server knows, and measures:
 
@@ -219,7 +219,7 @@ class Corpus:
     """The synthetic texts, their answers (for the LLM server and the baseline) and seeding."""
 
     def __init__(self, n_texts: int = N_TEXTS) -> None:
-        from .model import SmsResult
+        from ..model import SmsResult
         self.items = [synthetic_sms(i) for i in range(n_texts)]
         self._templates: dict[str, SmsResult] = {}
         for text, _, expected in self.items:
@@ -234,7 +234,7 @@ class Corpus:
 
     def result(self, key: str, text: str) -> Any:
         """The known :class:`~smsd.model.SmsResult` of an SMS (what the LLM would answer)."""
-        from .model import SmsResult
+        from ..model import SmsResult
         t = self._templates[text]
         return SmsResult(key=key, kind=t.kind, transactions=t.transactions)
 
@@ -261,7 +261,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class LlmProcess:
-    """``python -m smsd.llmserver`` as a subprocess, driven through its admin API."""
+    """``python -m smsd.lab.llmserver`` as a subprocess, driven through its admin API."""
 
     def __init__(self, answers: Path, log_path: Path) -> None:
         self.answers = answers
@@ -275,7 +275,7 @@ class LlmProcess:
         """Start the server and wait for its ready line."""
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smsd.llmserver", "--host", "127.0.0.1", "--port", "0",
+            [sys.executable, "-m", "smsd.lab.llmserver", "--host", "127.0.0.1", "--port", "0",
              "--answers", str(self.answers), "--model", BENCH_MODEL, "--log-level", "WARNING"],
             stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True,
             preexec_fn=_die_with_parent)
@@ -365,7 +365,7 @@ class Bench:
     def mongo_uri(self) -> str:
         """URI of the bench's MongoDB-wire server (started on first use)."""
         if self._mongo is None:
-            from .embedded import EmbeddedMongo
+            from ..embedded import EmbeddedMongo
             self._mongo = EmbeddedMongo(self.root / "mongo", log_path=self.root / "mongo.log")
             self._mongo.start()
             self.say(f"  MongoDB-wire server (secantusd-py) pid {self._mongo.pid} on {self._mongo.uri}")
@@ -512,7 +512,7 @@ class Bench:
         A poll is one index-served ``find_one`` on the pending filter per user still
         working, so watching costs the server next to nothing.  ``on_poll(started)`` is
         called after each poll; ``started`` turns true once any SMS is processed."""
-        from .store import Store
+        from ..store import Store
         raw = self.client[db_name]["sms_fin_rawdata"]
         left = list(users)
         deadline = time.monotonic() + timeout
@@ -543,7 +543,7 @@ class Bench:
 
 def _journal_items(bench: Bench, n: int, offset: int) -> list[tuple[Any, Any]]:
     from bson import ObjectId
-    from .model import sms_key
+    from ..model import sms_key
     out = []
     for j in range(n):
         raw = ObjectId()
@@ -573,8 +573,8 @@ def fsync_floor_ms(directory: Path, n: int = 200) -> list[float]:
 
 def bench_journal(bench: Bench) -> BenchResult:
     """Commit time of one 10-SMS answer, FULL and NORMAL interleaved in one run."""
-    from .journal import Journal
-    from .model import Usage
+    from ..journal import Journal
+    from ..model import Usage
     p = bench.params
     res = BenchResult("journal")
     _, directory = bench.fresh("journal")
@@ -663,8 +663,8 @@ class TableExtractor:
 
     def extract(self, sms: list[Any], *, stop: threading.Event | None = None) -> Any:
         """The known results of ``sms`` as an :class:`~smsd.llm.LlmAnswer`."""
-        from .llm import LlmAnswer
-        from .model import Usage
+        from ..llm import LlmAnswer
+        from ..model import Usage
         return LlmAnswer(results={m.key: self.corpus.result(m.key, m.text) for m in sms}, failed={},
                          unknown_ids=[], request_id="req_table", model=self.model,
                          usage=Usage(400, 300), attempts=1)
@@ -677,9 +677,9 @@ def _smsd_trial(bench: Bench, n: int, in_process: bool = False) -> tuple[float, 
     """One ``smsd once``-equivalent run in this process; returns (SMS/s, info).
 
     ``in_process`` swaps the LLM client for :class:`TableExtractor`."""
-    from .config import load_settings
-    from .journal import Journal
-    from .worker import make_pipeline, make_store
+    from ..config import load_settings
+    from ..journal import Journal
+    from ..worker import make_pipeline, make_store
     db_name, directory = bench.fresh("smsd")
     user = "bench-user"
     bench.seed(db_name, user, n)
@@ -711,8 +711,8 @@ def _smsd_trial(bench: Bench, n: int, in_process: bool = False) -> tuple[float, 
 
 def _baseline_trial(bench: Bench, n: int) -> tuple[float, dict]:
     """The unavoidable MongoDB work alone: read a batch, upsert, mark; returns (SMS/s, info)."""
-    from .model import FlushItem, Provenance
-    from .store import Store
+    from ..model import FlushItem, Provenance
+    from ..store import Store
     db_name, _ = bench.fresh("baseline")
     user = "bench-user"
     bench.seed(db_name, user, n)
@@ -766,7 +766,7 @@ _BREAKDOWN = (
 def _time_main_thread(acc: dict[str, list[float]]) -> Iterator[None]:
     """Record the main thread's inclusive time (s) in each call of the methods of
     :data:`_BREAKDOWN` (``acc["owner.name"]`` = list of durations)."""
-    from . import journal as journal_mod, pipeline as pipeline_mod, store as store_mod
+    from .. import journal as journal_mod, pipeline as pipeline_mod, store as store_mod
     owners = {"store": store_mod.Store, "journal": journal_mod.Journal, "pipeline": pipeline_mod}
     main_thread = threading.main_thread()
     saved = []
@@ -832,8 +832,8 @@ def _llm_round_trip(bench: Bench, calls: int = 50) -> tuple[float, float]:
     at zero latency, serially, on this thread."""
     from bson import ObjectId
 
-    from .llm import LlmClient
-    from .model import Sms, sms_key
+    from ..llm import LlmClient
+    from ..model import Sms, sms_key
     client = LlmClient(base_url=bench.llm.url, api_key=None, model=BENCH_MODEL, timeout=30,
                        max_retries=0)
     batch = []
@@ -853,7 +853,7 @@ def _llm_round_trip(bench: Bench, calls: int = 50) -> tuple[float, float]:
 
 def bench_overhead(bench: Bench) -> BenchResult:
     """smsd SMS/s ÷ minimal-loop SMS/s, A/B/A/B on the same server, medians."""
-    from .cli import setup_logging
+    from ..logsetup import setup_logging
     p = bench.params
     res = BenchResult("overhead")
     bench.llm.set_faults(latency_ms=0, latency_jitter_ms=0, rpm_limit=0)
@@ -985,8 +985,8 @@ def _import_share_s(module: str,
 
 def _fill_journal(bench: Bench, state_dir: Path, user: str, docs: list[dict]) -> set[str]:
     """Journal answers for ``docs`` (10 per call), answered but never flushed; returns the call ids."""
-    from .journal import Journal
-    from .model import Usage, sms_key
+    from ..journal import Journal
+    from ..model import Usage, sms_key
     calls: set[str] = set()
     # NORMAL only to fill faster: the rows are the same; smsd reopens with FULL.
     journal = Journal.open(state_dir, user, synchronous="NORMAL")
@@ -1009,7 +1009,7 @@ def _fill_journal(bench: Bench, state_dir: Path, user: str, docs: list[dict]) ->
 
 def _flush_times(state_dir: Path, user: str, call_ids: set[str]) -> list[float | None]:
     """``flushed_at`` (wall clock, None if not flushed) of each of ``call_ids``, read-only."""
-    from .journal import journal_path
+    from ..journal import journal_path
     path = journal_path(state_dir, user)
     conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
     try:
@@ -1057,11 +1057,11 @@ def _record_calls(targets: list[tuple[Any, str]], out: dict[str, list[tuple[floa
 def _recovery_timeline(bench: Bench) -> dict[str, Any]:
     """The recovery run once more, in process, with the time (s after ``Pipeline.run()``
     began) of its first claim, first LLM call and replay flushes."""
-    from . import pipeline as pipeline_mod
-    from .config import load_settings
-    from .journal import Journal
-    from .store import Store
-    from .worker import make_pipeline, make_store
+    from .. import pipeline as pipeline_mod
+    from ..config import load_settings
+    from ..journal import Journal
+    from ..store import Store
+    from ..worker import make_pipeline, make_store
     p = bench.params
     user = "recover-timeline"
     db_name, directory = bench.fresh("timeline")
@@ -1246,7 +1246,7 @@ def bench_recovery(bench: Bench) -> BenchResult:
 
 
 def _key(raw: Any) -> str:
-    from .model import sms_key
+    from ..model import sms_key
     return sms_key(raw)
 
 
@@ -1518,7 +1518,7 @@ def bench_memory(bench: Bench) -> BenchResult:
     """RSS of the supervisor and of its workers while ``smsd run`` works (control socket status)."""
     import psutil
 
-    from . import control
+    from .. import control
     p = bench.params
     res = BenchResult("memory")
     db_name, directory = bench.fresh("memory")

@@ -10,10 +10,10 @@ from bson.decimal128 import Decimal128
 from pymongo import MongoClient
 
 from smsd import journal as journal_mod
-from smsd.invariants import verify
+from smsd.lab.invariants import verify
 from smsd.journal import Journal
 
-from .harness import run_smsd, seed, start_smsd, write_config
+from ..harness import run_smsd, seed, start_smsd, write_config
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ What a new user sees after ``make demo`` (no MongoDB, no API key needed):
 1. a fresh work directory (``./var/demo``) with a ``config.toml`` in which
    ``mongo.uri = "embedded"``: ``smsd run`` starts and supervises its own
    MongoDB-wire server (``secantusd-py``, the ``embedded`` extra);
-2. a local OpenAI-compatible server (:mod:`smsd.llmserver`) answering with the
+2. a local OpenAI-compatible server (:mod:`smsd.lab.llmserver`) answering with the
    offline rules extractor (:mod:`smsd.rules`), with a little latency so
    that calls are in flight at any moment — or, when ``OPENAI_API_KEY`` is
    set, the real LLM (``SMSD_LLM_BASE_URL``, ``SMSD_LLM_MODEL`` optional);
@@ -15,7 +15,7 @@ What a new user sees after ``make demo`` (no MongoDB, no API key needed):
 4. ``smsd run``, SIGKILLed about halfway (its workers and the embedded server
    die with it), started again, run to the end, ``smsctl status``, SIGTERM
    (drain);
-5. a summary and the invariant check of :func:`smsd.invariants.verify`:
+5. a summary and the invariant check of :func:`smsd.lab.invariants.verify`:
    nothing lost, nothing duplicated.
 
 Exit 0 when every invariant holds, 1 when one does not, 3 when the demo could
@@ -234,7 +234,7 @@ class SmsdRun:
 
     def status(self, timeout: float = 5.0) -> dict | None:
         """``smsctl status --json`` as a dict, or ``None`` while it does not answer."""
-        from . import control
+        from .. import control
         try:
             return control.request(self.plan.socket, "status", {}, timeout=timeout)
         except (control.ControlClientError, OSError):
@@ -385,7 +385,7 @@ def seed_database(plan: Plan, mongo_port: int, docs: list[dict]) -> None:
     import pymongo
     from pymongo.write_concern import WriteConcern
 
-    from .embedded import EmbeddedMongo
+    from ..embedded import EmbeddedMongo
 
     server = EmbeddedMongo(plan.mongo_path, port=mongo_port,
                            log_path=plan.mongo_path.parent / "embedded-mongo.log")
@@ -490,7 +490,7 @@ def journal_answers(state_dir: Path) -> dict[str, dict]:
 
 def journal_totals(state_dir: Path) -> dict[str, int]:
     """Call counters summed over every user's journal (see :meth:`smsd.journal.Journal.stats`)."""
-    from .journal import scan
+    from ..journal import scan
     totals: dict[str, int] = {}
     for stats in scan(state_dir).values():
         for key in ("calls", "repeated_calls", "repeated_sms", "sent_calls", "failed_calls"):
@@ -513,7 +513,7 @@ class Outcome:
 
 
 def check(plan: Plan, mongo_port: int, seeded: Seeded, billed: dict[str, int] | None) -> Outcome:
-    """Run :func:`smsd.invariants.verify` on the stopped system (its own short-lived server).
+    """Run :func:`smsd.lab.invariants.verify` on the stopped system (its own short-lived server).
 
     With the local server the transactions are compared with the fixture
     labels; with a real LLM with what it answered (the journal), since its
@@ -521,9 +521,9 @@ def check(plan: Plan, mongo_port: int, seeded: Seeded, billed: dict[str, int] | 
     """
     import pymongo
 
-    from .embedded import EmbeddedMongo
+    from ..embedded import EmbeddedMongo
     from .invariants import verify
-    from .model import sms_key
+    from ..model import sms_key
 
     expected = seeded.expected
     if plan.real_llm:
@@ -555,7 +555,7 @@ def check(plan: Plan, mongo_port: int, seeded: Seeded, billed: dict[str, int] | 
 
 def run_demo(plan: Plan, out: Out, cleanups: list[Callable[[], None]]) -> int:
     """Every step of the demo; ``cleanups`` collects what must be stopped whatever happens."""
-    from .embedded import EmbeddedUnavailable, find_executable, free_port
+    from ..embedded import EmbeddedUnavailable, find_executable, free_port
 
     try:
         find_executable()
@@ -712,7 +712,7 @@ def _plan(args: argparse.Namespace) -> Plan:
                 malformed=max(0, args.malformed), latency_ms=max(0.0, args.latency_ms),
                 kill_at=min(max(args.kill_at, 0.05), 1.0), timeout=args.timeout, real_llm=real)
     if real:
-        from .config import LlmSettings
+        from ..config import LlmSettings
         plan.base_url = os.environ.get("SMSD_LLM_BASE_URL") or LlmSettings().base_url
         plan.model = os.environ.get("SMSD_LLM_MODEL") or LlmSettings().model
         plan.batch_size, plan.concurrency = 2, 1

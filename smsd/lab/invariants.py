@@ -18,7 +18,7 @@ from typing import Any
 
 from bson.decimal128 import Decimal128
 
-from .model import sms_key, transaction_id
+from ..model import sms_key, transaction_id
 
 
 @dataclass

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from smsd.drill import DB_NAME, _cut_calls_unexplained
+from smsd.lab.drill import DB_NAME, _cut_calls_unexplained
 from smsd.embedded import EmbeddedMongo
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_drill(*args: str, timeout: float = 180) -> tuple[dict | None, subprocess.CompletedProcess, float]:

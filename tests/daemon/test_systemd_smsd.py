@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from smsd.invariants import verify
+from smsd.lab.invariants import verify
 from tests.harness import seed
 from tests.nspawn import booted_container, python_binds, service_dropin
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "smsd.service"
 SMSD = f"{sys.prefix}/bin/smsd"
 SMSCTL = f"{sys.prefix}/bin/smsctl"

@@ -32,7 +32,7 @@ from tests.nspawn import (
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "smsd.service"
 VENV_PYTHON = Path(sys.executable)  # the venv python (bound in at the same path)
 SCRIPT_IN = f"{SCRATCH_IN}/notify_service.py"

@@ -74,7 +74,7 @@ def smsctl_for(user: int) -> tuple[list[str], dict[str, str]]:
     """
     if user in _AS_USER:
         return _AS_USER[user]
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(Path(__file__).resolve().parents[2])
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": repo}
     candidates = [SMSCTL_CMD, [sys.executable, "-m", "smsd.ctl"]]
     for exe in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")):

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import psutil
 
-from smsd import demo
+from smsd.lab import demo
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -132,7 +132,7 @@ def test_supervisor_restarts_its_embedded_server_after_a_kill(tmp_path: Path) ->
     """``mongo.uri = "embedded"``: SIGKILL the server mid-run; the supervisor starts it again
     on the same port and storage, the workers carry on, and nothing is lost."""
     from smsd.embedded import free_port
-    from smsd.llmserver import LlmServer, rules_extractor
+    from smsd.lab.llmserver import LlmServer, rules_extractor
 
     plan = demo.Plan(workdir=tmp_path / "w", users=2, sms_per_user=40, malformed=1, latency_ms=200,
                      kill_at=0.5, timeout=90, real_llm=False, model="smsd-local")

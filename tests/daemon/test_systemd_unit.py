@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "smsd.service"
 ENV_EXAMPLE = ROOT / "systemd" / "smsd.env.example"
 CONTRACT = ROOT.parent / "shared" / "contract" / "README.md"

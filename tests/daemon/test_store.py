@@ -28,7 +28,7 @@ from smsd.store import (
     StoreUnavailable,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROV = Provenance(call_id="call-1", model="test-model", request_id="req-1",
                   answered_at=datetime(2026, 9, 1, 10, 0, tzinfo=timezone.utc), owner="host-a", epoch=0)
 
