@@ -1,0 +1,48 @@
+"""``smsd bench``: how fast smsd is, measured against real servers on this host.
+
+The bench starts its own MongoDB-wire server (:class:`smsd.embedded.EmbeddedMongo`
+in a temporary directory) and the local OpenAI-compatible server
+(``python -m smsd.lab.llmserver`` as a subprocess, so its CPU is not charged to
+the process being measured), seeds synthetic bank SMS whose answers the LLM
+server knows, and measures:
+
+``overhead``
+    smsd's SMS/s end to end (a :class:`~smsd.pipeline.Pipeline` for one user,
+    built like ``smsd once`` does, zero-latency LLM) divided by the SMS/s of a
+    minimal loop doing only the unavoidable MongoDB work on the same server:
+    read a batch of pending SMS, upsert its transactions, mark the batch
+    processed (same write concern, same batch size).  A/B/A/B, medians.
+``ratelimit``
+    ``smsd run`` with 4 workers and 4 users against a 200 ms LLM, limited to
+    R requests/s host-wide: calls/s achieved over the steady window ÷ R, and
+    the 429s of an LLM server whose own limit is slightly above R.
+``journal``
+    commit time of one 10-SMS answer (``Journal.record_answer``), median and
+    p99, ``synchronous=FULL`` and ``NORMAL`` interleaved.
+``recovery``
+    a journal holding 10,000 answered-but-unflushed SMS (as if a worker was
+    SIGKILLed after its commits) plus more pending SMS: ``smsd once`` is
+    started and timed to all replayed rows flushed and to its first new LLM call.
+``scaling``
+    SMS/s of ``smsd run`` with 1, 2, 4 and 8 workers (one user each) against a
+    100 ms LLM, start-up subtracted; a PNG line chart.
+``memory``
+    RSS of the supervisor and of its workers during ``smsd run`` (read from
+    the control socket's ``status``, which the supervisor fills with psutil).
+
+Every figure is a median of ``--runs`` runs (3 by default), taken in the same
+process run so that ratios compare like with like on a shared, noisy host.
+``docs/BENCHMARKS.md`` and ``docs/scaling.png`` are written by a full run
+(``make bench``); ``--quick`` / ``--only`` runs print their figures and write
+files only when ``--out`` / ``--chart`` are given.  Nothing here is a test of
+speed: the test suite only checks that the bench runs.
+
+Every process the bench starts (MongoDB-wire server, LLM server, smsd
+supervisors with their workers) is stopped before it returns, also on errors
+and on SIGINT/SIGTERM.
+"""
+from __future__ import annotations
+
+from .cli import main
+
+__all__ = ["main"]

@@ -1,0 +1,7 @@
+"""``python -m smsd.lab.bench``: the same as ``smsd bench``."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
