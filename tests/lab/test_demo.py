@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from smsd.lab import demo
+from smsd.lab import demo, demo_seed
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +49,9 @@ def _processes_mentioning(text: str) -> list[psutil.Process]:
 
 def _sms_texts() -> list[str]:
     """Distinctive pieces of every text the demo seeds (fixtures and synthetic templates)."""
-    texts = [line["text"] for line in demo.fixture_lines()]
+    texts = [line["text"] for line in demo_seed.fixture_lines()]
     pieces = [t[:40] for t in texts if len(t) >= 40]
-    for _kind, template in demo.SYNTHETIC:
+    for _kind, template in demo_seed.SYNTHETIC:
         pieces += [part for part in re.split(r"\{\w+\}", template) if len(part) >= 25]
     return pieces
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from smsd.lab.drill import DB_NAME, _cut_calls_unexplained
+from smsd.lab.drill_common import DB_NAME
+from smsd.lab.drill_report import _cut_calls_unexplained
 from smsd.embedded import EmbeddedMongo
 
 pytestmark = pytest.mark.slow
