@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import control
+from . import control_protocol as control  # the client side of the control socket
 
 EXIT_OK = 0
 EXIT_FAILED = 1

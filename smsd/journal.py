@@ -21,10 +21,8 @@ Files are 0600 in a 0700 directory: results contain account masks and
 counterparties.  SMS text is never stored here and never logged.
 """
 from __future__ import annotations
-
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -38,102 +36,25 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
-from urllib.parse import quote
 
 import sqlite_utils
 
+# scan() lives in journal_scan; it is re-exported here for callers of journal.scan.
+from smsd.journal_scan import _stats, scan  # noqa: F401
+from smsd.journal_schema import (SCHEMA, SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta, _scalar,
+                                 journal_path)
 from smsd.model import (Provenance, Quarantine, SmsResult, Usage, raw_id_from_bytes,
                         raw_id_to_bytes, sms_key)
 
 log = logging.getLogger("smsd.journal")
 
-#: Version of the schema below.  A journal written by a newer smsd is refused.
-SCHEMA_VERSION = 1
-#: Longest quoted user id used as a file name; longer ones are hashed.
-MAX_NAME = 150
 #: Keys per ``IN (...)`` list (SQLite limits bound parameters per statement).
 CHUNK = 500
 #: How long a writer waits for a SQLite lock held by a reader (checkpoints).
 BUSY_TIMEOUT_MS = 5000
-#: How long :func:`scan` waits for a SQLite lock before skipping a file.
-SCAN_BUSY_TIMEOUT_MS = 200
 #: How many record_answer commit durations :meth:`Journal.commit_timings` keeps.
 TIMINGS_KEPT = 10_000
 LOCK_POLL_S = 0.05
-
-SCHEMA = """
-CREATE TABLE meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-) STRICT;
-
--- One row per paid LLM call.  seq is the send order (clock-independent).
-CREATE TABLE calls (
-    seq               INTEGER PRIMARY KEY,
-    call_id           TEXT NOT NULL UNIQUE,
-    owner             TEXT NOT NULL,
-    epoch             INTEGER NOT NULL,
-    model             TEXT NOT NULL,
-    n_sms             INTEGER NOT NULL,
-    repeated_sms      INTEGER NOT NULL,   -- SMS already in an earlier call
-    sent_at           REAL NOT NULL,
-    state             TEXT NOT NULL DEFAULT 'sent'
-                      CHECK (state IN ('sent', 'answered', 'failed')),
-    answered_at       REAL,
-    request_id        TEXT,
-    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
-    completion_tokens INTEGER NOT NULL DEFAULT 0,
-    error             TEXT,
-    flushed           INTEGER NOT NULL DEFAULT 0 CHECK (flushed IN (0, 1)),
-    flushed_at        REAL
-) STRICT;
-CREATE INDEX calls_unflushed ON calls (seq) WHERE state = 'answered' AND flushed = 0;
-
--- Which SMS each call asked about.
-CREATE TABLE call_sms (
-    call_id TEXT NOT NULL REFERENCES calls (call_id),
-    sms_key TEXT NOT NULL,
-    raw_id  BLOB NOT NULL,
-    PRIMARY KEY (call_id, sms_key)
-) STRICT, WITHOUT ROWID;
-CREATE INDEX call_sms_key ON call_sms (sms_key);
-
--- One row per answered SMS; the first answer wins.  Money is strings in JSON.
-CREATE TABLE results (
-    sms_key      TEXT PRIMARY KEY,
-    call_id      TEXT NOT NULL REFERENCES calls (call_id),
-    raw_id       BLOB NOT NULL,
-    kind         TEXT NOT NULL,
-    transactions TEXT NOT NULL
-) STRICT;
-CREATE INDEX results_call ON results (call_id);
-
--- Attempt counts of SMS whose answer was missing or invalid.
-CREATE TABLE failures (
-    sms_key    TEXT PRIMARY KEY,
-    raw_id     BLOB,
-    attempts   INTEGER NOT NULL,
-    last_error TEXT,
-    at         REAL NOT NULL
-) STRICT;
-
--- Decided here first, written to MongoDB by the flush.
-CREATE TABLE quarantine (
-    sms_key    TEXT PRIMARY KEY,
-    raw_id     BLOB NOT NULL,
-    reason     TEXT NOT NULL,
-    attempts   INTEGER NOT NULL,
-    extra      TEXT NOT NULL,
-    at         REAL NOT NULL,
-    flushed    INTEGER NOT NULL DEFAULT 0 CHECK (flushed IN (0, 1)),
-    flushed_at REAL
-) STRICT;
-"""
-
-
-#: SMS results awaiting a flush (walks the partial index calls_unflushed).
-UNFLUSHED_COUNT = ("SELECT COUNT(*) FROM results WHERE call_id IN"
-                   " (SELECT call_id FROM calls WHERE state = 'answered' AND flushed = 0)")
 
 
 class JournalError(Exception):
@@ -175,17 +96,6 @@ class Answer:
         return Provenance(call_id=self.call_id, model=self.model, request_id=self.request_id,
                           answered_at=self.answered_at, owner=self.owner, epoch=self.epoch)
 
-
-def journal_path(state_dir: str | os.PathLike, user_id: str) -> Path:
-    """``{state_dir}/journal/{quoted user id}.sqlite``; ids quoting to more than
-    150 chars get ``sha256=<hex>.sqlite`` ('=' is always quoted, so the two
-    kinds of name never collide)."""
-    if not user_id:
-        raise ValueError("user_id must not be empty")
-    name = quote(user_id, safe="")
-    if len(name) > MAX_NAME:
-        name = "sha256=" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()
-    return Path(state_dir) / "journal" / f"{name}.sqlite"
 
 
 def _now() -> float:
@@ -253,38 +163,6 @@ def _take_lock(lock_path: Path, user_id: str, wait: float) -> int:
         os.close(fd)
         raise
 
-
-def _db(conn: sqlite3.Connection) -> sqlite_utils.Database:
-    return sqlite_utils.Database(conn, execute_plugins=False)
-
-
-def _scalar(db: sqlite_utils.Database, sql: str, params: Iterable = ()) -> Any:
-    return db.execute(sql, list(params)).fetchone()[0]
-
-
-def _meta(db: sqlite_utils.Database) -> dict[str, str]:
-    return {r["key"]: r["value"] for r in db.query("SELECT key, value FROM meta")}
-
-
-def _stats(db: sqlite_utils.Database) -> dict:
-    calls = db.execute(
-        "SELECT COUNT(*), COALESCE(SUM(repeated_sms > 0), 0), COALESCE(SUM(repeated_sms), 0),"
-        " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),"
-        " COALESCE(SUM(state = 'sent'), 0), COALESCE(SUM(state = 'failed'), 0) FROM calls"
-    ).fetchone()
-    return {
-        "unflushed": _scalar(db, UNFLUSHED_COUNT),
-        "calls": calls[0],
-        "repeated_calls": calls[1],
-        "repeated_sms": calls[2],
-        "prompt_tokens": calls[3],
-        "completion_tokens": calls[4],
-        "sent_calls": calls[5],  # never answered nor failed: in flight or cut by a crash
-        "failed_calls": calls[6],
-        "answered_sms": _scalar(db, "SELECT COUNT(*) FROM results"),
-        "quarantined": _scalar(db, "SELECT COUNT(*) FROM quarantine"),
-        "unflushed_quarantine": _scalar(db, "SELECT COUNT(*) FROM quarantine WHERE flushed = 0"),
-    }
 
 
 class Journal:
@@ -691,37 +569,3 @@ class Journal:
         with self._mutex:
             return list(self._timings)
 
-
-def scan(state_dir: str | os.PathLike) -> dict[str, dict]:
-    """``{user_id: stats}`` of every journal in ``state_dir/journal``, for the
-    supervisor.  Files are opened read-only, without the per-user lock, so a
-    worker writing meanwhile is neither blocked nor blocks this (WAL).
-    Unreadable, corrupt or foreign files are skipped with a warning."""
-    out: dict[str, dict] = {}
-    directory = Path(state_dir) / "journal"
-    if not directory.is_dir():
-        return out
-    for path in sorted(directory.glob("*.sqlite")):
-        conn = None
-        try:
-            conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
-                                   isolation_level=None, check_same_thread=False,
-                                   timeout=SCAN_BUSY_TIMEOUT_MS / 1000)
-            db = _db(conn)
-            db.execute(f"PRAGMA busy_timeout = {SCAN_BUSY_TIMEOUT_MS}")
-            if "meta" not in db.table_names():
-                log.warning("journal scan: skipping %s: no journal schema (yet)", path)
-                continue
-            meta = _meta(db)
-            version = int(meta.get("schema_version", "0"))
-            if version != SCHEMA_VERSION or not meta.get("user_id"):
-                log.warning("journal scan: skipping %s: schema version %s, this smsd reads %s",
-                            path, version, SCHEMA_VERSION)
-                continue
-            out[meta["user_id"]] = _stats(db)
-        except (sqlite3.Error, OSError, ValueError) as e:
-            log.warning("journal scan: skipping %s: %s", path, e)
-        finally:
-            if conn is not None:
-                conn.close()
-    return out

@@ -1,15 +1,7 @@
 """MongoDB side of smsd: the three seed collections, their indexes, idempotent writes.
 
-Collections (the seed guide's names):
-
-* ``sms_fin_rawdata`` -- written by whatever collects the SMS.  smsd reads it
-  and sets only its own fields: ``isprocessed`` / ``processed_at`` /
-  ``smsd_batch_id`` when an SMS is done, ``smsd_quarantine`` when it is taken
-  out of the pending set.
-* ``financial_transactions`` -- one document per transaction, deterministic
-  ``_id`` (:func:`smsd.model.transaction_id`), written with upserts.
-* ``processing_checkpoints`` -- one document per user run (``_id`` = batch id),
-  counters moved with ``$max`` only.
+The collections, their fields and the documents smsd writes are described in
+:mod:`smsd.store_docs`; which errors mean "MongoDB is away" in :mod:`smsd.store_errors`.
 
 Every write uses ``j: true`` (and ``w: "majority"`` on a replica set) and is
 idempotent, so a flush may be replayed any number of times (DESIGN.md
@@ -44,182 +36,36 @@ import threading
 import uuid
 from collections.abc import Collection as AbcCollection, Iterator
 from contextlib import contextmanager
-from datetime import date, datetime, timezone
-from decimal import Decimal
+from datetime import datetime, timezone
 from typing import Any
 
 import pymongo
-from bson.decimal128 import Decimal128
 from pymongo import DeleteMany, ReplaceOne, UpdateOne, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import (
-    BulkWriteError,
-    ConnectionFailure,
-    OperationFailure,
-    PyMongoError,
-    WriteConcernError,
-)
+from pymongo.errors import PyMongoError
 
-from smsd.model import (
-    OPTIONAL_FIELDS,
-    FlushItem,
-    Malformed,
-    Quarantine,
-    Sms,
-    Transaction,
-    sms_key,
-    transaction_id,
+from smsd.model import FlushItem, Malformed, Quarantine, Sms, sms_key
+# Names callers import from smsd.store (collections, indexes, malformed reasons,
+# StoreUnavailable) stay importable from here.
+from smsd.store_docs import (
+    BATCH_FIELD, CHECKPOINT_STATUSES, CHECKPOINTS_COLLECTION, IDX_BATCH, IDX_DISCOVERY,
+    IDX_LATEST_CHECKPOINT, IDX_PENDING, IDX_TX_BY_SMS, MALFORMED_TEXT_EMPTY, MALFORMED_TEXT_MISSING,
+    MALFORMED_TEXT_NOT_STRING, MALFORMED_TEXT_TOO_LONG, MALFORMED_USER_ID, QUARANTINE_FIELD,
+    RAW_COLLECTION, STATUS_COMPLETED, STATUS_IN_PROGRESS, TRANSACTIONS_COLLECTION, _get_path,
+    transaction_doc,
 )
+from smsd.store_errors import StoreUnavailable, _is_transient
 
 log = logging.getLogger("smsd.store")
 
-RAW_COLLECTION = "sms_fin_rawdata"
-TRANSACTIONS_COLLECTION = "financial_transactions"
-CHECKPOINTS_COLLECTION = "processing_checkpoints"
-
-QUARANTINE_FIELD = "smsd_quarantine"
-BATCH_FIELD = "smsd_batch_id"
-
-STATUS_IN_PROGRESS = "in_progress"
-STATUS_COMPLETED = "completed"
-CHECKPOINT_STATUSES = (STATUS_IN_PROGRESS, STATUS_COMPLETED)
-
-#: Reasons given to :class:`~smsd.model.Malformed` documents.
-MALFORMED_USER_ID = "user_id_not_string"
-MALFORMED_TEXT_MISSING = "text_missing"
-MALFORMED_TEXT_NOT_STRING = "text_not_string"
-MALFORMED_TEXT_EMPTY = "text_empty"
-MALFORMED_TEXT_TOO_LONG = "text_too_long"
-
-#: Index names (``ensure_indexes``).
-IDX_PENDING = "smsd_pending_by_user"
-IDX_DISCOVERY = "smsd_pending_discovery"
-IDX_BATCH = "smsd_processed_by_batch"
-IDX_TX_BY_SMS = "smsd_tx_by_sms"
-IDX_LATEST_CHECKPOINT = "smsd_latest_checkpoint"
-
 #: ``_id`` lists longer than this are split over several commands.
 ID_CHUNK = 500
-
-# Server error codes that mean "not now, try again" rather than "wrong".
-_TRANSIENT_CODES = frozenset({
-    6,      # HostUnreachable
-    7,      # HostNotFound
-    50,     # MaxTimeMSExpired
-    64,     # WriteConcernFailed (wtimeout)
-    89,     # NetworkTimeout
-    91,     # ShutdownInProgress
-    100,    # UnsatisfiableWriteConcern (not enough members right now)
-    189,    # PrimarySteppedDown
-    262,    # ExceededTimeLimit
-    9001,   # SocketException
-    10107,  # NotWritablePrimary
-    11600,  # InterruptedAtShutdown
-    11602,  # InterruptedDueToReplStateChange
-    13435,  # NotPrimaryNoSecondaryOk
-    13436,  # NotPrimaryOrSecondary
-})
-
-
-class StoreUnavailable(Exception):
-    """MongoDB cannot be reached or did not acknowledge in time.
-
-    Wraps pymongo's connection / timeout errors (``ServerSelectionTimeoutError``,
-    ``AutoReconnect``, ``NetworkTimeout``, ``ConnectionFailure``, write-concern
-    timeouts, primary step-downs).  Every write of :class:`Store` is idempotent,
-    so the caller simply retries later.
-    """
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionFailure, WriteConcernError)):
-        return True
-    if isinstance(exc, BulkWriteError):
-        details = exc.details or {}
-        write_errors = details.get("writeErrors") or []
-        if not write_errors:
-            return bool(details.get("writeConcernErrors"))
-        return all(e.get("code") in _TRANSIENT_CODES for e in write_errors)
-    if isinstance(exc, OperationFailure):
-        if exc.code in _TRANSIENT_CODES:
-            return True
-        return exc.has_error_label("RetryableWriteError") or exc.has_error_label("TransientTransactionError")
-    return False
 
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
-
-def _get_path(doc: dict, path: str) -> tuple[bool, Any]:
-    """``(present, value)`` of a possibly dotted field path in ``doc``."""
-    cur: Any = doc
-    for part in path.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return False, None
-        cur = cur[part]
-    return True, cur
-
-
-def parse_occurred_at(text: str) -> datetime | None:
-    """An ISO 8601 date or date-time string as a datetime, else ``None``.
-
-    A bare date becomes midnight; a time with an offset keeps it (pymongo
-    stores it as UTC); a naive time is taken as it is.
-    """
-    value = text.strip()
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        pass
-    try:
-        d = date.fromisoformat(value)
-    except ValueError:
-        return None
-    return datetime(d.year, d.month, d.day)
-
-
-def transaction_doc(item: FlushItem, index: int, tx: Transaction, now: datetime) -> dict:
-    """The ``financial_transactions`` document of the ``index``-th transaction of ``item``."""
-    key = sms_key(item.raw_id)
-    prov = item.provenance
-    doc: dict[str, Any] = {
-        "_id": transaction_id(key, index),
-        "user_id": item.user_id,
-        "sms_id": item.raw_id,
-        "sms_key": key,
-        "position": index,
-        "kind": item.result.kind,
-        "direction": tx.direction,
-        "amount": Decimal128(tx.amount),
-        "currency": tx.currency,
-    }
-    for name in OPTIONAL_FIELDS:
-        value = getattr(tx, name)
-        if value is None:
-            continue
-        if name == "balance":
-            doc["balance"] = Decimal128(value if isinstance(value, Decimal) else Decimal(str(value)))
-        elif name == "occurred_at":
-            doc["occurred_at_text"] = value
-            parsed = parse_occurred_at(value) if isinstance(value, str) else None
-            if parsed is not None:
-                doc["occurred_at"] = parsed
-        else:
-            doc[name] = value
-    doc["source"] = {
-        "model": prov.model,
-        "call_id": prov.call_id,
-        "request_id": prov.request_id,
-        "answered_at": prov.answered_at,
-        "owner": prov.owner,
-        "epoch": prov.epoch,
-    }
-    doc["created_at"] = now
-    return doc
 
 
 class Store:

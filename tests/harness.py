@@ -14,7 +14,7 @@ from bson import ObjectId
 import signal
 import time
 
-from smsd import control
+from smsd import control_protocol as control
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "data" / "sms_fixtures.jsonl"

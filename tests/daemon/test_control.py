@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from smsd import control, ctl
-from smsd.control import CommandError, ControlServer, Peer, UnknownCommand
+from smsd import control_protocol as control, ctl
+from smsd.control import ControlServer
+from smsd.control_protocol import CommandError, Peer, UnknownCommand
 
 SMSCTL = Path(sys.executable).parent / "smsctl"
 SMSCTL_CMD = [str(SMSCTL)] if SMSCTL.exists() else [sys.executable, "-m", "smsd.ctl"]

@@ -9,7 +9,7 @@ import sys
 import psutil
 from pymongo import MongoClient
 
-from smsd import control
+from smsd import control_protocol as control
 
 from ..harness import REPO, seed, smsd_env, wait_for, write_config
 

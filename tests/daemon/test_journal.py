@@ -21,8 +21,9 @@ from decimal import Decimal
 import pytest
 from bson import Int64, ObjectId
 
-from smsd.journal import (SCHEMA_VERSION, AlreadyAnswered, Journal, JournalError,
-                          JournalLocked, journal_path, scan)
+from smsd.journal import AlreadyAnswered, Journal, JournalError, JournalLocked
+from smsd.journal_scan import scan
+from smsd.journal_schema import SCHEMA_VERSION, journal_path
 from smsd.model import Quarantine, SmsResult, Transaction, Usage, sms_key
 
 USER = "user-1"

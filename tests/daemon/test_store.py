@@ -16,7 +16,8 @@ from tests.fixtures_mongo import seed_sms
 from smsd import embedded
 from smsd.embedded import EmbeddedMongo, EmbeddedUnavailable
 from smsd.model import FlushItem, Provenance, Quarantine, SmsResult, Transaction, sms_key, transaction_id
-from smsd.store import (
+from smsd.store import Store
+from smsd.store_docs import (
     IDX_LATEST_CHECKPOINT,
     IDX_PENDING,
     IDX_TX_BY_SMS,
@@ -24,9 +25,8 @@ from smsd.store import (
     MALFORMED_TEXT_MISSING,
     MALFORMED_TEXT_NOT_STRING,
     MALFORMED_TEXT_TOO_LONG,
-    Store,
-    StoreUnavailable,
 )
+from smsd.store_errors import StoreUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 PROV = Provenance(call_id="call-1", model="test-model", request_id="req-1",

@@ -1,0 +1,80 @@
+"""Read-only numbers of journals: the counters of one, and :func:`scan` of all.
+
+:func:`scan` opens every journal in a state directory read-only and without
+the per-user lock, for the supervisor's status, discovery and the lab; the
+counters it reports are the same :meth:`smsd.journal.Journal.stats` gives a
+writer.  It is apart from the writer because it never writes, never locks,
+and must not stop at a file it cannot read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+
+from smsd.journal_schema import SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta, _scalar
+
+# The logger keeps the name it had when scan() lived in smsd.journal.
+log = logging.getLogger("smsd.journal")
+
+#: How long :func:`scan` waits for a SQLite lock before skipping a file.
+SCAN_BUSY_TIMEOUT_MS = 200
+
+
+def _stats(db: sqlite_utils.Database) -> dict:
+    calls = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(repeated_sms > 0), 0), COALESCE(SUM(repeated_sms), 0),"
+        " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),"
+        " COALESCE(SUM(state = 'sent'), 0), COALESCE(SUM(state = 'failed'), 0) FROM calls"
+    ).fetchone()
+    return {
+        "unflushed": _scalar(db, UNFLUSHED_COUNT),
+        "calls": calls[0],
+        "repeated_calls": calls[1],
+        "repeated_sms": calls[2],
+        "prompt_tokens": calls[3],
+        "completion_tokens": calls[4],
+        "sent_calls": calls[5],  # never answered nor failed: in flight or cut by a crash
+        "failed_calls": calls[6],
+        "answered_sms": _scalar(db, "SELECT COUNT(*) FROM results"),
+        "quarantined": _scalar(db, "SELECT COUNT(*) FROM quarantine"),
+        "unflushed_quarantine": _scalar(db, "SELECT COUNT(*) FROM quarantine WHERE flushed = 0"),
+    }
+
+
+def scan(state_dir: str | os.PathLike) -> dict[str, dict]:
+    """``{user_id: stats}`` of every journal in ``state_dir/journal``, for the
+    supervisor.  Files are opened read-only, without the per-user lock, so a
+    worker writing meanwhile is neither blocked nor blocks this (WAL).
+    Unreadable, corrupt or foreign files are skipped with a warning."""
+    out: dict[str, dict] = {}
+    directory = Path(state_dir) / "journal"
+    if not directory.is_dir():
+        return out
+    for path in sorted(directory.glob("*.sqlite")):
+        conn = None
+        try:
+            conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                                   isolation_level=None, check_same_thread=False,
+                                   timeout=SCAN_BUSY_TIMEOUT_MS / 1000)
+            db = _db(conn)
+            db.execute(f"PRAGMA busy_timeout = {SCAN_BUSY_TIMEOUT_MS}")
+            if "meta" not in db.table_names():
+                log.warning("journal scan: skipping %s: no journal schema (yet)", path)
+                continue
+            meta = _meta(db)
+            version = int(meta.get("schema_version", "0"))
+            if version != SCHEMA_VERSION or not meta.get("user_id"):
+                log.warning("journal scan: skipping %s: schema version %s, this smsd reads %s",
+                            path, version, SCHEMA_VERSION)
+                continue
+            out[meta["user_id"]] = _stats(db)
+        except (sqlite3.Error, OSError, ValueError) as e:
+            log.warning("journal scan: skipping %s: %s", path, e)
+        finally:
+            if conn is not None:
+                conn.close()
+    return out

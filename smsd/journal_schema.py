@@ -1,0 +1,125 @@
+"""The journal's on-disk format: the SQLite schema, its version, file names.
+
+One user's journal is one SQLite file; this module says what is in it (the
+tables of :data:`SCHEMA`, stamped with :data:`SCHEMA_VERSION` in ``meta``) and
+where it lives (:func:`journal_path`), plus the small query helpers both the
+writer (:class:`smsd.journal.Journal`) and the read-only scan
+(:mod:`smsd.journal_scan`) use.  It is apart from the writer so that readers
+of the format need neither the lock nor the call life cycle.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import quote
+
+import sqlite_utils
+
+#: Version of the schema below.  A journal written by a newer smsd is refused.
+SCHEMA_VERSION = 1
+#: Longest quoted user id used as a file name; longer ones are hashed.
+MAX_NAME = 150
+
+SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+
+-- One row per paid LLM call.  seq is the send order (clock-independent).
+CREATE TABLE calls (
+    seq               INTEGER PRIMARY KEY,
+    call_id           TEXT NOT NULL UNIQUE,
+    owner             TEXT NOT NULL,
+    epoch             INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    n_sms             INTEGER NOT NULL,
+    repeated_sms      INTEGER NOT NULL,   -- SMS already in an earlier call
+    sent_at           REAL NOT NULL,
+    state             TEXT NOT NULL DEFAULT 'sent'
+                      CHECK (state IN ('sent', 'answered', 'failed')),
+    answered_at       REAL,
+    request_id        TEXT,
+    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    error             TEXT,
+    flushed           INTEGER NOT NULL DEFAULT 0 CHECK (flushed IN (0, 1)),
+    flushed_at        REAL
+) STRICT;
+CREATE INDEX calls_unflushed ON calls (seq) WHERE state = 'answered' AND flushed = 0;
+
+-- Which SMS each call asked about.
+CREATE TABLE call_sms (
+    call_id TEXT NOT NULL REFERENCES calls (call_id),
+    sms_key TEXT NOT NULL,
+    raw_id  BLOB NOT NULL,
+    PRIMARY KEY (call_id, sms_key)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX call_sms_key ON call_sms (sms_key);
+
+-- One row per answered SMS; the first answer wins.  Money is strings in JSON.
+CREATE TABLE results (
+    sms_key      TEXT PRIMARY KEY,
+    call_id      TEXT NOT NULL REFERENCES calls (call_id),
+    raw_id       BLOB NOT NULL,
+    kind         TEXT NOT NULL,
+    transactions TEXT NOT NULL
+) STRICT;
+CREATE INDEX results_call ON results (call_id);
+
+-- Attempt counts of SMS whose answer was missing or invalid.
+CREATE TABLE failures (
+    sms_key    TEXT PRIMARY KEY,
+    raw_id     BLOB,
+    attempts   INTEGER NOT NULL,
+    last_error TEXT,
+    at         REAL NOT NULL
+) STRICT;
+
+-- Decided here first, written to MongoDB by the flush.
+CREATE TABLE quarantine (
+    sms_key    TEXT PRIMARY KEY,
+    raw_id     BLOB NOT NULL,
+    reason     TEXT NOT NULL,
+    attempts   INTEGER NOT NULL,
+    extra      TEXT NOT NULL,
+    at         REAL NOT NULL,
+    flushed    INTEGER NOT NULL DEFAULT 0 CHECK (flushed IN (0, 1)),
+    flushed_at REAL
+) STRICT;
+"""
+
+
+#: SMS results awaiting a flush (walks the partial index calls_unflushed).
+UNFLUSHED_COUNT = ("SELECT COUNT(*) FROM results WHERE call_id IN"
+                   " (SELECT call_id FROM calls WHERE state = 'answered' AND flushed = 0)")
+
+
+
+def journal_path(state_dir: str | os.PathLike, user_id: str) -> Path:
+    """``{state_dir}/journal/{quoted user id}.sqlite``; ids quoting to more than
+    150 chars get ``sha256=<hex>.sqlite`` ('=' is always quoted, so the two
+    kinds of name never collide)."""
+    if not user_id:
+        raise ValueError("user_id must not be empty")
+    name = quote(user_id, safe="")
+    if len(name) > MAX_NAME:
+        name = "sha256=" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()
+    return Path(state_dir) / "journal" / f"{name}.sqlite"
+
+
+
+def _db(conn: sqlite3.Connection) -> sqlite_utils.Database:
+    return sqlite_utils.Database(conn, execute_plugins=False)
+
+
+def _scalar(db: sqlite_utils.Database, sql: str, params: Iterable = ()) -> Any:
+    return db.execute(sql, list(params)).fetchone()[0]
+
+
+def _meta(db: sqlite_utils.Database) -> dict[str, str]:
+    return {r["key"]: r["value"] for r in db.query("SELECT key, value FROM meta")}
+

@@ -1,0 +1,125 @@
+"""The shape of smsd's MongoDB documents: names, reasons, and the transaction document.
+
+Collection, field and index names (the seed guide's, plus smsd's own), the
+checkpoint statuses, the reasons a raw SMS document is :class:`~smsd.model.Malformed`,
+and the pure functions that read a raw document (:func:`_get_path`) and
+build a ``financial_transactions`` document (:func:`transaction_doc`,
+:func:`parse_occurred_at`).  Nothing here talks to a server; it is apart from
+:class:`smsd.store.Store` so that the document format can be read, and
+tested, without MongoDB.
+
+Collections (the seed guide's names):
+
+* ``sms_fin_rawdata`` -- written by whatever collects the SMS.  smsd reads it
+  and sets only its own fields: ``isprocessed`` / ``processed_at`` /
+  ``smsd_batch_id`` when an SMS is done, ``smsd_quarantine`` when it is taken
+  out of the pending set.
+* ``financial_transactions`` -- one document per transaction, deterministic
+  ``_id`` (:func:`smsd.model.transaction_id`), written with upserts.
+* ``processing_checkpoints`` -- one document per user run (``_id`` = batch id),
+  counters moved with ``$max`` only.
+"""
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from bson.decimal128 import Decimal128
+
+from smsd.model import OPTIONAL_FIELDS, FlushItem, Transaction, sms_key, transaction_id
+
+RAW_COLLECTION = "sms_fin_rawdata"
+TRANSACTIONS_COLLECTION = "financial_transactions"
+CHECKPOINTS_COLLECTION = "processing_checkpoints"
+
+QUARANTINE_FIELD = "smsd_quarantine"
+BATCH_FIELD = "smsd_batch_id"
+
+STATUS_IN_PROGRESS = "in_progress"
+STATUS_COMPLETED = "completed"
+CHECKPOINT_STATUSES = (STATUS_IN_PROGRESS, STATUS_COMPLETED)
+
+#: Reasons given to :class:`~smsd.model.Malformed` documents.
+MALFORMED_USER_ID = "user_id_not_string"
+MALFORMED_TEXT_MISSING = "text_missing"
+MALFORMED_TEXT_NOT_STRING = "text_not_string"
+MALFORMED_TEXT_EMPTY = "text_empty"
+MALFORMED_TEXT_TOO_LONG = "text_too_long"
+
+#: Index names (``ensure_indexes``).
+IDX_PENDING = "smsd_pending_by_user"
+IDX_DISCOVERY = "smsd_pending_discovery"
+IDX_BATCH = "smsd_processed_by_batch"
+IDX_TX_BY_SMS = "smsd_tx_by_sms"
+IDX_LATEST_CHECKPOINT = "smsd_latest_checkpoint"
+
+
+def _get_path(doc: dict, path: str) -> tuple[bool, Any]:
+    """``(present, value)`` of a possibly dotted field path in ``doc``."""
+    cur: Any = doc
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return False, None
+        cur = cur[part]
+    return True, cur
+
+
+def parse_occurred_at(text: str) -> datetime | None:
+    """An ISO 8601 date or date-time string as a datetime, else ``None``.
+
+    A bare date becomes midnight; a time with an offset keeps it (pymongo
+    stores it as UTC); a naive time is taken as it is.
+    """
+    value = text.strip()
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        pass
+    try:
+        d = date.fromisoformat(value)
+    except ValueError:
+        return None
+    return datetime(d.year, d.month, d.day)
+
+
+def transaction_doc(item: FlushItem, index: int, tx: Transaction, now: datetime) -> dict:
+    """The ``financial_transactions`` document of the ``index``-th transaction of ``item``."""
+    key = sms_key(item.raw_id)
+    prov = item.provenance
+    doc: dict[str, Any] = {
+        "_id": transaction_id(key, index),
+        "user_id": item.user_id,
+        "sms_id": item.raw_id,
+        "sms_key": key,
+        "position": index,
+        "kind": item.result.kind,
+        "direction": tx.direction,
+        "amount": Decimal128(tx.amount),
+        "currency": tx.currency,
+    }
+    for name in OPTIONAL_FIELDS:
+        value = getattr(tx, name)
+        if value is None:
+            continue
+        if name == "balance":
+            doc["balance"] = Decimal128(value if isinstance(value, Decimal) else Decimal(str(value)))
+        elif name == "occurred_at":
+            doc["occurred_at_text"] = value
+            parsed = parse_occurred_at(value) if isinstance(value, str) else None
+            if parsed is not None:
+                doc["occurred_at"] = parsed
+        else:
+            doc[name] = value
+    doc["source"] = {
+        "model": prov.model,
+        "call_id": prov.call_id,
+        "request_id": prov.request_id,
+        "answered_at": prov.answered_at,
+        "owner": prov.owner,
+        "epoch": prov.epoch,
+    }
+    doc["created_at"] = now
+    return doc
