@@ -13,28 +13,30 @@ Modelled on gunicorn's arbiter:
 
 The main loop is also the only place that pings systemd's watchdog, so a
 stuck loop is a dead service.
+
+Around the class: :mod:`smsd.children` forks the children and reads their
+pipes, :mod:`smsd.scheduler` holds the per-user state and decides who gets
+a worker next (fair order, back-off, crash loops), and :mod:`smsd.status`
+builds the ``smsctl status`` reply and systemd's status line.
 """
 from __future__ import annotations
 
-import gc
-import json
 import logging
 import os
 import select
 import signal
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
-
 from . import __version__, discovery, failpoints
+from .children import Child, WorkerProc, close_fds, read_answer, read_status, rss, start_child, start_worker
 from .config import ConfigError, Settings, load_settings
 from .control import ControlServer, Peer, UnknownCommand
-from .sdnotify import Notifier, unset_environment
-from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MORE, die_with_parent, run_worker
+from .scheduler import UserState, clear_failures, load_paused, next_turns, record_crash, save_paused
+from .sdnotify import Notifier
+from .status import status_line, status_reply
+from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MORE
 
 log = logging.getLogger("smsd.supervisor")
 
@@ -45,51 +47,6 @@ EXIT_CONFIG = 78
 RUNNING, DRAINING, STOPPING = "running", "draining", "stopping"
 ADMIN_TIMEOUT = 10.0
 DISCOVERY_TIMEOUT = 120.0
-
-
-@dataclass
-class WorkerProc:
-    """A live worker as the supervisor sees it."""
-
-    pid: int
-    user_id: str
-    fd: int
-    started: float = field(default_factory=time.monotonic)
-    last_seen: float = field(default_factory=time.monotonic)
-    buf: bytes = b""
-    status: dict = field(default_factory=dict)
-    term_sent: float | None = None
-    recycle_reason: str | None = None
-
-
-@dataclass
-class UserState:
-    """What the supervisor knows and decides about one user."""
-
-    user_id: str
-    paused: bool = False
-    failed: bool = False
-    crashes: deque = field(default_factory=deque)
-    consecutive_crashes: int = 0
-    restarts: int = 0
-    next_start: float = 0.0
-    last_served: float = 0.0
-    done_generation: int = -1
-    info: dict = field(default_factory=dict)     # counts from the last discovery
-    last_exit: str | None = None
-
-
-@dataclass
-class Child:
-    """A discovery or admin child: its pid and the pipe its JSON answer comes on."""
-
-    pid: int
-    fd: int
-    kind: str
-    started: float = field(default_factory=time.monotonic)
-    buf: bytes = b""
-    generation: int = 0
-    done: bool = False
 
 
 class Supervisor:
@@ -224,7 +181,7 @@ class Supervisor:
                 pass
         for w in list(self.workers.values()):
             if w.fd in readable_set:
-                self.read_worker(w)
+                read_status(w)
         for c in list(self.children.values()):
             if c.fd in readable_set:
                 self.read_child(c)
@@ -290,7 +247,7 @@ class Supervisor:
             new = load_settings(self.config_path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running settings: %s", exc)
-            self.notifier.ready(self.status_line())
+            self.notifier.ready(status_line(self))
             return
         old = self.settings
         # The journal, socket and database cannot move under running workers.
@@ -303,7 +260,7 @@ class Supervisor:
         log.info("reloaded %s: max_workers=%d (new workers get the new LLM settings)",
                  self.config_path or "settings", new.supervisor.max_workers)
         self.discovery_wanted = True
-        self.notifier.ready(self.status_line())
+        self.notifier.ready(status_line(self))
 
     # ------------------------------------------------------------- workers
     def spawn_workers(self) -> None:
@@ -311,83 +268,20 @@ class Supervisor:
         if room <= 0:
             return
         running = {w.user_id for w in self.workers.values()}
-        now = time.monotonic()
-        candidates = [u for u in self.users.values()
-                      if u.user_id not in running and not u.paused and not u.failed
-                      and u.next_start <= now and self._has_work(u)]
-        # Unflushed journal rows first (they are paid for), then whoever waited longest:
-        # a user with 50,000 SMS gets one turn of worker_max_sms, then goes to the back.
-        candidates.sort(key=lambda u: (not self._unflushed(u), u.last_served))
-        for user in candidates[:room]:
+        for user in next_turns(self.users.values(), running, self.applied_generation)[:room]:
             self.spawn_worker(user)
 
-    def _has_work(self, user: UserState) -> bool:
-        if user.done_generation >= self.applied_generation:
-            return False   # finished after the last applied look began: wait for a fresh one
-        return bool(user.info.get("pending_sms")) or self._unflushed(user) > 0
-
-    @staticmethod
-    def _unflushed(user: UserState) -> int:
-        return int((user.info.get("journal") or {}).get("unflushed") or 0)
-
     def spawn_worker(self, user: UserState) -> None:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the worker
-            try:
-                os.close(r)
-                self._close_inherited(keep={w})
-                unset_environment(os.environ)
-            finally:
-                run_worker(self.settings, user.user_id, w, self.pid, self.mongo_uri)
-        os.close(w)
-        os.set_blocking(r, False)
-        os.set_inheritable(r, False)
-        self.workers[pid] = WorkerProc(pid=pid, user_id=user.user_id, fd=r)
+        w = start_worker(self.settings, user.user_id, self.pid, self.mongo_uri, self._close_inherited)
+        self.workers[w.pid] = w
         user.last_served = time.monotonic()
-        log.info("worker %d started for user %s", pid, user.user_id)
+        log.info("worker %d started for user %s", w.pid, user.user_id)
 
     def _close_inherited(self, keep: set[int]) -> None:
-        """In a fresh child: close the supervisor's fds (socket, pipes), keep stdio and log files."""
-        keep = set(keep) | {0, 1, 2}
-        for handler in logging.getLogger().handlers:
-            stream = getattr(handler, "stream", None)
-            if stream is not None and hasattr(stream, "fileno"):
-                try:
-                    keep.add(stream.fileno())
-                except (OSError, ValueError):
-                    pass
+        """In a fresh child: drop the supervisor's socket and embedded server, close its fds."""
         self.control = None   # the child must not unlink the supervisor's socket
         self.embedded = None
-        # Finalize inherited garbage now, while its descriptors are still its own:
-        # e.g. the EmbeddedMongo, kept alive by a traceback cycle of its start-up
-        # pings, owns the server's log file object; collected later, it would close
-        # whatever reuses that fd number (a journal's WAL: "disk I/O error").
-        gc.collect()
-        last = 3
-        for fd in sorted(keep):
-            if fd >= last:
-                os.closerange(last, fd)
-                last = fd + 1
-        os.closerange(last, 65536)
-
-    def read_worker(self, w: WorkerProc) -> None:
-        try:
-            data = os.read(w.fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            return   # EOF: the worker is exiting; reap() will see it
-        w.last_seen = time.monotonic()
-        w.buf += data
-        *lines, w.buf = w.buf.split(b"\n")
-        for line in lines[-1:]:
-            try:
-                w.status = json.loads(line)
-            except ValueError:
-                log.warning("worker %d sent an unreadable status line", w.pid)
+        close_fds(keep)
 
     def check_workers(self) -> None:
         """Kill the silent (hung) and recycle the fat."""
@@ -402,19 +296,12 @@ class Supervisor:
                 w.last_seen = now   # do not kill twice while waiting for the reap
                 continue
             if w.recycle_reason is None:
-                rss = self._rss(w.pid)
-                if rss > sup.worker_rss_limit_mb * 1024 * 1024:
+                used = rss(w.pid)
+                if used > sup.worker_rss_limit_mb * 1024 * 1024:
                     log.warning("worker %d (user %s) RSS %d MiB over the limit: recycling it after "
-                                "its current batch", w.pid, w.user_id, rss >> 20)
+                                "its current batch", w.pid, w.user_id, used >> 20)
                     w.recycle_reason = "rss"
                     self._kill(w.pid, signal.SIGTERM)
-
-    @staticmethod
-    def _rss(pid: int) -> int:
-        try:
-            return psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            return 0
 
     def kill_all(self, sig: int, why: str) -> None:
         for w in self.workers.values():
@@ -453,7 +340,7 @@ class Supervisor:
                 os.close(child.fd)
 
     def worker_exited(self, w: WorkerProc, status: int) -> None:
-        self.read_worker(w)
+        read_status(w)
         os.close(w.fd)
         user = self.users.setdefault(w.user_id, UserState(w.user_id))
         code = os.waitstatus_to_exitcode(status)
@@ -480,27 +367,7 @@ class Supervisor:
             why = f"signal {-code}" if code < 0 else f"exit {code}"
             if w.recycle_reason == "hung":
                 why = "hung, killed"
-            self.worker_crashed(user, w, why)
-
-    def worker_crashed(self, user: UserState, w: WorkerProc, why: str) -> None:
-        sup = self.settings.supervisor
-        now = time.monotonic()
-        user.last_exit = why
-        user.restarts += 1
-        user.consecutive_crashes += 1
-        user.crashes.append(now)
-        while user.crashes and now - user.crashes[0] > sup.crash_loop_window:
-            user.crashes.popleft()
-        if len(user.crashes) >= sup.crash_loop_count:
-            user.failed = True
-            log.error("user %s: worker crashed %d times in %.0f s (last: %s): marked failed; "
-                      "`smsctl resume --user-id %s` to try again", user.user_id, len(user.crashes),
-                      sup.crash_loop_window, why, user.user_id)
-            return
-        delay = min(sup.restart_backoff_max, sup.restart_backoff * 2 ** (user.consecutive_crashes - 1))
-        user.next_start = now + delay
-        user.last_served = 0.0   # restart the dead first, not after every other user's turn
-        log.warning("worker %d (user %s) died (%s); restarting in %.1f s", w.pid, user.user_id, why, delay)
+            record_crash(user, self.settings.supervisor, w.pid, why)
 
     # -------------------------------------------------- discovery / admin
     def maybe_discover(self) -> None:
@@ -517,52 +384,13 @@ class Supervisor:
         child.generation = self.generation
 
     def fork_child(self, kind: str, fn: Callable[[], dict]) -> Child:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(r)
-                die_with_parent(self.pid)   # never outlive a killed supervisor
-                self._close_inherited(keep={w})
-                for sig in self.SIGNALS:
-                    signal.signal(sig, signal.SIG_DFL)
-                answer = json.dumps(fn(), default=str).encode()
-                with os.fdopen(w, "wb") as out:
-                    out.write(answer)
-                code = 0
-            except BaseException:  # noqa: BLE001 - never unwind into the supervisor
-                log.exception("%s child failed", kind)
-            finally:
-                os._exit(code)
-        os.close(w)
-        os.set_blocking(r, False)
-        child = Child(pid=pid, fd=r, kind=kind)
-        self.children[pid] = child
+        child = start_child(kind, fn, self.pid, self._close_inherited, self.SIGNALS)
+        self.children[child.pid] = child
         return child
 
     def read_child(self, child: Child, final: bool = False) -> None:
-        while not child.done:
-            try:
-                data = os.read(child.fd, 65536)
-            except BlockingIOError:
-                if not final:
-                    return
-                data = b""
-            except OSError:
-                data = b""
-            if data:
-                child.buf += data
-                continue
-            child.done = True
-            try:
-                answer = json.loads(child.buf) if child.buf else None
-            except ValueError:
-                answer = None
-            if child.kind == "discovery":
-                self.discovered(answer, child.generation)
-            else:
-                child.answer = answer  # type: ignore[attr-defined]
+        if read_answer(child, final) and child.kind == "discovery":
+            self.discovered(child.answer, child.generation)
 
     def check_children(self) -> None:
         now = time.monotonic()
@@ -606,7 +434,7 @@ class Supervisor:
         if not child.done:
             self._kill(child.pid, signal.SIGKILL)
             raise TimeoutError(f"{cmd}: MongoDB did not answer within {ADMIN_TIMEOUT:.0f} s")
-        answer = getattr(child, "answer", None)
+        answer = child.answer
         if not answer:
             raise RuntimeError(f"{cmd} failed (see the daemon's log)")
         if "error" in answer:
@@ -631,9 +459,9 @@ class Supervisor:
         # (and so the first workers) are done.  MongoDB down is degraded, not failed.
         if self.generation >= 1 and not any(c.kind == "discovery" for c in self.children.values()):
             self.spawn_workers()
-            self.notifier.ready(self.status_line())
+            self.notifier.ready(status_line(self))
             self.ready_sent = True
-            log.info("ready: %s", self.status_line())
+            log.info("ready: %s", status_line(self))
 
     def ping_watchdog(self) -> None:
         if not self.watchdog_every or failpoints.enabled("supervisor_no_watchdog"):
@@ -646,17 +474,8 @@ class Supervisor:
     def note_status(self) -> None:
         now = time.monotonic()
         if self.ready_sent and now - self.last_status_note >= 5.0:
-            self.notifier.status(self.status_line())
+            self.notifier.status(status_line(self))
             self.last_status_note = now
-
-    def status_line(self) -> str:
-        users = self.status_users()
-        pending = sum(u["pending_sms"] for u in users)
-        backlog = sum(int((u.info.get("journal") or {}).get("unflushed") or 0) for u in self.users.values())
-        mongo = "ok" if self.mongo.get("ok") else "degraded: MongoDB unreachable" \
-            if self.mongo.get("ok") is False else "checking"
-        return (f"{self.state}: {len(self.workers)} workers, {pending} SMS pending, "
-                f"journal backlog {backlog}, MongoDB {mongo}")
 
     # ------------------------------------------------------------- control
     def handle_command(self, cmd: str, args: dict, peer: Peer) -> dict:
@@ -665,7 +484,7 @@ class Supervisor:
         if user_id is not None and not isinstance(user_id, str):
             raise ValueError("user_id must be a string")
         if cmd == "status":
-            return self.status(user_id)
+            return status_reply(self, user_id)
         if cmd == "pause":
             if not user_id:
                 raise ValueError("pause needs a user_id")
@@ -705,11 +524,7 @@ class Supervisor:
         for user in targets:
             if user.paused or user.failed or user.next_start > time.monotonic() or user_id:
                 resumed.append(user.user_id)
-            user.paused = user.failed = False
-            user.crashes.clear()
-            user.consecutive_crashes = 0
-            user.next_start = 0.0
-            user.done_generation = -1
+            clear_failures(user)
         self._save_paused()
         self.discovery_wanted = True
         return {"resumed": sorted(resumed)}
@@ -718,87 +533,8 @@ class Supervisor:
         return self.settings.state_dir / "paused.json"
 
     def _load_paused(self) -> None:
-        try:
-            paused = json.loads(self._paused_file().read_text())
-        except (OSError, ValueError):
-            return
-        for user_id in paused if isinstance(paused, list) else []:
-            self.users.setdefault(str(user_id), UserState(str(user_id))).paused = True
+        for user_id in load_paused(self._paused_file()):
+            self.users.setdefault(user_id, UserState(user_id)).paused = True
 
     def _save_paused(self) -> None:
-        path = self._paused_file()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(u.user_id for u in self.users.values() if u.paused)))
-        os.replace(tmp, path)
-
-    def status_users(self) -> list[dict]:
-        running = {w.user_id: w for w in self.workers.values()}
-        out = []
-        for user in sorted(self.users.values(), key=lambda u: u.user_id):
-            info = dict(user.info)
-            live = running.get(user.user_id)
-            if live and live.status:
-                info["journal"] = live.status.get("journal") or info.get("journal")
-            journal = info.get("journal") or {}
-            pending = int(info.get("pending_sms") or 0)
-            quarantined = int(info.get("quarantined_sms") or 0)
-            unflushed = int(journal.get("unflushed") or 0)
-            if user.paused:
-                status = "paused"
-            elif user.failed:
-                status = "failed"
-            elif live:
-                status = "in_progress"
-            elif pending or unflushed:
-                status = "waiting" if user.next_start > time.monotonic() else "in_progress"
-            elif quarantined:
-                status = "quarantined"
-            else:
-                status = "completed"
-            out.append({"user_id": user.user_id,
-                        "total_sms": int(info.get("total_sms") or 0),
-                        "processed_sms": int(info.get("processed_sms") or 0),
-                        "pending_sms": pending, "quarantined_sms": quarantined,
-                        "unflushed": unflushed, "status": status, "restarts": user.restarts,
-                        "last_exit": user.last_exit})
-        return out
-
-    def status(self, user_id: str | None = None) -> dict:
-        now = time.monotonic()
-        workers = [{"user_id": w.user_id, "pid": w.pid,
-                    "state": w.recycle_reason and f"stopping ({w.recycle_reason})" or
-                    w.status.get("state", "starting"),
-                    "uptime_s": round(now - w.started, 1), "rss_bytes": self._rss(w.pid),
-                    "restarts": self.users[w.user_id].restarts if w.user_id in self.users else 0,
-                    "last_heartbeat_s": round(now - w.last_seen, 1)}
-                   for w in self.workers.values()]
-        llm = {"calls": 0, "repeated_calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        unflushed = 0
-        running = {w.user_id: w for w in self.workers.values()}
-        for user in self.users.values():
-            journal = user.info.get("journal") or {}
-            live = running.get(user.user_id)
-            if live and live.status.get("journal"):
-                journal = live.status["journal"]
-            unflushed += int(journal.get("unflushed") or 0)
-            for key in llm:
-                llm[key] += int(journal.get(key) or 0)
-        mongo_ok = self.mongo.get("ok")
-        if any(w.status.get("mongo_ok") is False for w in self.workers.values()):
-            mongo_ok = False
-        users = self.status_users()
-        if user_id:
-            users = [u for u in users if u["user_id"] == user_id]
-        reply = {"pid": self.pid, "version": __version__, "state": self.state,
-                 "uptime_s": round(now - self.started, 1), "rss_bytes": self._rss(self.pid),
-                 "mongo": {"ok": mongo_ok, "error": None if mongo_ok else self.mongo.get("error")},
-                 "workers": workers if not user_id else [w for w in workers if w["user_id"] == user_id],
-                 "users": users, "journal": {"unflushed": unflushed}, "llm": llm,
-                 "max_workers": self.settings.supervisor.max_workers}
-        if user_id:
-            try:
-                reply["checkpoint"] = self.run_admin("checkpoint", {"user_id": user_id}).get("checkpoint")
-            except (TimeoutError, RuntimeError) as exc:
-                reply["checkpoint"] = None
-                reply["checkpoint_error"] = str(exc)
-        return reply
+        save_paused(self._paused_file(), self.users.values())

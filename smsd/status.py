@@ -1,0 +1,121 @@
+"""The supervisor's status payloads: ``smsctl status`` and the systemd status line.
+
+Read-only views built from what :class:`smsd.supervisor.Supervisor` knows:
+the per-user rows (with the live worker's journal counts over the last
+discovery's), the whole reply of the ``status`` command (workers, users,
+journal backlog, LLM totals, MongoDB health, and for one user its
+checkpoint), and the one-line summary sent to systemd.  They are apart from
+the supervisor because they decide nothing: the wire format of ``status``
+changes here without touching the process lifecycle.  The supervisor is
+passed in, typed by :class:`SupervisorView` (this module never imports
+:mod:`smsd.supervisor`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from . import __version__
+from .children import WorkerProc, rss
+from .config import Settings
+from .scheduler import UserState
+
+
+class SupervisorView(Protocol):
+    """What the status payloads read of the supervisor."""
+
+    pid: int
+    state: str
+    started: float
+    settings: Settings
+    mongo: dict
+    workers: dict[int, WorkerProc]
+    users: dict[str, UserState]
+
+    def run_admin(self, cmd: str, args: dict) -> dict: ...
+
+
+def status_line(sup: SupervisorView) -> str:
+    """One line for systemd (``STATUS=``) and the log."""
+    users = status_users(sup)
+    pending = sum(u["pending_sms"] for u in users)
+    backlog = sum(int((u.info.get("journal") or {}).get("unflushed") or 0) for u in sup.users.values())
+    mongo = "ok" if sup.mongo.get("ok") else "degraded: MongoDB unreachable" \
+        if sup.mongo.get("ok") is False else "checking"
+    return (f"{sup.state}: {len(sup.workers)} workers, {pending} SMS pending, "
+            f"journal backlog {backlog}, MongoDB {mongo}")
+
+
+def status_users(sup: SupervisorView) -> list[dict]:
+    running = {w.user_id: w for w in sup.workers.values()}
+    out = []
+    for user in sorted(sup.users.values(), key=lambda u: u.user_id):
+        info = dict(user.info)
+        live = running.get(user.user_id)
+        if live and live.status:
+            info["journal"] = live.status.get("journal") or info.get("journal")
+        journal = info.get("journal") or {}
+        pending = int(info.get("pending_sms") or 0)
+        quarantined = int(info.get("quarantined_sms") or 0)
+        unflushed = int(journal.get("unflushed") or 0)
+        if user.paused:
+            status = "paused"
+        elif user.failed:
+            status = "failed"
+        elif live:
+            status = "in_progress"
+        elif pending or unflushed:
+            status = "waiting" if user.next_start > time.monotonic() else "in_progress"
+        elif quarantined:
+            status = "quarantined"
+        else:
+            status = "completed"
+        out.append({"user_id": user.user_id,
+                    "total_sms": int(info.get("total_sms") or 0),
+                    "processed_sms": int(info.get("processed_sms") or 0),
+                    "pending_sms": pending, "quarantined_sms": quarantined,
+                    "unflushed": unflushed, "status": status, "restarts": user.restarts,
+                    "last_exit": user.last_exit})
+    return out
+
+
+def status_reply(sup: SupervisorView, user_id: str | None = None) -> dict:
+    """The reply of the ``status`` control command (for one user: with its checkpoint)."""
+    now = time.monotonic()
+    workers = [{"user_id": w.user_id, "pid": w.pid,
+                "state": w.recycle_reason and f"stopping ({w.recycle_reason})" or
+                w.status.get("state", "starting"),
+                "uptime_s": round(now - w.started, 1), "rss_bytes": rss(w.pid),
+                "restarts": sup.users[w.user_id].restarts if w.user_id in sup.users else 0,
+                "last_heartbeat_s": round(now - w.last_seen, 1)}
+               for w in sup.workers.values()]
+    llm = {"calls": 0, "repeated_calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    unflushed = 0
+    running = {w.user_id: w for w in sup.workers.values()}
+    for user in sup.users.values():
+        journal = user.info.get("journal") or {}
+        live = running.get(user.user_id)
+        if live and live.status.get("journal"):
+            journal = live.status["journal"]
+        unflushed += int(journal.get("unflushed") or 0)
+        for key in llm:
+            llm[key] += int(journal.get(key) or 0)
+    mongo_ok = sup.mongo.get("ok")
+    if any(w.status.get("mongo_ok") is False for w in sup.workers.values()):
+        mongo_ok = False
+    users = status_users(sup)
+    if user_id:
+        users = [u for u in users if u["user_id"] == user_id]
+    reply = {"pid": sup.pid, "version": __version__, "state": sup.state,
+             "uptime_s": round(now - sup.started, 1), "rss_bytes": rss(sup.pid),
+             "mongo": {"ok": mongo_ok, "error": None if mongo_ok else sup.mongo.get("error")},
+             "workers": workers if not user_id else [w for w in workers if w["user_id"] == user_id],
+             "users": users, "journal": {"unflushed": unflushed}, "llm": llm,
+             "max_workers": sup.settings.supervisor.max_workers}
+    if user_id:
+        try:
+            reply["checkpoint"] = sup.run_admin("checkpoint", {"user_id": user_id}).get("checkpoint")
+        except (TimeoutError, RuntimeError) as exc:
+            reply["checkpoint"] = None
+            reply["checkpoint_error"] = str(exc)
+    return reply
