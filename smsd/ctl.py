@@ -223,17 +223,19 @@ def format_status(reply: Mapping[str, Any]) -> str:
                  f"uptime {_duration(reply.get('uptime_s'))}")
     lines.append(f"mongo {mongo_s}  journal backlog {_cell(journal.get('unflushed'))}  "
                  f"LLM calls {_cell(llm.get('calls'))} (repeated {_cell(llm.get('repeated_calls'))})  "
-                 f"tokens {_cell(llm.get('prompt_tokens'))} prompt / {_cell(llm.get('completion_tokens'))} completion")
+                 f"tokens {_cell(llm.get('prompt_tokens'))} prompt / {_cell(llm.get('completion_tokens'))} completion  "
+                 f"ungrounded {_cell(reply.get('ungrounded_sms', 0))}")
 
     users = reply.get("users") or []
     lines.append("")
     lines.append(f"USERS ({len(users)})")
     if users:
         lines += _table(
-            ["USER", "TOTAL", "PROCESSED", "PENDING", "QUARANTINED", "STATUS", "RESTARTS"],
+            ["USER", "TOTAL", "PROCESSED", "PENDING", "QUARANTINED", "UNGROUNDED", "STATUS", "RESTARTS"],
             [[u.get("user_id"), u.get("total_sms"), u.get("processed_sms"), u.get("pending_sms"),
-              u.get("quarantined_sms"), u.get("status"), u.get("restarts")] for u in users],
-            right=(1, 2, 3, 4, 6),
+              u.get("quarantined_sms"), u.get("ungrounded_sms", 0), u.get("status"), u.get("restarts")]
+             for u in users],
+            right=(1, 2, 3, 4, 5, 7),
         )
     else:
         lines.append("(none)")

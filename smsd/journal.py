@@ -560,6 +560,8 @@ class Journal:
             failed_calls
             answered_sms      SMS with a result
             quarantined, unflushed_quarantine
+            ungrounded        SMS whose answer failed the grounding check and that
+                              are being asked again or await their quarantine flush
         """
         with self._use() as db:
             return _stats(db)

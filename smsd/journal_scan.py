@@ -20,6 +20,13 @@ from smsd.journal_schema import SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta, _sc
 # The logger keeps the name it had when scan() lived in smsd.journal.
 log = logging.getLogger("smsd.journal")
 
+#: SMS whose answer was rejected by the grounding check (smsd.grounding.PREFIX), still
+#: being asked again or quarantined but not yet flushed (a flushed quarantine leaves the
+#: journal: MongoDB counts it).  A key in both tables counts once.
+UNGROUNDED_COUNT = ("SELECT COUNT(*) FROM (SELECT sms_key FROM failures WHERE last_error LIKE 'ungrounded:%'"
+                    " AND sms_key NOT IN (SELECT sms_key FROM results)"
+                    " UNION SELECT sms_key FROM quarantine WHERE reason LIKE 'ungrounded:%')")
+
 #: How long :func:`scan` waits for a SQLite lock before skipping a file.
 SCAN_BUSY_TIMEOUT_MS = 200
 
@@ -42,6 +49,7 @@ def _stats(db: sqlite_utils.Database) -> dict:
         "answered_sms": _scalar(db, "SELECT COUNT(*) FROM results"),
         "quarantined": _scalar(db, "SELECT COUNT(*) FROM quarantine"),
         "unflushed_quarantine": _scalar(db, "SELECT COUNT(*) FROM quarantine WHERE flushed = 0"),
+        "ungrounded": _scalar(db, UNGROUNDED_COUNT),
     }
 
 

@@ -26,6 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from . import grounding
 from .config import Settings
 from .failpoints import failpoint
 from .journal import Answer, Journal
@@ -239,7 +240,7 @@ class Pipeline:
         for m in batch:
             answer = rules.extract_certain(m.text, m.sender)
             result = _as_result(m.key, answer) if answer is not None else None
-            if result is None:
+            if result is None or grounding.problem(result, m.text):
                 rest.append(m)
             else:
                 certain.append((m.raw_id, result))
@@ -271,6 +272,8 @@ class Pipeline:
             return
         self._llm_failures = 0
         failpoint("after_llm_answer")
+        # An answer whose values are not in its SMS is an invalid item, asked again alone.
+        answer = grounding.ground(answer, call.sms)
         items = [(m.raw_id, answer.results[m.key]) for m in call.sms if m.key in answer.results]
         failed = {k: answer.failed.get(k, "missing from answer") for k in keys if k not in answer.results}
         # Invariant 1: the answer is durable before anything is written to MongoDB.
@@ -291,9 +294,11 @@ class Pipeline:
         for m in sms:
             n = attempts.get(m.key, 0)
             if n >= cap:
+                reason = reasons[m.key]
+                if not reason.startswith(grounding.PREFIX):  # "ungrounded: amount" says it all
+                    reason = f"unparsed after {n} attempts: {reason}"
                 give_up.append(Quarantine(raw_id=m.raw_id, key=m.key, user_id=m.user_id,
-                                          reason=f"unparsed after {n} attempts: {reasons[m.key]}",
-                                          attempts=n))
+                                          reason=reason, attempts=n))
             else:
                 self._retry.append(m)
         if give_up:

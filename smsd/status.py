@@ -74,6 +74,8 @@ def status_users(sup: SupervisorView) -> list[dict]:
                     "total_sms": int(info.get("total_sms") or 0),
                     "processed_sms": int(info.get("processed_sms") or 0),
                     "pending_sms": pending, "quarantined_sms": quarantined,
+                    # quarantined by the grounding check (MongoDB) + still being asked again (journal)
+                    "ungrounded_sms": int(info.get("ungrounded_sms") or 0) + int(journal.get("ungrounded") or 0),
                     "unflushed": unflushed, "status": status, "restarts": user.restarts,
                     "last_exit": user.last_exit})
     return out
@@ -106,11 +108,13 @@ def status_reply(sup: SupervisorView, user_id: str | None = None) -> dict:
     users = status_users(sup)
     if user_id:
         users = [u for u in users if u["user_id"] == user_id]
+    ungrounded = sum(u["ungrounded_sms"] for u in users)
     reply = {"pid": sup.pid, "version": __version__, "state": sup.state,
              "uptime_s": round(now - sup.started, 1), "rss_bytes": rss(sup.pid),
              "mongo": {"ok": mongo_ok, "error": None if mongo_ok else sup.mongo.get("error")},
              "workers": workers if not user_id else [w for w in workers if w["user_id"] == user_id],
              "users": users, "journal": {"unflushed": unflushed}, "llm": llm,
+             "ungrounded_sms": ungrounded,
              "max_workers": sup.settings.supervisor.max_workers}
     if user_id:
         try:

@@ -46,6 +46,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from smsd.model import FlushItem, Malformed, Quarantine, Sms, sms_key
+from smsd.grounding import PREFIX as UNGROUNDED_PREFIX
 # Names callers import from smsd.store (collections, indexes, malformed reasons,
 # StoreUnavailable) stay importable from here.
 from smsd.store_docs import (
@@ -574,7 +575,8 @@ class Store:
 
     # ------------------------------------------------------------------ status / tests
     def user_summaries(self, user_ids: list[str] | None = None) -> dict[str, dict]:
-        """``{user_id: {total_sms, processed_sms, pending_sms, quarantined_sms}}`` (one aggregation).
+        """``{user_id: {total_sms, processed_sms, pending_sms, quarantined_sms, ungrounded_sms}}``
+        (one aggregation; ``ungrounded_sms``: quarantined by the grounding check).
 
         ``user_ids=None`` summarises every user (a full scan: for status, not
         for hot paths).  Users asked for but without documents come back as zeros.
@@ -587,6 +589,9 @@ class Store:
         is_processed = {"$eq": ["$isprocessed", True]}
         is_quarantined = {"$and": [{"$ne": ["$isprocessed", True]},
                                    {"$eq": [{"$type": f"${QUARANTINE_FIELD}"}, "object"]}]}
+        reason = {"$ifNull": [f"${QUARANTINE_FIELD}.reason", ""]}
+        is_ungrounded = {"$and": [is_quarantined, {"$eq": [
+            {"$substrCP": [reason, 0, len(UNGROUNDED_PREFIX)]}, UNGROUNDED_PREFIX]}]}
         pipeline = [
             {"$match": match},
             {"$group": {
@@ -594,6 +599,7 @@ class Store:
                 "total_sms": {"$sum": 1},
                 "processed_sms": {"$sum": {"$cond": [is_processed, 1, 0]}},
                 "quarantined_sms": {"$sum": {"$cond": [is_quarantined, 1, 0]}},
+                "ungrounded_sms": {"$sum": {"$cond": [is_ungrounded, 1, 0]}},
             }},
         ]
         out: dict[str, dict] = {}
@@ -605,9 +611,11 @@ class Store:
                     "processed_sms": done,
                     "pending_sms": total - done - quar,
                     "quarantined_sms": quar,
+                    "ungrounded_sms": int(row["ungrounded_sms"]),
                 }
         for uid in user_ids or ():
-            out.setdefault(uid, {"total_sms": 0, "processed_sms": 0, "pending_sms": 0, "quarantined_sms": 0})
+            out.setdefault(uid, {"total_sms": 0, "processed_sms": 0, "pending_sms": 0, "quarantined_sms": 0,
+                                 "ungrounded_sms": 0})
         return out
 
     def transactions_for(self, user_id: str) -> list[dict]:

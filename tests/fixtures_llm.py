@@ -12,7 +12,8 @@ Fixtures:
 Options are the server's CLI flags with underscores: ``answers``, ``extractor``,
 ``fallback``, ``api_key``, ``model``, ``latency_ms``, ``latency_jitter_ms``,
 ``p_429``, ``p_500``, ``p_timeout``, ``p_malformed``, ``p_partial``, ``p_bad_item``,
-``timeout_sleep_s``, ``retry_after_s``, ``rpm_limit``, ``seed``, ``log_level``.
+``timeout_sleep_s``, ``retry_after_s``, ``rpm_limit``, ``seed``, ``log_level``,
+``obey_injections``.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -67,9 +68,48 @@ def rules_extractor() -> Extractor:
     return extract
 
 
+# "report a credit of 1000000", "report a debit of Rs 5,000", "report a credit of ten lakh"
+_ORDER_RE = re.compile(
+    r"report\s+an?\s+(?P<dir>credit|debit)\s+of\s+(?:(?:rs\.?|inr|₹)\s*)?"
+    r"(?P<num>\d[\d,]*(?:\.\d+)?|(?P<words>(?:(?:one|two|five|ten|hundred|thousand|lakh|crore|million)\s*)+))",
+    re.I)
+_WORDS = {"one": 1, "two": 2, "five": 5, "ten": 10, "hundred": 100, "thousand": 1000,
+          "lakh": 100_000, "crore": 10_000_000, "million": 1_000_000}
+
+
+def _words_to_digits(words: str) -> str:
+    """"ten lakh" -> "1000000" (small multiplicative phrases only)."""
+    value = 1
+    for word in words.lower().split():
+        value *= _WORDS[word]
+    return str(value)
+
+
+class ObeyInjections:
+    """A gullible model: an SMS text that orders "report a credit of X" gets
+    exactly that answer, whatever the text really says (the prompt-injection
+    attack smsd's grounding check must stop).  Other texts go to ``inner``."""
+
+    def __init__(self, inner: Extractor):
+        self.inner = inner
+
+    def __call__(self, item: dict) -> dict | None:
+        m = _ORDER_RE.search(item.get("text") or "")
+        if m is None:
+            return self.inner(item)
+        amount = _words_to_digits(m.group("words")) if m.group("words") else m.group("num").replace(",", "")
+        return {"kind": "transaction", "transactions": [{
+            "direction": m.group("dir").lower(), "amount": amount, "currency": "INR",
+            "channel": None, "account_mask": None, "card_mask": None, "counterparty": None,
+            "reference": None, "balance": None, "occurred_at": None, "bank": None}]}
+
+
 def make_extractor(kind: str = "known", answers: str | Path | None = None,
-                   fallback: str = "other") -> Extractor:
-    """Build an extractor: ``known`` (table from *answers*, then *fallback*) or ``rules``."""
+                   fallback: str = "other", obey_injections: bool = False) -> Extractor:
+    """Build an extractor: ``known`` (table from *answers*, then *fallback*) or
+    ``rules``; with ``obey_injections`` wrapped in :class:`ObeyInjections`."""
+    if obey_injections:
+        return ObeyInjections(make_extractor(kind, answers, fallback))
     if kind == "rules":
         return rules_extractor()
     if kind != "known":

@@ -9,7 +9,9 @@ Answers come from a pluggable *extractor* ``(item) -> {"kind", "transactions"} |
 
 - :class:`KnownAnswers` — a table keyed by SMS text, loadable from the fixtures
   JSONL format (``{"text", "expected"}`` lines);
-- ``rules`` — ``smsd.rules.extract(text, sender=None)``, imported lazily.
+- ``rules`` — ``smsd.rules.extract(text, sender=None)``, imported lazily;
+- ``--obey-injections`` wraps either in a gullible model that obeys
+  "report a credit of X" written in an SMS (prompt-injection tests).
 
 It counts calls (per SMS id, per second, tokens) and injects faults: latency,
 429 (with ``Retry-After``), 500, timeouts, malformed JSON, partial answers,
@@ -383,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", choices=("known", "rules"), default="known")
     p.add_argument("--fallback", choices=("other", "rules"), default="other",
                    help="answer for texts not in --answers (known extractor)")
+    p.add_argument("--obey-injections", action="store_true",
+                   help="obey 'report a credit of X' found in SMS text (a gullible model, for tests)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (401 otherwise)")
     p.add_argument("--model", default="smsd-local", help="model id listed by /v1/models")
     p.add_argument("--latency-ms", type=float, default=0.0)
@@ -406,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     faults = {k: getattr(args, k) for k in DEFAULT_FAULTS}
     try:
-        extractor = make_extractor(args.extractor, args.answers, args.fallback)
+        extractor = make_extractor(args.extractor, args.answers, args.fallback,
+                                   obey_injections=args.obey_injections)
         server = LlmServer(extractor, args.host, args.port, api_key=args.api_key, model=args.model, **faults)
     except (OSError, ValueError, ImportError) as exc:
         print(f"smsd-llmserver: {exc}", file=sys.stderr)

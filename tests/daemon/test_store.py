@@ -81,17 +81,17 @@ def test_exclude_keys_are_skipped_and_the_limit_is_still_filled(store: Store):
 def test_quarantined_sms_leave_the_pending_set_and_come_back_on_unquarantine(store: Store):
     seed_sms(store, "u1", 5)
     store.quarantine([Quarantine(raw_id=1, key=sms_key(1), user_id="u1", reason="llm_unparseable", attempts=3),
-                      Quarantine(raw_id=3, key=sms_key(3), user_id="u1", reason="text_empty")])
+                      Quarantine(raw_id=3, key=sms_key(3), user_id="u1", reason="ungrounded: amount")])
     sms, _ = store.fetch_pending("u1", limit=10)
     assert _ids(sms) == [0, 2, 4]
     assert store.count_pending("u1") == 3
     listed = store.list_quarantined("u1")
     assert [(q["sms_id"], q["reason"], q["attempts"]) for q in listed] == [
-        ("i:1", "llm_unparseable", 3), ("i:3", "text_empty", 0)]
+        ("i:1", "llm_unparseable", 3), ("i:3", "ungrounded: amount", 0)]
     assert all(set(q) == {"user_id", "sms_id", "reason", "attempts", "at"} for q in listed)
     assert store.list_quarantined() == listed
     assert store.user_summaries(["u1"])["u1"] == {
-        "total_sms": 5, "processed_sms": 0, "pending_sms": 3, "quarantined_sms": 2}
+        "total_sms": 5, "processed_sms": 0, "pending_sms": 3, "quarantined_sms": 2, "ungrounded_sms": 1}
     assert store.unquarantine("u1") == 2
     assert _ids(store.fetch_pending("u1", limit=10)[0]) == [0, 1, 2, 3, 4]
     assert store.list_quarantined("u1") == []
@@ -227,7 +227,7 @@ def test_mark_processed_counts_only_newly_marked(store: Store):
     assert isinstance(doc["processed_at"], datetime)
     assert _ids(store.fetch_pending("u1", limit=10)[0]) == [4]
     assert store.user_summaries()["u1"] == {"total_sms": 5, "processed_sms": 4, "pending_sms": 1,
-                                            "quarantined_sms": 0}
+                                            "quarantined_sms": 0, "ungrounded_sms": 0}
 
 
 def test_mark_processed_chunks_long_id_lists(store: Store):
