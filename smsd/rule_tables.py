@@ -254,6 +254,23 @@ _DOUBT_RE = re.compile(
     r"\bscheduled\b|\bupcoming\b|\bpending\b|\bremind|\bblocked\b|\bhold\b|\blien\b|"
     r"\bmandate\s+(?:created|registered|set\s+up)|\bauthori[sz]ed?\b|\bif\s+(?:you|not)\s+paid|"
     r"\bis\s+due\b|\bdue\s+(?:on|by|date)\b", _I)
+#: Wording that leaves a "certain" answer open to doubt even when a form reads
+#: cleanly: an OTP (an authorisation, not a movement), a movement announced or
+#: under way, a returned cheque, a mandate notice, the customer's money
+#: arriving at someone else ("credited to the beneficiary ... at other bank"),
+#: and receipts for things that are not the account (policies, units, shares,
+#: points, bonuses).  Abstaining here costs a paid call, never a wrong row.
+_UNCERTAIN_RE = re.compile(
+    r"\bOTP\b|\bone[-\s]?time\s+password\b|\bverification\s+code\b|"
+    r"\bunder\s+process|\bprocessing\b|\bin\s+process\b|\bshortly\b|\bsoon\b|"
+    r"\bunable\b|\bnot\s+(?:confirm|processed|completed)|"
+    r"\bcheque\b.{0,60}\b(?:return|bounce|dishono)|\b(?:returned|bounced|dishono(?:u)?red)\b|"
+    r"\bunpaid\b|\b(?:e-?)?mandate\b|\bNACH\b|\bUMRN?\b|\bstanding\s+instruction|"
+    r"\bbeneficiary\b|\bother\s+bank\b|\bpayee\s+(?:a/?c|account)\b|"
+    r"\bpolicy\b|\bpremium\b|\bclaim\b|\breceipt\b|\bunits?\b|\bshares\s+of\b|\bNAV\b|\bPRAN\b|"
+    r"\b(?:reward\s+)?points?\s+(?:credited|added)|\bpoints?\s+credited|\bbonus\b|\bcoupon\b|\bcode\s*:", _I | re.S)
+#: A safety footer ("Never share PIN/OTP") is not an OTP: removed before _UNCERTAIN_RE.
+_SHARE_WARNING_RE = re.compile(r"\b(?:never|do\s+not|don'?t|not\s+to)\s+share\b[^.\n]{0,40}", _I)
 
 # ---------------------------------------------------------------------------
 # Field extractors

@@ -35,7 +35,8 @@ from .rule_tables import (
     _ANY_AMOUNT_RE, _BALANCE_KIND_RE, _BALANCE_RE, _BILL_RE, _CARD_RE, _CHANNEL_KEYWORDS,
     _DATE_LEAD_RE, _DATE_RES, _DECLINE_RE, _DOUBT_RE, _FUTURE_RE, _I, _ISO_DT_RE, _METHOD_RE,
     _MONTHS, _MOVEMENT_WORD_RE, _NARRATIONS, _NO_MOVEMENT_RE, _OTP_FOR_RE, _OTP_RES, _PROMO_RE,
-    _REFUND_WORD_RE, _REF_RES, _STRONG_PROMO_RE, _SYMBOLS, _TIME_RE, _VPA,
+    _REFUND_WORD_RE, _REF_RES, _SHARE_WARNING_RE, _STRONG_PROMO_RE, _SYMBOLS, _TIME_RE,
+    _UNCERTAIN_RE, _VPA,
 )
 
 __all__ = ["extract", "extract_certain"]
@@ -355,7 +356,8 @@ def _certain_transaction(text: str, form: Form, explicit: bool, txn: dict) -> bo
     """True when nothing in the SMS could make another reading plausible."""
     if not explicit or form.kind in ("outward", "loose"):
         return False
-    if _DOUBT_RE.search(text) or _PROMO_RE.search(text) or _DECLINE_RE.search(text):
+    if _DOUBT_RE.search(text) or _PROMO_RE.search(text) or _DECLINE_RE.search(text) \
+            or _UNCERTAIN_RE.search(_SHARE_WARNING_RE.sub(" ", text)):
         return False
     if not (txn["account_mask"] or txn["card_mask"] or txn["bank"]):
         return False  # not recognisably a bank or wallet alert
