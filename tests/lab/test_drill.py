@@ -59,7 +59,6 @@ def test_short_drill_with_every_kind_of_kill_keeps_every_invariant():
     report, proc, took = run_drill("--users", "3", "--sms", "40", "--kills", "6", "--seed", "1",
                                    "--json", timeout=150)
     assert_every_invariant_kept(report, proc)
-    assert took < 120, f"the CI drill took {took:.0f} s"
     assert report["sms"]["seeded"] == 120
     # The kills land while there is work (a kill is skipped only if the work finished first).
     kills = report["kills"]
@@ -75,7 +74,6 @@ def test_each_kind_of_kill_alone_keeps_every_invariant(kind):
     assert sum(report["kills"]["by_kind"].values()) == report["kills"]["by_kind"][kind]
     if kind in ("supervisor", "supervisor-db-down"):
         assert report["orphans"]["supervisor_kills_checked"] >= 1
-    assert took <= 40, f"the {kind} drill took {took:.0f} s"
 
 
 def test_verification_catches_a_tampered_database(tmp_path):
