@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument("--quiet", action="store_true", help="no progress bar")
     once.set_defaults(func=cmd_once)
 
-    for name, func, text in (("evaluate", cmd_evaluate, "score the offline extractor on labelled SMS"),
+    for name, func, text in (("evaluate", cmd_evaluate, "score an extractor (rules, llm, rules-then-llm) on labelled SMS"),
                              ("llm-server", cmd_llm_server, "the local OpenAI-compatible test server"),
                              ("drill", cmd_drill, "kill -9 recovery drill"),
                              ("demo", cmd_demo, "the whole job on an embedded default"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ class LlmSettings:
     requests_per_minute: float = 0.0         # 0: no limit
     tokens_per_minute: float = 0.0
     strict_schema: bool = True
+    # USD per million prompt / completion tokens, decimal strings ("" = unknown): `smsd evaluate`.
+    price_prompt_per_mtok: str = ""
+    price_completion_per_mtok: str = ""
 
 
 @dataclass
@@ -253,5 +257,9 @@ def _validate(settings: Settings) -> None:
     for key in ("requests_per_minute", "tokens_per_minute"):
         if getattr(settings.llm, key) < 0:
             raise ConfigError(f"bad value for llm.{key}: must be >= 0 (0 means no limit)")
+    for key in ("price_prompt_per_mtok", "price_completion_per_mtok"):
+        value = getattr(settings.llm, key)
+        if value and not re.fullmatch(r"[0-9]+(\.[0-9]+)?", value.strip()):
+            raise ConfigError(f"bad value for llm.{key}: {value!r} (a decimal string such as \"0.15\", or \"\")")
     if not settings.mongo.uri:
         raise ConfigError("mongo.uri is empty")

@@ -4,7 +4,8 @@ Each line of the data file is a fixture ``{"id", "text", "sender",
 "expected"}`` whose ``expected`` is an answer in the contract's format.  The
 headline is the share of SMS whose kind, and whose transactions' direction,
 amount (compared as numbers) and currency, all match.  The optional fields
-get precision and recall:
+get precision and recall (a fixture with ``labelled`` is compared on those
+parts only):
 
 * predicted non-null and equal to expected → true positive;
 * predicted non-null and different → false positive (and a false negative
@@ -97,8 +98,12 @@ def _rate(num: int, den: int) -> float | None:
 
 
 def evaluate(path: Path | None = None, extractor: Extractor = rules.extract, *,
-             certain_extractor: Extractor | None = None) -> dict:
+             certain_extractor: Extractor | None = None,
+             answer_all: Callable[[list[dict]], list[dict]] | None = None) -> dict:
     """Score ``extractor(text, sender)`` on every fixture in ``path``.
+
+    ``answer_all(rows)``, when given, answers every row at once instead (the
+    LLM extractors ask in batches: :class:`smsd.lab.evaluate_llm.Answers`).
 
     Returns a JSON-ready dict: ``total``, ``headline`` (matched, total,
     rate), ``accuracy`` per headline component, ``fields`` (tp, fp, fn,
@@ -117,14 +122,15 @@ def evaluate(path: Path | None = None, extractor: Extractor = rules.extract, *,
     errors: list[str] = []
     matched = 0
     certain = {"answered": 0, "correct": 0, "wrong": []}
+    given = answer_all(rows) if answer_all is not None else None
 
-    for row in rows:
+    for n, row in enumerate(rows):
         fid = str(row.get("id"))
         want = row["expected"]
         # A fixture from a source that asserts only some parts lists them in "labelled".
         labelled = row.get("labelled")
         try:
-            got = extractor(row["text"], row.get("sender"))
+            got = given[n] if given is not None else extractor(row["text"], row.get("sender"))
         except Exception:  # a crashing extractor scores as "found nothing"
             errors.append(fid)
             got = {"kind": None, "transactions": []}
@@ -231,22 +237,55 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``smsd evaluate [--data FILE] [--json]``: score the rule extractor."""
-    parser = argparse.ArgumentParser(prog="smsd evaluate",
-                                     description="Score the offline rule extractor on labelled SMS.")
+    """``smsd evaluate [--extractor rules|llm|rules-then-llm] [--data FILE] [--config FILE] [--json]``."""
+    from smsd.config import ConfigError, load_settings
+
+    from . import evaluate_llm
+    parser = argparse.ArgumentParser(
+        prog="smsd evaluate",
+        description="Score an extractor on labelled SMS: what smsd would store (validated and "
+                    "grounded), accuracy per field, and for the LLM tokens and USD per 1,000 SMS.")
+    parser.add_argument("--extractor", choices=evaluate_llm.EXTRACTORS, default="rules",
+                        help="rules (offline, default), llm (the configured endpoint), or rules-then-llm")
     parser.add_argument("--data", type=Path, default=None,
                         help=f"fixture file (JSON lines; default {DEFAULT_DATA})")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="config.toml for the LLM endpoint and prices (default: $SMSD_CONFIG, ./config.toml)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     path = args.data if args.data is not None else _default_data()
     if not path.is_file():
         print(f"smsd evaluate: no such file: {path}", file=sys.stderr)
         return 2
-    result = evaluate(path, rules.extract, certain_extractor=rules.extract_certain)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"smsd evaluate: {exc}", file=sys.stderr)
+        return 78
+    client = None
+    if args.extractor != "rules":
+        from smsd.llm import LlmClient
+        llm = settings.llm
+        # The daemon's own client, so the prompt, schema, validation and retries are the same.
+        client = LlmClient(base_url=llm.base_url, api_key=llm.api_key, model=llm.model,
+                           timeout=llm.timeout, max_retries=llm.max_retries,
+                           backoff_base=llm.backoff_base, backoff_max=llm.backoff_max,
+                           strict_schema=llm.strict_schema)
+    answers = evaluate_llm.Answers(args.extractor, settings, client)
+    try:
+        result = evaluate(path, answer_all=answers,
+                          certain_extractor=None if args.extractor == "llm" else rules.extract_certain)
+    finally:
+        if client is not None:
+            client.close()
+    result["extractor"] = args.extractor
+    result["cost"] = answers.cost.to_dict()
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_report(result))
+        print()
+        print(evaluate_llm.format_cost(args.extractor, answers.cost, evaluate_llm.describe(client)))
     return 0
 
 

@@ -131,6 +131,7 @@ def test_injected_values_never_reach_mongodb(tmp_path, db, mongo_server, mongo_d
         code, out = d.stop()
     assert code == 0, out[-3000:]
     assert db.financial_transactions.count_documents({"amount": {"$gte": 1_000_000}}) == 0
+    assert db.financial_transactions.count_documents({"amount": {"$gte": 1000}}) > 0  # the query does match
     reasons = {}
     for name, raw_id in bad.items():
         doc = db.sms_fin_rawdata.find_one({"_id": raw_id})
@@ -171,3 +172,27 @@ def test_smsctl_status_shows_the_ungrounded_count(tmp_path, db, mongo_server, mo
     row = next(line for line in table.stdout.splitlines() if line.startswith("jay "))
     assert "UNGROUNDED" in header and row.split()[header.split().index("UNGROUNDED")] == "3"
     assert "ungrounded 3" in table.stdout
+
+
+def test_rules_then_llm_grounds_rules_answers_too(tmp_path, db, mongo_server, mongo_db_name, make_llm_server):
+    """With rules-then-llm the certain SMS are not paid for, the rest are asked once,
+    and an injected SMS the rules might read is still quarantined, never stored."""
+    server = make_llm_server(obey_injections=True)
+    expected = seed(db, "kim", 153)
+    bad = _seed_injections(db, "kim")
+    config = write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=server.url,
+                          llm={"extractor": "rules-then-llm", "batch_size": 10},
+                          pipeline={"page_size": 200, "max_attempts": 2})
+    out = run_smsd(config, "once", "--user-id", "kim")
+    assert out.returncode == 0, out.stderr[-2000:]
+    billed = server.stats()["billed"]
+    certain = sum(rules.extract_certain(line["text"], line.get("sender")) is not None
+                  for line in fixture_lines())
+    assert len(billed) == 153 - certain + len(bad)        # certain SMS never reach the LLM
+    report = verify(db, expected, state_dir=tmp_path / "state", billed=billed)
+    assert report.ok, report.to_dict()
+    assert report.tx_found == 144
+    for raw_id in bad.values():
+        assert db.sms_fin_rawdata.find_one({"_id": raw_id})["smsd_quarantine"]["reason"].startswith("ungrounded: ")
+    assert db.financial_transactions.count_documents({"amount": {"$gte": 1_000_000}}) == 0
+    assert db.financial_transactions.count_documents({"amount": {"$gte": 1000}}) > 0  # the query does match
