@@ -43,8 +43,11 @@ _DIGITS_RE = re.compile(r"\d+")
 # Wording addressed to a model, not to a bank customer.  Deliberately narrow:
 # a bank SMS never tells its reader to ignore instructions or prompts.
 _INSTRUCTION_RES = (
-    re.compile(r"\b(?:ignore|disregard|forget|override)\b[^\n]{0,40}?"
-               r"\b(?:instructions?|prompts?|rules|guidelines)\b", re.I),
+    # "ignore previous instructions", "disregard all the above rules"; not "ignore if
+    # paid. As per RBI guidelines": the words must follow each other.
+    re.compile(r"\b(?:ignore|disregard|forget|override)\s+(?:all\s+|any\s+)?(?:of\s+)?(?:the\s+|your\s+|my\s+)?"
+               r"(?:previous|prior|above|earlier|preceding|original|system|all|these|those|other)?\s*"
+               r"(?:instructions?|prompts?|rules|guidelines|directions)\b", re.I),
     re.compile(r"\bsystem\s+(?:prompt|message|instructions?)\b", re.I),
     re.compile(r"\b(?:new|updated)\s+instructions?\s*:", re.I),
     re.compile(r"\byou\s+are\s+(?:now\s+)?(?:an?\s+)?(?:ai|assistant|language\s+model|llm|chatbot)\b", re.I),
