@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .metrics_http import ListenError, parse_listen
+
 
 class ConfigError(Exception):
     """The configuration file or a value in it (or in the environment) is invalid."""
@@ -83,6 +85,8 @@ class SupervisorSettings:
     allowed_gids: list[int] = field(default_factory=list)
     log_file: str = ""
     log_level: str = "INFO"
+    log_format: str = "text"                 # text | json (one JSON object per line)
+    metrics_listen: str = ""                 # host:port of GET /metrics; "" = off
 
 
 @dataclass
@@ -126,6 +130,8 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "SMSD_EXTRACTOR": ("llm", "extractor"),
     "SMSD_MAX_WORKERS": ("supervisor", "max_workers"),
     "SMSD_LOG_LEVEL": ("supervisor", "log_level"),
+    "SMSD_LOG_FORMAT": ("supervisor", "log_format"),
+    "SMSD_METRICS_LISTEN": ("supervisor", "metrics_listen"),
 }
 # systemd's directories, used when the SMSD_ variables are not set.
 SYSTEMD_DIRS = {"STATE_DIRECTORY": ("journal", "state_dir"),
@@ -135,6 +141,7 @@ CHOICES = {
     ("llm", "extractor"): ("llm", "rules", "rules-then-llm"),
     ("journal", "synchronous"): ("FULL", "NORMAL"),
     ("supervisor", "log_level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
+    ("supervisor", "log_format"): ("text", "json"),
 }
 POSITIVE = {("llm", "batch_size"), ("llm", "concurrency"), ("llm", "timeout"),
             ("journal", "max_backlog"), ("pipeline", "max_attempts"), ("pipeline", "page_size"),
@@ -246,7 +253,7 @@ def _validate(settings: Settings) -> None:
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(settings, section), key)
         if isinstance(value, str) and section in ("journal", "supervisor"):
-            value = value.upper()
+            value = value.upper() if all(c.isupper() for c in allowed) else value.lower()
             setattr(getattr(settings, section), key, value)
         if value not in allowed:
             raise ConfigError(f"bad value for {section}.{key}: {value!r} (one of {', '.join(allowed)})")
@@ -261,5 +268,10 @@ def _validate(settings: Settings) -> None:
         value = getattr(settings.llm, key)
         if value and not re.fullmatch(r"[0-9]+(\.[0-9]+)?", value.strip()):
             raise ConfigError(f"bad value for llm.{key}: {value!r} (a decimal string such as \"0.15\", or \"\")")
+    if settings.supervisor.metrics_listen:
+        try:
+            parse_listen(settings.supervisor.metrics_listen)
+        except ListenError as exc:
+            raise ConfigError(f"bad value for supervisor.metrics_listen: {exc}") from None
     if not settings.mongo.uri:
         raise ConfigError("mongo.uri is empty")

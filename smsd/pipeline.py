@@ -29,6 +29,7 @@ from typing import Any, Callable, Protocol
 from . import grounding
 from .config import Settings
 from .failpoints import failpoint
+from .histogram import FLUSH_BUCKETS, LLM_BUCKETS, Histogram
 from .journal import Answer, Journal
 from .llm import LlmAnswer, LlmError, validate_answer
 from .model import FlushItem, Quarantine, Sms, SmsResult, Usage
@@ -107,6 +108,8 @@ class Pipeline:
         # Multi-host fencing hook: raises StaleEpoch when our lease is gone.
         self.fence = fence
         self.summary = RunSummary(user_id=user_id)
+        # Sent in the worker's status line; the supervisor adds them up for /metrics.
+        self.latency = {"llm": Histogram(LLM_BUCKETS), "flush": Histogram(FLUSH_BUCKETS)}
         self.mongo_ok = True
         self.mongo_error: str | None = None
         self._batch_id = ""
@@ -267,10 +270,14 @@ class Pipeline:
             delay = min(60.0, 2.0 ** self._llm_failures)
             self._llm_backoff_until = time.monotonic() + delay
             log.warning("user %s: LLM call failed (%s); retrying %d SMS in %.0f s",
-                        self.user_id, exc, len(keys), delay)
+                        self.user_id, exc, len(keys), delay,
+                        extra={"user_id": self.user_id, "call_id": call.call_id, "n_sms": len(keys),
+                               "retry_in_s": delay})
             self._buffer.extendleft(reversed(call.sms))
             return
         self._llm_failures = 0
+        if answer.elapsed_ms:
+            self.latency["llm"].observe(answer.elapsed_ms / 1000.0)
         failpoint("after_llm_answer")
         # An answer whose values are not in its SMS is an invalid item, asked again alone.
         answer = grounding.ground(answer, call.sms)
@@ -282,7 +289,9 @@ class Pipeline:
         failpoint("after_commit")
         if answer.unknown_ids:
             log.warning("user %s: answer %s named %d unknown ids (ignored)",
-                        self.user_id, call.call_id, len(answer.unknown_ids))
+                        self.user_id, call.call_id, len(answer.unknown_ids),
+                        extra={"user_id": self.user_id, "call_id": call.call_id,
+                               "unknown_ids": len(answer.unknown_ids)})
         if failed:
             self._note_failures([m for m in call.sms if m.key in failed], failed)
 
@@ -308,7 +317,8 @@ class Pipeline:
         self.journal.add_quarantine(items)   # decided locally first, like any result
         self.summary.quarantined += len(items)
         for q in items:
-            log.warning("user %s: SMS %s quarantined: %s", self.user_id, q.key, q.reason)
+            log.warning("user %s: SMS %s quarantined: %s", self.user_id, q.key, q.reason,
+                        extra={"user_id": self.user_id, "sms_key": q.key, "attempts": q.attempts})
         self._flush_backlog_quietly()
 
     # ---------------------------------------------------------------- flush
@@ -323,6 +333,7 @@ class Pipeline:
         """
         if not answers:
             return 0
+        started = time.monotonic()
         if self.fence is not None:
             self.fence(answers)      # raises StaleEpoch: a newer owner has the user
         items = [FlushItem(raw_id=raw_id, user_id=self.user_id, result=result,
@@ -349,6 +360,7 @@ class Pipeline:
         failpoint("after_flush")
         self.journal.mark_flushed([a.call_id for a in answers])
         failpoint("after_mark_flushed")
+        self.latency["flush"].observe(time.monotonic() - started)
         return newly
 
     def _flush_backlog(self, max_answers: int | None = None) -> bool:

@@ -18,6 +18,7 @@ from typing import Protocol
 from . import __version__
 from .children import WorkerProc, rss
 from .config import Settings
+from .figures import Figures
 from .scheduler import UserState
 
 
@@ -31,6 +32,8 @@ class SupervisorView(Protocol):
     mongo: dict
     workers: dict[int, WorkerProc]
     users: dict[str, UserState]
+    figures: Figures
+    metrics_url: str | None
 
     def run_admin(self, cmd: str, args: dict) -> dict: ...
 
@@ -81,6 +84,26 @@ def status_users(sup: SupervisorView) -> list[dict]:
     return out
 
 
+def user_journals(sup: SupervisorView) -> dict[str, dict]:
+    """Each user's journal counters: the live worker's newest, else the last discovery's."""
+    running = {w.user_id: w for w in sup.workers.values()}
+    out = {}
+    for user in sup.users.values():
+        journal = user.info.get("journal") or {}
+        live = running.get(user.user_id)
+        if live and live.status.get("journal"):
+            journal = live.status["journal"]
+        out[user.user_id] = journal
+    return out
+
+
+def mongo_health(sup: SupervisorView) -> bool | None:
+    """MongoDB as the last discovery saw it, False as soon as a worker finds it down (None: not known yet)."""
+    if any(w.status.get("mongo_ok") is False for w in sup.workers.values()):
+        return False
+    return sup.mongo.get("ok")
+
+
 def status_reply(sup: SupervisorView, user_id: str | None = None) -> dict:
     """The reply of the ``status`` control command (for one user: with its checkpoint)."""
     now = time.monotonic()
@@ -93,19 +116,15 @@ def status_reply(sup: SupervisorView, user_id: str | None = None) -> dict:
                for w in sup.workers.values()]
     llm = {"calls": 0, "repeated_calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
     unflushed = 0
-    running = {w.user_id: w for w in sup.workers.values()}
-    for user in sup.users.values():
-        journal = user.info.get("journal") or {}
-        live = running.get(user.user_id)
-        if live and live.status.get("journal"):
-            journal = live.status["journal"]
+    for journal in user_journals(sup).values():
         unflushed += int(journal.get("unflushed") or 0)
         for key in llm:
             llm[key] += int(journal.get(key) or 0)
-    mongo_ok = sup.mongo.get("ok")
-    if any(w.status.get("mongo_ok") is False for w in sup.workers.values()):
-        mongo_ok = False
+    mongo_ok = mongo_health(sup)
     users = status_users(sup)
+    totals = {"processed_sms": sup.figures.user_total("processed"),
+              "pending_sms": sum(u["pending_sms"] for u in users),
+              "quarantined_sms": sum(u["quarantined_sms"] for u in users)}
     if user_id:
         users = [u for u in users if u["user_id"] == user_id]
     ungrounded = sum(u["ungrounded_sms"] for u in users)
@@ -115,6 +134,7 @@ def status_reply(sup: SupervisorView, user_id: str | None = None) -> dict:
              "workers": workers if not user_id else [w for w in workers if w["user_id"] == user_id],
              "users": users, "journal": {"unflushed": unflushed}, "llm": llm,
              "ungrounded_sms": ungrounded,
+             "totals": totals, "metrics_url": sup.metrics_url,
              "max_workers": sup.settings.supervisor.max_workers}
     if user_id:
         try:

@@ -33,6 +33,8 @@ from . import __version__, discovery, failpoints
 from .children import Child, WorkerProc, close_fds, read_answer, read_status, rss, start_child, start_worker
 from .config import ConfigError, Settings, load_settings
 from .control import ControlServer, Peer, UnknownCommand
+from .metrics import CONTENT_TYPE, Figures, Metrics
+from .metrics_http import MetricsServer
 from .scheduler import UserState, clear_failures, load_paused, next_turns, record_crash, save_paused
 from .sdnotify import Notifier
 from .status import status_line, status_reply
@@ -79,7 +81,14 @@ class Supervisor:
         self.embedded = None
         self.mongo_uri: str | None = None
         self.control: ControlServer | None = None
+        self.figures = Figures()
+        self.metrics: MetricsServer | None = None
         self.wake_r = self.wake_w = -1
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where ``/metrics`` is served (None: off)."""
+        return self.metrics.url if self.metrics else None
 
     # ------------------------------------------------------------- start-up
     def run(self) -> int:
@@ -122,11 +131,21 @@ class Supervisor:
             s.control_socket, self.handle_command, group=s.supervisor.socket_group or None,
             allowed_uids=s.supervisor.allowed_uids, allowed_gids=s.supervisor.allowed_gids)
         self.control.start()
+        if s.supervisor.metrics_listen:
+            self.metrics = MetricsServer(s.supervisor.metrics_listen, Metrics(self).body,
+                                         content_type=CONTENT_TYPE)
+            try:
+                self.metrics.start()
+            except OSError as exc:
+                raise RuntimeError(f"metrics_listen {s.supervisor.metrics_listen}: {exc.strerror or exc}") from exc
 
     def cleanup(self) -> None:
         if self.control:
             self.control.close()
             self.control = None
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
         if self.embedded:
             self.embedded.stop()
             self.embedded = None
@@ -157,9 +176,10 @@ class Supervisor:
         readers = [self.wake_r] + [w.fd for w in self.workers.values()] + \
                   [c.fd for c in self.children.values() if not c.done]
         writers: list[int] = []
-        if self.control:
-            readers += self.control.read_fds()
-            writers += self.control.write_fds()
+        for server in (self.control, self.metrics):
+            if server:
+                readers += server.read_fds()
+                writers += server.write_fds()
         timeout = 1.0
         if self.watchdog_every:
             timeout = min(timeout, self.watchdog_every / 2)
@@ -182,12 +202,15 @@ class Supervisor:
         for w in list(self.workers.values()):
             if w.fd in readable_set:
                 read_status(w)
+                self.figures.worker_status(w)
         for c in list(self.children.values()):
             if c.fd in readable_set:
                 self.read_child(c)
         if self.control:
             self.control.process(readable_set, writable_set)
             self.control.expire()
+        if self.metrics:
+            self.metrics.process(readable_set, writable_set)
 
     # ------------------------------------------------------------- signals
     def _signal(self, signum: int, _frame: Any) -> None:
@@ -251,7 +274,8 @@ class Supervisor:
             return
         old = self.settings
         # The journal, socket and database cannot move under running workers.
-        for section, key in (("journal", "state_dir"), ("supervisor", "runtime_dir"), ("mongo", "uri")):
+        for section, key in (("journal", "state_dir"), ("supervisor", "runtime_dir"), ("mongo", "uri"),
+                             ("supervisor", "metrics_listen"), ("supervisor", "log_format")):
             if getattr(getattr(new, section), key) != getattr(getattr(old, section), key):
                 log.warning("reload: %s.%s changes only on restart", section, key)
                 setattr(getattr(new, section), key, getattr(getattr(old, section), key))
@@ -274,12 +298,14 @@ class Supervisor:
     def spawn_worker(self, user: UserState) -> None:
         w = start_worker(self.settings, user.user_id, self.pid, self.mongo_uri, self._close_inherited)
         self.workers[w.pid] = w
+        self.figures.worker_started(w.pid, user.user_id)
         user.last_served = time.monotonic()
         log.info("worker %d started for user %s", w.pid, user.user_id)
 
     def _close_inherited(self, keep: set[int]) -> None:
         """In a fresh child: drop the supervisor's socket and embedded server, close its fds."""
         self.control = None   # the child must not unlink the supervisor's socket
+        self.metrics = None
         self.embedded = None
         close_fds(keep)
 
@@ -349,6 +375,7 @@ class Supervisor:
             if w.status.get("journal"):
                 user.info["journal"] = w.status["journal"]
         now = time.monotonic()
+        restart_reason = "rss" if w.recycle_reason == "rss" else None   # for /metrics
         if code == EXIT_DONE and w.recycle_reason is None:
             user.last_exit = "done"
             user.consecutive_crashes = 0
@@ -365,9 +392,11 @@ class Supervisor:
             user.next_start = now + 1.0
         else:
             why = f"signal {-code}" if code < 0 else f"exit {code}"
+            restart_reason = "killed" if code < 0 else "crashed"
             if w.recycle_reason == "hung":
-                why = "hung, killed"
+                why, restart_reason = "hung, killed", "hung"
             record_crash(user, self.settings.supervisor, w.pid, why)
+        self.figures.worker_exited(w, restart_reason)
 
     # -------------------------------------------------- discovery / admin
     def maybe_discover(self) -> None:
@@ -407,6 +436,7 @@ class Supervisor:
         self.mongo = answer.get("mongo", self.mongo)
         self.applied_generation = max(self.applied_generation, generation)
         found = answer.get("users", {})
+        self.figures.discovered(found)
         for user_id, info in found.items():
             user = self.users.setdefault(user_id, UserState(user_id))
             if user.done_generation >= generation:

@@ -25,6 +25,7 @@ from typing import Callable
 from .config import Settings
 from .extractor import build_extractor, build_rate_limiter
 from .journal import Journal, JournalLocked
+from .logsetup import bind_context
 from .pipeline import Pipeline
 from .store import Store
 
@@ -97,7 +98,9 @@ class _Reporter:
                                   "mongo-down" if not pipeline.mongo_ok else "working"),
                "total_sms": s.total_sms, "processed_sms": s.processed_sms,
                "asked_sms": s.asked_sms, "quarantined": s.quarantined,
-               "mongo_ok": pipeline.mongo_ok, "journal": self.journal_stats}
+               "newly_processed": s.newly_processed,
+               "mongo_ok": pipeline.mongo_ok, "journal": self.journal_stats,
+               "latency": {name: h.to_wire() for name, h in pipeline.latency.items()}}
         self.send(msg)
 
     def send(self, msg: dict) -> None:
@@ -127,6 +130,7 @@ def run_worker(settings: Settings, user_id: str, status_fd: int, parent_pid: int
 def _work(settings: Settings, user_id: str, status_fd: int, parent_pid: int,
           mongo_uri: str | None) -> int:
     die_with_parent(parent_pid)
+    bind_context(user_id=user_id)   # every JSON log line of this worker names its user
     stop, abort = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())               # drain
     signal.signal(signal.SIGQUIT, lambda *_: (stop.set(), abort.set()))  # fast stop

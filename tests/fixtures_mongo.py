@@ -117,6 +117,14 @@ def mongo_db_name(mongo_server: MongoServer) -> Iterator[str]:
 
 
 @pytest.fixture
+def db(mongo_server: MongoServer, mongo_db_name: str) -> Iterator[Any]:
+    """A pymongo Database on the test's fresh database (tests may override it with their own)."""
+    client = pymongo.MongoClient(mongo_server.uri)
+    yield client[mongo_db_name]
+    client.close()
+
+
+@pytest.fixture
 def store(mongo_server: MongoServer, mongo_db_name: str) -> Iterator[Store]:
     """A :class:`Store` on a fresh database of ``mongo_server``, indexes ensured."""
     mongo_server.ensure_alive()

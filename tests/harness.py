@@ -128,6 +128,14 @@ class Daemon:
         return self.proc.returncode, out
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (for servers a test starts)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_for(cond, timeout=60.0, what="condition", interval=0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
