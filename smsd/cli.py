@@ -39,7 +39,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     from .worker import make_pipeline, make_store
 
     settings = _settings(args)
-    setup_logging(settings.supervisor.log_level)
+    setup_logging(settings.supervisor.log_level, log_format=settings.supervisor.log_format)
     if args.limit is not None and args.limit <= 0:
         print("smsd once: --limit must be a positive number", file=sys.stderr)
         return EXIT_USAGE
@@ -154,16 +154,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.daemon:
         from .daemonize import daemonize, running_under_systemd
         if running_under_systemd():
-            setup_logging(settings.supervisor.log_level)
+            setup_logging(settings.supervisor.log_level, log_format=settings.supervisor.log_format)
             log.warning("--daemon ignored: running under systemd, which must not see a double fork")
             return Supervisor(settings).run()
         log_file = args.log_file or settings.supervisor.log_file or str(settings.state_dir / "smsd.log")
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handler = setup_logging(settings.supervisor.log_level, log_file)
+        handler = setup_logging(settings.supervisor.log_level, log_file,
+                                log_format=settings.supervisor.log_format)
         with daemonize(Path(args.pidfile), Path(log_file), working_directory=os.getcwd(),
                        files_preserve=[handler.stream]):
             return Supervisor(settings).run()
-    setup_logging(settings.supervisor.log_level, settings.supervisor.log_file or None)
+    setup_logging(settings.supervisor.log_level, settings.supervisor.log_file or None,
+                  log_format=settings.supervisor.log_format)
     return Supervisor(settings).run()
 
 

@@ -564,5 +564,9 @@ class LlmClient:
         log.info("llm call n_sms=%d ms=%.0f prompt_tokens=%d completion_tokens=%d request_id=%s "
                  "attempts=%d ok=%d failed=%d unknown=%d",
                  len(keys), ms, usage.prompt_tokens, usage.completion_tokens, request_id,
-                 attempts, len(results), len(failed), len(unknown))
+                 attempts, len(results), len(failed), len(unknown),
+                 extra={"n_sms": len(keys), "ms": round(ms), "prompt_tokens": usage.prompt_tokens,
+                        "completion_tokens": usage.completion_tokens, "request_id": request_id,
+                        "attempts": attempts, "ok": len(results), "failed": len(failed),
+                        "unknown": len(unknown)})
         return answer

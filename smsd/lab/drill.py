@@ -70,13 +70,15 @@ def _pdeathsig_exec(argv: list[str]) -> list[str]:
     return [sys.executable, "-c", code, str(os.getpid()), *argv]
 
 
-def _clean_env(config: Path) -> dict[str, str]:
+def _clean_env(config: Path, api_key: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SMSD_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_"))
            and k not in ("OPENAI_API_KEY", "CREDENTIALS_DIRECTORY", "STATE_DIRECTORY",
                          "RUNTIME_DIRECTORY")}
     env["SMSD_CONFIG"] = str(config)
     env["PYTHONUNBUFFERED"] = "1"
+    if api_key:
+        env["OPENAI_API_KEY"] = api_key
     return env
 
 
@@ -162,7 +164,7 @@ class Drill(KillsMixin, ReportMixin):
         faults = dict(LATENCY, retry_after_s=0.5, seed=o.seed)
         if o.faults:
             faults.update(FAULTS)
-        self.llm = LlmServer(KnownAnswers(table), model="smsd-drill", **faults).start()
+        self.llm = LlmServer(KnownAnswers(table), model="smsd-drill", api_key=o.api_key, **faults).start()
         self.say(f"LLM server on {self.llm.url} (faults {'on' if o.faults else 'off'})")
 
         calls = math.ceil(o.sms / BATCH_SIZE) * o.users
@@ -181,7 +183,7 @@ class Drill(KillsMixin, ReportMixin):
             "supervisor": {"runtime_dir": str(self.dir / "run"), "max_workers": o.max_workers,
                            "discovery_interval": 1.0, "restart_backoff": 0.2,
                            "restart_backoff_max": 2.0, "crash_loop_count": 1000,
-                           "drain_timeout": 20.0, "log_level": "INFO",
+                           "drain_timeout": 20.0, "log_level": "INFO", "log_format": o.log_format,
                            "log_file": str(self.dir / "smsd.log")},
         }
         self.config = self.dir / "config.toml"
@@ -220,7 +222,7 @@ class Drill(KillsMixin, ReportMixin):
         with open(log_path, "ab") as log:
             self.sup = subprocess.Popen(
                 _pdeathsig_exec([sys.executable, "-m", "smsd.cli", "run"]),
-                env=_clean_env(self.config), stdin=subprocess.DEVNULL, stdout=log,
+                env=_clean_env(self.config, self.o.api_key), stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, cwd=str(self.dir), start_new_session=True)
         self.sessions.append(self.sup.pid)
         return self.sup.pid
@@ -438,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the directory (kept anyway on a violation)")
     p.add_argument("--dir", help="work in this directory instead of a temporary one (implies --keep)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="supervisor.log_format of the daemon under drill (default text)")
+    p.add_argument("--api-key", help="an API key the LLM server requires and smsd is given "
+                                     "(OPENAI_API_KEY); default none")
     p.add_argument("--verify-only", metavar="DIR",
                    help="only re-check a directory kept by an earlier drill, then exit")
     return p
@@ -464,7 +470,7 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optio
     return Options(users=args.users, sms=args.sms, kills=args.kills, faults=args.faults,
                    duration=duration, seed=seed, kinds=kinds, max_workers=args.max_workers,
                    grace=grace, pace=args.pace, keep=args.keep or bool(args.dir), dir=args.dir,
-                   quiet=args.quiet)
+                   quiet=args.quiet, log_format=args.log_format, api_key=args.api_key)
 
 
 class _Interrupted(BaseException):

@@ -121,6 +121,8 @@ class Options:
     keep: bool = False
     dir: str | None = None
     quiet: bool = False
+    log_format: str = "text"        # supervisor.log_format of the daemon under drill
+    api_key: str | None = None      # required by the LLM server, given to smsd as OPENAI_API_KEY
 
 
 class DrillError(RuntimeError):
