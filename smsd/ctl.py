@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import control_protocol as control  # the client side of the control socket
+from .ctl_watch import watch
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="supervisor, workers, users, journal and LLM counters")
     p.add_argument("--json", action="store_true", help="print the daemon's JSON object")
     p.add_argument("--user-id", help="also show this user's checkpoint")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) with SMS/s and an ETA; Ctrl-C stops")
 
     p = sub.add_parser("resume", help="resume all users, or one")
     p.add_argument("--user-id")
@@ -114,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``smsctl``; returns the exit code."""
     parser = build_parser()
     opts = parser.parse_args(argv)  # exits 2 on usage errors
+    if getattr(opts, "watch", None) is not None and opts.watch <= 0:
+        _err("smsctl: --watch needs a positive number of seconds")
+        return EXIT_USAGE
     path = opts.socket if opts.socket is not None else default_socket_path()
     args: dict[str, Any] = {}
     if getattr(opts, "user_id", None) is not None:
@@ -139,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
     out = sys.stdout
+    if opts.cmd == "status" and opts.watch is not None:
+        render = (lambda r: json.dumps(r, default=str)) if opts.json else format_status
+        return watch(lambda: control.request(path, "status", args, timeout=opts.timeout),
+                     render, _duration, opts.watch, out)
     try:
         if opts.cmd == "quarantine":
             reply = _scrub_quarantine(reply)
