@@ -35,7 +35,7 @@ from typing import Any, Callable
 from .demo_plan import DemoFailed, Out, Plan, _show
 from .demo_processes import (Progress, SmsdRun, _descendants, _is_embedded, _wait_gone,
                              smsctl_status, wait_settled, watch)
-from .demo_report import check, journal_totals, print_summary
+from .demo_report import check, journal_totals, metrics_glance, print_summary, print_transactions
 from .demo_seed import build_documents, prepare_workdir, seed_database, write_config
 
 EXIT_OK = 0
@@ -60,6 +60,7 @@ def run_demo(plan: Plan, out: Out, cleanups: list[Callable[[], None]]) -> int:
     deadline = time.monotonic() + plan.timeout
     prepare_workdir(plan.workdir)
     mongo_port = free_port()
+    plan.metrics_port = free_port()
 
     llm_server = None
     if plan.real_llm:
@@ -114,6 +115,8 @@ def run_demo(plan: Plan, out: Out, cleanups: list[Callable[[], None]]) -> int:
     wait_settled(run, seeded.users, deadline)
     out("every SMS is processed or quarantined; `smsctl status`:")
     out.block(smsctl_status(plan))
+    out(f"Prometheus metrics while smsd runs: {plan.metrics_url} "
+        f"({metrics_glance(plan.metrics_url)}; supervisor.metrics_listen / SMSD_METRICS_LISTEN)")
     progress.close()
 
     out("stopping smsd (SIGTERM: drain) ...")
@@ -129,6 +132,10 @@ def run_demo(plan: Plan, out: Out, cleanups: list[Callable[[], None]]) -> int:
     outcome = check(plan, mongo_port, seeded, billed)
     totals = journal_totals(plan.state_dir)
     print_summary(plan, out, seeded, outcome, totals, server_calls, code)
+    print_transactions(out, outcome.samples)
+    out(f"metrics: {plan.metrics_url} whenever smsd runs with {_show(plan.config)} "
+        "(supervisor.metrics_listen); Grafana dashboard docs/grafana/smsd.json, "
+        "alerts docs/prometheus/smsd-rules.yml")
     return EXIT_OK if outcome.ok and code == 0 else EXIT_INVARIANT
 
 

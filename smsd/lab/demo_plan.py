@@ -36,6 +36,11 @@ class Plan:
     model: str = ""
     batch_size: int = 5
     concurrency: int = 2
+    metrics_port: int = 0        # supervisor.metrics_listen on 127.0.0.1 (a free port)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def config(self) -> Path:

@@ -49,6 +49,7 @@ class Outcome:
     transactions: int
     quarantined_malformed: int
     checks: list[str]
+    samples: list[dict]   # a few stored transactions, for the closing table
 
     @property
     def ok(self) -> bool:
@@ -82,6 +83,7 @@ def check(plan: Plan, mongo_port: int, seeded: Seeded, billed: dict[str, int] | 
             transactions = db["financial_transactions"].count_documents({"user_id": {"$in": seeded.users}})
             quarantined_malformed = db["sms_fin_rawdata"].count_documents(
                 {"_id": {"$in": seeded.malformed}, "smsd_quarantine": {"$exists": True}})
+            samples = sample_transactions(db, seeded.users)
         finally:
             client.close()
     finally:
@@ -91,7 +93,48 @@ def check(plan: Plan, mongo_port: int, seeded: Seeded, billed: dict[str, int] | 
         checks.append(f"{len(seeded.malformed) - quarantined_malformed} malformed SMS not quarantined")
     if not plan.real_llm and report.sms_quarantined != len(seeded.malformed):
         checks.append(f"{report.sms_quarantined - quarantined_malformed} well-formed SMS quarantined")
-    return Outcome(report, transactions, quarantined_malformed, checks)
+    return Outcome(report, transactions, quarantined_malformed, checks, samples)
+
+
+SAMPLE_FIELDS = ("amount", "currency", "direction", "channel", "counterparty", "account_mask")
+
+
+def sample_transactions(db: Any, users: list[str], n: int = 6) -> list[dict]:
+    """A few stored transactions, the most complete first (only these fields: never SMS text)."""
+    docs = list(db["financial_transactions"].find({"user_id": {"$in": users}},
+                                                  {f: 1 for f in SAMPLE_FIELDS}).sort("_id", 1).limit(300))
+    docs.sort(key=lambda d: -sum(d.get(f) is not None for f in SAMPLE_FIELDS))
+    return [{f: d.get(f) for f in SAMPLE_FIELDS} for d in docs[:n]]
+
+
+def print_transactions(out: Out, samples: list[dict]) -> None:
+    """The closing table of a few stored transactions (amount is the stored Decimal128, exactly)."""
+    if not samples:
+        return
+    rows = [(f"{s['amount']} {s.get('currency') or ''}".strip(), s.get("direction") or "-",
+             s.get("channel") or "-", s.get("counterparty") or "-", s.get("account_mask") or "-")
+            for s in samples]
+    head = ("AMOUNT", "DIRECTION", "CHANNEL", "COUNTERPARTY", "ACCOUNT")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    out("a few of the stored transactions (financial_transactions):")
+    for row in [head] + rows:
+        print("    " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip(), flush=True)
+
+
+def metrics_glance(url: str) -> str:
+    """Two figures from ``/metrics``, to show it answers (or why it does not)."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError as exc:
+        return f"not answering: {exc}"
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("smsd_sms_processed_total", 'smsd_llm_calls_total{outcome="answered"}'):
+            found[name] = value.split(".")[0]
+    return ", ".join(f"{k} {v}" for k, v in found.items()) or "no smsd figures"
 
 
 def print_summary(plan: Plan, out: Out, seeded: Seeded, outcome: Outcome, totals: dict[str, int],

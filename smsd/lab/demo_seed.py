@@ -62,7 +62,7 @@ def write_config(plan: Plan, mongo_port: int) -> None:
         "pipeline": {"max_attempts": 3, "page_size": 50},
         "supervisor": {"runtime_dir": str(plan.runtime_dir), "max_workers": 4,
                        "discovery_interval": 1.0, "restart_backoff": 0.2, "drain_timeout": 20.0,
-                       "log_level": "INFO"},
+                       "log_level": "INFO", "metrics_listen": f"127.0.0.1:{plan.metrics_port}"},
     }
     lines = ["# Written by `smsd demo`; wiped with the work directory at the next demo.",
              "# The API key is never in this file (OPENAI_API_KEY)."]
