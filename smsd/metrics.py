@@ -66,6 +66,9 @@ class _Collector:
                                 value=sum(u["pending_sms"] for u in users))
         yield GaugeMetricFamily("smsd_sms_quarantined_now", "SMS in quarantine now (smsctl retry lowers it).",
                                 value=sum(u["quarantined_sms"] for u in users))
+        yield GaugeMetricFamily("smsd_sms_ungrounded", "SMS whose answers were not grounded in their text "
+                                "(asked again or quarantined), as last counted.",
+                                value=sum(u.get("ungrounded_sms", 0) for u in users))
         by_status = GaugeMetricFamily("smsd_users", "Users known to the supervisor, by status.",
                                       labels=["status"])
         for status, n in sorted(Counter(u["status"] for u in users).items()):

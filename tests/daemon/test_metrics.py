@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -13,8 +16,6 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from smsd import control_protocol as control
 
 from ..harness import REPO, Daemon, free_port, seed, wait_for, write_config
 
@@ -163,13 +164,17 @@ def test_prometheus_scrapes_smsd_and_its_processed_total_matches_mongodb(tmp_pat
     assert code == 0, out[-3000:]
 
 
-def test_promtool_accepts_the_alert_rules_and_refuses_a_broken_copy(tmp_path):
+def test_promtool_accepts_the_alert_rules_their_unit_tests_pass_and_a_broken_copy_is_refused(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (Debian package `prometheus`)")
     ok = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "SUCCESS: 7 rules found" in ok.stdout
+    # The alerts fire when they should and not before (docs/prometheus/smsd-rules.test.yml).
+    unit = subprocess.run([promtool, "test", "rules", "smsd-rules.test.yml"], capture_output=True, text=True,
+                          cwd=str(RULES.parent))
+    assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
     broken = tmp_path / "broken.yml"
     broken.write_text(RULES.read_text().replace("smsd_mongo_up == 0", "smsd_mongo_up == == 0"))
     bad = subprocess.run([promtool, "check", "rules", str(broken)], capture_output=True, text=True)
@@ -190,9 +195,10 @@ def _raw(port: int, data: bytes, *, read: bool = True, timeout: float = 5.0) -> 
 
 
 def test_garbage_and_100_concurrent_scrapes_never_hold_up_the_loop(tmp_path, db, mongo_server,
-                                                                   mongo_db_name, llm_server):
+                                                                   mongo_db_name, make_llm_server):
+    llm_server = make_llm_server(latency_ms=800)   # workers busy for several seconds: a storm meets them
     for user in ("dan", "eve"):
-        seed(db, user, 30)
+        seed(db, user, 80)
     port = free_port()
     notify = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -235,27 +241,37 @@ def test_garbage_and_100_concurrent_scrapes_never_hold_up_the_loop(tmp_path, db,
         assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
 
         results: list[bytes] = []
-        statuses: list[dict] = []
+        storm_over = threading.Event()
 
-        def one_scrape():
-            results.append(_raw(port, b"GET /metrics HTTP/1.1\r\nHost: smsd\r\n\r\n", timeout=30))
+        def scraper():
+            # 100 of these at once, each scraping again as soon as it has its answer.
+            while not storm_over.is_set():
+                results.append(_raw(port, b"GET /metrics HTTP/1.1\r\nHost: smsd\r\n\r\n", timeout=30))
 
-        threads = [threading.Thread(target=one_scrape) for _ in range(100)]
+        threads = [threading.Thread(target=scraper) for _ in range(100)]
         for t in threads:
             t.start()
-        # smsctl status answers while the storm goes on.
-        while any(t.is_alive() for t in threads):
-            statuses.append(control.request(str(d.sock), "status", {}, timeout=5))
+        # Meanwhile smsctl status answers, and a worker killed mid-storm is replaced.
+        victim = wait_for(lambda: d.worker_pids(), what="a worker")
+        os.kill(next(iter(victim)), signal.SIGKILL)
+        for _ in range(3):
+            ctl = subprocess.run([sys.executable, "-m", "smsd.ctl", "--socket", str(d.sock), "status", "--json"],
+                                 capture_output=True, text=True, timeout=30, cwd=str(REPO))
+            assert ctl.returncode == 0 and json.loads(ctl.stdout)["ok"], ctl.stderr
+        storm_over.set()
         for t in threads:
             t.join()
-        assert len(results) == 100
+        assert len(results) >= 200
         assert all(r.startswith(b"HTTP/1.1 200 ") and b"\nsmsd_up 1.0\n" in r for r in results)
-        assert statuses and all(s["ok"] for s in statuses)
         # A slowloris client is dropped after the client timeout (5 s): the server closes on it.
         hogs[0].settimeout(10)
         assert hogs[0].recv(100) == b""
-        wait_for(lambda: db.sms_fin_rawdata.count_documents({"isprocessed": True}) == 60, what="all processed")
+        wait_for(lambda: db.sms_fin_rawdata.count_documents({"isprocessed": True}) == 160, what="all processed")
         storm_end = time.monotonic()
+        fams = wait_for(lambda: (lambda f: f if value(f, "smsd_workers") == 0 else None)(scrape(port)),
+                        what="workers done")
+        assert value(fams, "smsd_worker_restarts", reason="killed") == 1
+        assert value(fams, "smsd_sms_processed") == 160
     finally:
         for h in hogs:
             h.close()
@@ -268,6 +284,8 @@ def test_garbage_and_100_concurrent_scrapes_never_hold_up_the_loop(tmp_path, db,
     gaps = [b - a for a, b in zip(during, during[1:])]
     assert len(during) >= (storm_end - storm_start) / 0.5 - 2
     assert max(gaps) < 1.0, f"watchdog ping gaps {sorted(gaps)[-5:]}"
+    print(f"storm: {len(results)} scrapes by 100 concurrent clients, 30 idle/slow clients, "
+          f"{len(during)} watchdog pings over {storm_end - storm_start:.1f} s, largest gap {max(gaps):.3f} s")
 
 
 def test_a_bad_or_busy_metrics_address_stops_start_up_with_a_clear_error(tmp_path, mongo_server, mongo_db_name,
@@ -287,3 +305,38 @@ def test_a_bad_or_busy_metrics_address_stops_start_up_with_a_clear_error(tmp_pat
         assert proc.returncode == 3 and "metrics_listen" in proc.stderr, proc.stderr[-2000:]
     finally:
         busy.close()
+
+
+def test_figures_never_go_down_never_count_a_line_twice_and_add_up_worker_histograms():
+    from smsd.children import WorkerProc
+    from smsd.figures import Figures
+    from smsd.histogram import LLM_BUCKETS, Histogram
+
+    f = Figures()
+    f.discovered({"u": {"processed_sms": 10, "quarantined_sms": 1, "journal": {"calls": 3, "prompt_tokens": 90}}})
+    w = WorkerProc(pid=101, user_id="u", fd=-1)
+    f.worker_started(w.pid, "u")
+    worker_hist = Histogram(LLM_BUCKETS)
+    for seconds in (0.03, 0.3, 7.0):
+        worker_hist.observe(seconds)
+    w.status = {"newly_processed": 5, "quarantined": 1, "journal": {"calls": 5, "prompt_tokens": 150},
+                "latency": {"llm": worker_hist.to_wire()}}
+    f.worker_status(w)
+    f.worker_status(w)                       # the same line read again adds nothing
+    assert f.user_total("processed") == 15 and f.user_total("quarantined") == 2
+    assert f.journal_total("calls") == 5 and f.journal_total("prompt_tokens") == 150
+    assert f.latency["llm"].count == 3 and dict(f.latency["llm"].cumulative())["+Inf"] == 3
+    # A discovery that looked before the worker's flushes reports less: no step back.
+    f.discovered({"u": {"processed_sms": 12, "journal": {"calls": 4}}})
+    assert f.user_total("processed") == 15 and f.journal_total("calls") == 5
+    worker_hist.observe(0.6)
+    w.status = dict(w.status, newly_processed=8, latency={"llm": worker_hist.to_wire()})
+    f.worker_exited(w, "killed")
+    assert f.user_total("processed") == 18 and f.latency["llm"].count == 4
+    assert f.restarts == {"killed": 1}
+    f.discovered({"u": {"processed_sms": 25}})   # another process worked on it since: MongoDB knows best
+    assert f.user_total("processed") == 25
+    # A status line of another smsd version (other buckets) is ignored, not mis-added.
+    w2 = WorkerProc(pid=102, user_id="v", fd=-1, status={"latency": {"llm": {"counts": [1, 2], "sum": 1.0}}})
+    f.worker_status(w2)
+    assert f.latency["llm"].count == 4
