@@ -162,6 +162,18 @@ def test_prometheus_scrapes_smsd_and_its_processed_total_matches_mongodb(tmp_pat
         prom.stop()
         code, out = d.stop()
     assert code == 0, out[-3000:]
+    # A new supervisor rebuilds the counters from MongoDB and the journals; restarts start from zero.
+    d = Daemon(_config(tmp_path, mongo_server, mongo_db_name, llm_server, port), tmp_path)
+    try:
+        again = wait_for(lambda: (lambda f: f if value(f, "smsd_sms_processed") == 60 else None)(scrape(port)),
+                         timeout=30, what="processed total rebuilt")
+        assert value(again, "smsd_llm_calls", outcome="answered") == 12
+        assert value(again, "smsd_llm_tokens", type="prompt") == st["llm"]["prompt_tokens"]
+        assert value(again, "smsd_worker_restarts", reason="killed") == 0
+        assert [s.value for s in again["smsd_llm_latency_seconds"].samples if s.name.endswith("_count")] == [0]
+    finally:
+        code, out = d.stop()
+    assert code == 0, out[-3000:]
 
 
 def test_promtool_accepts_the_alert_rules_their_unit_tests_pass_and_a_broken_copy_is_refused(tmp_path):
