@@ -11,6 +11,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -49,8 +50,20 @@ class LlmSettings:
     tokens_per_minute: float = 0.0
     strict_schema: bool = True
     # USD per million prompt / completion tokens, decimal strings ("" = unknown): `smsd evaluate`.
+    # USD per million prompt / completion tokens, decimal strings ("" = unknown): `smsd evaluate`,
+    # smsd_llm_cost_usd_total.
     price_prompt_per_mtok: str = ""
     price_completion_per_mtok: str = ""
+
+    def prices(self) -> tuple[Decimal, Decimal] | None:
+        """USD per million prompt and completion tokens, or None unless both are set."""
+        raw = (self.price_prompt_per_mtok, self.price_completion_per_mtok)
+        if not all(raw):
+            return None
+        try:
+            return Decimal(raw[0]), Decimal(raw[1])
+        except InvalidOperation:
+            return None
 
 
 @dataclass

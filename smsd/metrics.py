@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from decimal import Decimal
 from collections import Counter
 from typing import Iterator
 
@@ -92,6 +93,13 @@ class _Collector:
             tokens.add_metric(["cached"], fig.journal_total("cached_tokens"))
         tokens.add_metric(["completion"], fig.journal_total("completion_tokens"))
         yield tokens
+        prices = sup.settings.llm.prices()
+        if prices is not None:
+            # Decimal up to here; the text format's values are floats by definition.
+            usd = (fig.journal_total("prompt_tokens") * prices[0]
+                   + fig.journal_total("completion_tokens") * prices[1]) / Decimal(1_000_000)
+            yield CounterMetricFamily("smsd_llm_cost_usd", "USD of the tokens billed, at the [llm] price_*_per_mtok "
+                                      "prices (cached-prompt discounts are not recorded yet).", value=float(usd))
         yield _histogram("smsd_llm_latency_seconds", "Seconds per answered LLM request (resets on a restart).",
                          fig.latency["llm"])
 

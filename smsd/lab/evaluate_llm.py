@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from smsd import grounding, rules
@@ -68,13 +68,7 @@ class Cost:
 
 def prices(settings: Settings) -> tuple[Decimal, Decimal] | None:
     """USD per million prompt and completion tokens from the config, or None."""
-    raw = (settings.llm.price_prompt_per_mtok, settings.llm.price_completion_per_mtok)
-    if not all(raw):
-        return None
-    try:
-        return Decimal(raw[0]), Decimal(raw[1])
-    except InvalidOperation:
-        return None
+    return settings.llm.prices()
 
 
 def _stored(key: str, answer: dict, text: str) -> tuple[dict | None, str | None]:

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,9 @@ CONTRACT = {"smsd_up": "gauge", "smsd_sms_processed": "counter", "smsd_sms_quara
             "smsd_mongo_up": "gauge", "smsd_workers": "gauge", "smsd_worker_restarts": "counter"}
 
 
-def _config(tmp_path, mongo_server, db_name, llm_server, port, **supervisor):
+def _config(tmp_path, mongo_server, db_name, llm_server, port, **llm):
     return write_config(tmp_path, mongo_uri=mongo_server.uri, db=db_name, llm_url=llm_server.url,
-                        supervisor={"metrics_listen": f"127.0.0.1:{port}", **supervisor})
+                        supervisor={"metrics_listen": f"127.0.0.1:{port}"}, llm=llm)
 
 
 def scrape(port: int) -> dict:
@@ -105,7 +106,8 @@ def test_prometheus_scrapes_smsd_and_its_processed_total_matches_mongodb(tmp_pat
     for user in ("ann", "ben", "cat"):
         seed(db, user, 20)
     port = free_port()
-    d = Daemon(_config(tmp_path, mongo_server, mongo_db_name, llm_server, port), tmp_path)
+    prices = {"price_prompt_per_mtok": "0.15", "price_completion_per_mtok": "0.60"}
+    d = Daemon(_config(tmp_path, mongo_server, mongo_db_name, llm_server, port, **prices), tmp_path)
     prom = Prometheus(tmp_path, port)
     try:
         wait_for(lambda: any(t["health"] == "up" for t in prom.api("targets")["data"]["activeTargets"]),
@@ -136,6 +138,9 @@ def test_prometheus_scrapes_smsd_and_its_processed_total_matches_mongodb(tmp_pat
         assert value(fams, "smsd_llm_tokens", type="prompt") == st["llm"]["prompt_tokens"] > 0
         assert value(fams, "smsd_llm_tokens", type="completion") == st["llm"]["completion_tokens"] > 0
         assert value(fams, "smsd_llm_repeated_calls") == 0
+        usd = (Decimal(st["llm"]["prompt_tokens"]) * Decimal("0.15")
+               + Decimal(st["llm"]["completion_tokens"]) * Decimal("0.60")) / 1_000_000
+        assert value(fams, "smsd_llm_cost_usd") == pytest.approx(float(usd), rel=1e-12) and usd > 0
         assert value(fams, "smsd_journal_unflushed") == 0
         assert value(fams, "smsd_sms_processed") == st["totals"]["processed_sms"] == 60
         llm_count = [s for s in fams["smsd_llm_latency_seconds"].samples if s.name.endswith("_count")]
@@ -170,6 +175,7 @@ def test_prometheus_scrapes_smsd_and_its_processed_total_matches_mongodb(tmp_pat
         assert value(again, "smsd_llm_calls", outcome="answered") == 12
         assert value(again, "smsd_llm_tokens", type="prompt") == st["llm"]["prompt_tokens"]
         assert value(again, "smsd_worker_restarts", reason="killed") == 0
+        assert "smsd_llm_cost_usd" not in again   # no prices in this config: no USD figure
         assert [s.value for s in again["smsd_llm_latency_seconds"].samples if s.name.endswith("_count")] == [0]
     finally:
         code, out = d.stop()
