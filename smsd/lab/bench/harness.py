@@ -20,13 +20,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any, Callable
+
+from ..subproc import admin_json, ready_line
 
 log = logging.getLogger("smsd.bench")  # the convention; the bench reports on stdout/stderr
 
@@ -63,6 +63,20 @@ class Params:
     memory_users: int = 4
     memory_sms_each: int = 500
     memory_latency_ms: float = 50.0
+    bare_shapes: tuple[tuple[int, int], ...] = ((300, 4), (4, 1000))   # (users, SMS each)
+    bare_pairs: int = 2
+    commit_users: int = 4
+    commit_sms_each: int = 300
+    commit_latency_ms: float = 100.0    # LLM latency, so that calls are in flight when MongoDB slows
+    commit_slow_ms: float = 200.0       # the proxy's delay of every MongoDB command
+    commit_down_s: float = 8.0          # how long MongoDB is down (proxy closed)
+    steady_users: int = 500
+    steady_history: int = 20            # processed SMS per user before the run (the backfill done)
+    steady_rate: float = 20.0           # new SMS per second, all users together
+    steady_seconds: float = 120.0
+    steady_latency_ms: float = 200.0
+    steady_drain_s: float = 60.0        # after the inserts stop, how long to wait for the rest
+    ops_shapes: tuple[tuple[int, int], ...] = ((100, 4), (4, 500))
     run_timeout: float = 600.0
 
     @classmethod
@@ -71,7 +85,10 @@ class Params:
         return cls(runs=1, overhead_sms=200, ratelimit_seconds=6.0, journal_answers=100,
                    journal_rounds=2, recovery_sms=500, recovery_extra=20,
                    scaling_workers=(1, 2), scaling_sms_each=40, memory_users=2,
-                   memory_sms_each=60, run_timeout=120.0)
+                   memory_sms_each=60, bare_shapes=((20, 4), (2, 100)), bare_pairs=1,
+                   commit_users=2, commit_sms_each=80, commit_down_s=3.0, steady_users=30,
+                   steady_history=3, steady_rate=6.0, steady_seconds=10.0, steady_drain_s=30.0,
+                   ops_shapes=((10, 4), (2, 60)), run_timeout=120.0)
 
 
 # --------------------------------------------------------------------------- results
@@ -238,23 +255,16 @@ class LlmProcess:
              "--answers", str(self.answers), "--model", BENCH_MODEL, "--log-level", "WARNING"],
             stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True,
             preexec_fn=_die_with_parent)
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not line or not line[0].startswith(READY_PREFIX):
+        url = ready_line(self.proc, READY_PREFIX, timeout)
+        if url is None:
             self.stop()
             raise RuntimeError(f"LLM server did not start (see {self.log_path})")
-        self.url = line[0][len(READY_PREFIX):].strip()
+        self.url = url
         self.base = self.url.rsplit("/v1", 1)[0]
         return self
 
     def _admin(self, method: str, path: str, body: dict | None = None) -> dict:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read())
+        return admin_json(self.base + path, method, body)
 
     def stats(self) -> dict:
         """``/_admin/stats``: calls, call_times (wall clock), asked, rejected_429..."""
@@ -413,13 +423,17 @@ class Bench:
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return path
 
-    def smsd(self, config: Path, *args: str, log_name: str = "smsd.log") -> subprocess.Popen:
-        """Start ``python -m smsd.cli ARGS`` in its own session (stopped by :meth:`stop_smsd`)."""
+    def smsd(self, config: Path, *args: str, log_name: str = "smsd.log",
+             env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``python -m smsd.cli ARGS`` in its own session (stopped by :meth:`stop_smsd`),
+        with ``env`` added to a clean environment (no ``SMSD_*`` of the caller)."""
+        extra = env or {}
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("SMSD_") and k not in ("OPENAI_API_KEY", "NOTIFY_SOCKET",
                                                           "STATE_DIRECTORY", "RUNTIME_DIRECTORY")}
         env["SMSD_CONFIG"] = str(config)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra)
         logf = open(config.parent / log_name, "ab")
         try:
             proc = subprocess.Popen([sys.executable, "-m", "smsd.cli", *args], env=env,
