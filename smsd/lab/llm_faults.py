@@ -104,6 +104,9 @@ class State:
         self.billed: collections.Counter = collections.Counter()
         self.fault_counts: collections.Counter = collections.Counter()
         self.call_times: list[float] = []
+        # One per answered completion: when its last byte was written (wall clock), so an
+        # outside harness can time answer -> journal commit per request id.
+        self.responses: list[dict] = []
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.rejected_429 = 0
@@ -126,6 +129,7 @@ class State:
                 "billed": dict(self.billed),
                 "faults": dict(self.fault_counts),
                 "call_times": list(self.call_times),
+                "responses": list(self.responses),
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "rejected_429": self.rejected_429,
@@ -167,6 +171,13 @@ class State:
             if fault in ("ok", "timeout", "malformed", "partial", "bad_item", "unknown"):
                 self.billed.update(ids)  # the "model" ran on these: a paid call
             return fault, faults, gen
+
+    def note_response(self, request_id: str, n_sms: int, written_at: float, generation: int) -> None:
+        """Record that the answer ``request_id`` was written completely at ``written_at``."""
+        with self.lock:
+            if generation == self.generation:
+                self.responses.append({"request_id": request_id, "n_sms": n_sms,
+                                       "written_at": written_at})
 
     def add_tokens(self, prompt: int, completion: int, generation: int) -> None:
         with self.lock:

@@ -20,7 +20,9 @@ faults for the next calls.
 
 Admin endpoints (JSON):
 
-- ``GET  /_admin/stats``          counters (see :meth:`State.stats`)
+- ``GET  /_admin/stats``          counters (see :meth:`State.stats`); ``responses`` lists
+  ``{"request_id", "n_sms", "written_at"}`` of every answered completion, with the wall-clock
+  time (``time.time()``) at which its last byte was written
 - ``POST /_admin/reset``          clear counters, script and rpm window;
   body ``{"faults": true}`` also restores the faults given at start
 - ``GET  /_admin/faults``         current fault settings
@@ -153,7 +155,8 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n > 0 else b""
 
-    def _send(self, status: int, obj: Any, headers: dict | None = None) -> None:
+    def _send(self, status: int, obj: Any, headers: dict | None = None) -> bool:
+        """Write one JSON answer; True when its last byte was handed to the socket."""
         data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
         try:
             self.send_response(status)
@@ -164,8 +167,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
             self.wfile.flush()
+            return True
         except (BrokenPipeError, ConnectionResetError, OSError):
             self.close_connection = True  # the client gave up (e.g. its timeout); nothing to do
+            return False
 
     def _json_body(self) -> Any:
         raw = self._body()
@@ -284,12 +289,13 @@ class _Handler(BaseHTTPRequestHandler):
         prompt_tokens = estimate_tokens(all_text)
         completion_tokens = estimate_tokens(content)
         st.add_tokens(prompt_tokens, completion_tokens, gen)
-        headers = {"x-request-id": "req_" + uuid.uuid4().hex}
+        request_id = "req_" + uuid.uuid4().hex
+        headers = {"x-request-id": request_id}
         if fault != "ok":
             headers["x-smsd-fault"] = fault
             if touched:
                 headers["x-smsd-fault-ids"] = ",".join(touched)
-        self._send(200, {
+        sent = self._send(200, {
             "id": "chatcmpl-" + uuid.uuid4().hex[:24],
             "object": "chat.completion",
             "created": int(time.time()),
@@ -304,6 +310,8 @@ class _Handler(BaseHTTPRequestHandler):
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }, headers)
+        if sent:
+            st.note_response(request_id, len(ids), time.time(), gen)
 
 
 class _Server(ThreadingHTTPServer):

@@ -77,6 +77,24 @@ def test_unknown_text_is_answered_as_other(llm_server):
         "results": [{"id": "x1", "kind": "other", "transactions": []}]}
 
 
+def test_server_records_when_each_answer_was_written_by_request_id(llm_server, sms_fixtures):
+    items = items_of(sms_fixtures[:3])
+    llm_server.script(["ok", "500", "ok"])
+    t0 = time.time()
+    ids = []
+    for _ in range(3):
+        status, headers, _ = post(llm_server.url + "/chat/completions", chat_body(items))
+        if status == 200:
+            ids.append(headers["x-request-id"])
+    t1 = time.time()
+    responses = llm_server.stats()["responses"]
+    # Only answered completions, in order, with the id the client saw and a time within the call.
+    assert [r["request_id"] for r in responses] == ids and len(ids) == 2
+    assert all(r["n_sms"] == 3 and t0 <= r["written_at"] <= t1 for r in responses)
+    llm_server.reset()
+    assert llm_server.stats()["responses"] == []
+
+
 def test_models_endpoint_lists_the_model_through_the_sdk(llm_server):
     client = openai.OpenAI(base_url=llm_server.url, api_key="unused", max_retries=0, timeout=5)
     assert [m.id for m in client.models.list().data] == ["smsd-local"]
