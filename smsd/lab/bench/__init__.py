@@ -29,6 +29,21 @@ server knows, and measures:
 ``memory``
     RSS of the supervisor and of its workers during ``smsd run`` (read from
     the control socket's ``status``, which the supervisor fills with psutil).
+``bare``
+    issue 12: ``smsd run`` with the shipped defaults ÷ the bare loop (4
+    processes: read a page of pending SMS, upsert its transactions with
+    ``j: true``, mark the page) for 300 users × 4 SMS and 4 users × 1000 SMS,
+    smsd / bare / smsd / bare on one server.
+``commit``
+    issue 12: last byte of each LLM answer (LLM server) → its journal commit,
+    joined by request id; MongoDB normal, every command delayed 200 ms, and down
+    (through :mod:`smsd.lab.mongoproxy`).
+``steady``
+    issue 12: SMS keep arriving for 500 users; insert → stored latency, worker
+    starts per minute, backlog.
+``mongoops``
+    issue 12: MongoDB commands per SMS of ``smsd run`` and of the bare loop,
+    counted by the proxy (the server's side).
 
 Every figure is a median of ``--runs`` runs (3 by default), taken in the same
 process run so that ratios compare like with like on a shared, noisy host.

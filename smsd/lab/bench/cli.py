@@ -27,8 +27,13 @@ from .ratelimit import bench_ratelimit
 from .recovery import bench_recovery
 from .report import _cross_reference, print_summary, render_markdown, write_chart
 from .scaling import bench_scaling
+from .steady import bench_steady
+from .commit_latency import bench_commit
+from .mongo_ops import bench_mongoops
+from .versus_bare import bench_bare
 
-BENCHES = ("journal", "overhead", "recovery", "ratelimit", "scaling", "memory")
+BENCHES = ("journal", "overhead", "recovery", "ratelimit", "scaling", "memory", "bare", "commit", "steady",
+           "mongoops")
 DEFAULT_OUT = "docs/BENCHMARKS.md"
 DEFAULT_CHART = "docs/scaling.png"
 
@@ -40,6 +45,10 @@ RUNNERS: dict[str, Callable[[Bench], BenchResult]] = {
     "ratelimit": bench_ratelimit,
     "scaling": bench_scaling,
     "memory": bench_memory,
+    "bare": bench_bare,
+    "commit": bench_commit,
+    "steady": bench_steady,
+    "mongoops": bench_mongoops,
 }
 
 

@@ -103,7 +103,10 @@ def render_markdown(results: list[BenchResult], machine: dict[str, str], params:
             out.append(f"| {res.name} | {f.name} | {f.shown()} | {f.target} | {verdict} |")
     titles = {"journal": "Journal commit per answer", "overhead": "Pipeline overhead",
               "recovery": "Recovery after a SIGKILL", "ratelimit": "Rate-limit use",
-              "scaling": "Scaling with workers", "memory": "Memory"}
+              "scaling": "Scaling with workers", "memory": "Memory",
+              "bare": "smsd ÷ bare loop (issue 12)", "commit": "Answer → journal commit (issue 12)",
+              "steady": "Steady state: SMS keep arriving (issue 12)",
+              "mongoops": "MongoDB operations per SMS (issue 12)"}
     for res in results:
         out += ["", f"## {titles.get(res.name, res.name)}", ""]
         if res.error:
