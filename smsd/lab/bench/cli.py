@@ -29,7 +29,7 @@ from .report import _cross_reference, print_summary, render_markdown, write_char
 from .scaling import bench_scaling
 from .steady import bench_steady
 from .commit_latency import bench_commit
-from .mongo_ops import bench_mongoops
+from .commands import bench_mongoops
 from .versus_bare import bench_bare
 
 BENCHES = ("journal", "overhead", "recovery", "ratelimit", "scaling", "memory", "bare", "commit", "steady",
