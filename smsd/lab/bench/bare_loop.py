@@ -62,7 +62,7 @@ def templates(bench: Bench) -> dict[str, list[dict]]:
     from bson import ObjectId
 
     from ...model import FlushItem, Provenance, sms_key
-    from ...store import transaction_doc
+    from ...store_docs import transaction_doc
     prov = Provenance(call_id="bare", model="bare", request_id=None,
                       answered_at=datetime.now(timezone.utc))
     now = datetime.now(timezone.utc)

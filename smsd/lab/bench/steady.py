@@ -4,7 +4,8 @@ The backfill is done (every user has processed SMS already), ``smsd run`` runs
 with the shipped defaults, and new SMS arrive at a fixed total rate, each for a
 user picked at random (seeded), for a fixed time.  Measured:
 
-* insert → stored transaction latency, p50 / p95 (insert time taken by the bench
+* insert → stored transaction latency, p50 / p95, an SMS not stored by the end of
+  the wait counting as infinitely late (insert time taken by the bench
   just before its ``insert_one``; "stored" is the transaction document's
   ``created_at``, and for SMS without a transaction (OTPs) the raw SMS's
   ``processed_at``, which smsd sets only after the transactions are stored);
@@ -16,6 +17,7 @@ user picked at random (seeded), for a fixed time.  Measured:
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 import threading
@@ -26,6 +28,8 @@ from .contract_run import PENDING, ContractRun
 from .harness import Bench, BenchResult, Figure, percentile
 
 WORKER_STARTED = re.compile(r"worker \d+ started")
+#: The arrival schedule's tick: SMS due within it are inserted together.
+TICK_S = 0.1
 
 
 def _seed_history(bench: Bench, db_name: str, users: list[str], each: int) -> None:
@@ -42,23 +46,29 @@ def _seed_history(bench: Bench, db_name: str, users: list[str], each: int) -> No
 
 def _insert_loop(bench: Bench, db_name: str, users: list[str], rate: float, seconds: float,
                  inserted: dict, stop: threading.Event) -> None:
+    """Insert SMS on a fixed schedule of ``rate`` per second for ``seconds``.
+
+    Every tick inserts the SMS that are due by then in one ``insert_many``, so a slow
+    server makes the batches bigger rather than the arrival rate lower; each SMS's
+    insert time is taken just before the call that inserts it."""
     coll = bench.client[db_name]["sms_fin_rawdata"]
     rng = random.Random(12)
     t0 = time.monotonic()
+    total = int(rate * seconds)
     k = 0
-    while not stop.is_set():
-        due = t0 + k / rate
-        # The schedule ends at ``seconds`` of wall time: when the server is too slow to
-        # take the inserts on time, fewer SMS arrive (the achieved rate is reported).
-        if due - t0 >= seconds or time.monotonic() - t0 >= seconds:
-            return
-        if stop.wait(max(0.0, due - time.monotonic())):
-            return
-        user = rng.choice(users)
-        [doc] = bench.corpus.docs(user, 1, start=1_000_000 + k)
-        inserted[doc["_id"]] = time.time()
-        coll.insert_one(doc)
-        k += 1
+    while k < total and not stop.wait(TICK_S):
+        due = min(total, int((time.monotonic() - t0) * rate) + 1)
+        docs = []
+        for j in range(k, due):
+            [doc] = bench.corpus.docs(rng.choice(users), 1, start=1_000_000 + j)
+            docs.append(doc)
+        if not docs:
+            continue
+        now = time.time()
+        for doc in docs:
+            inserted[doc["_id"]] = now
+        coll.insert_many(docs, ordered=False)
+        k = due
 
 
 def bench_steady(bench: Bench) -> BenchResult:
@@ -126,7 +136,9 @@ def bench_steady(bench: Bench) -> BenchResult:
     bench.drop(db_name)
     lat = [stored[i] - inserted[i] for i in ids if i in stored]
     minutes = inserted_for / 60.0
-    p50, p95 = percentile(lat, 50), percentile(lat, 95)
+    # An SMS never stored counts as infinitely late: a backlog cannot hide in the percentiles.
+    ranked = lat + [math.inf] * (len(ids) - len(lat))
+    p50, p95 = percentile(ranked, 50), percentile(ranked, 95)
     res.figures += [
         Figure("steady", "insert → stored transaction p50", p50, "s"),
         Figure("steady", "insert → stored transaction p95", p95, "s"),
@@ -140,7 +152,7 @@ def bench_steady(bench: Bench) -> BenchResult:
         f"{p.steady_users} users, each with {p.steady_history} SMS already processed; `smsd run` with "
         f"the shipped defaults; new SMS at {p.steady_rate:g}/s in total (a seeded random user each) for "
         f"{inserted_for:.0f} s: {len(ids)} SMS inserted ({len(ids) / inserted_for:.1f}/s achieved; "
-        "one `insert_one` at a time, so a slow server lowers it); LLM server latency **{p.steady_latency_ms:.0f} ms** per "
+        f"what is due is inserted every {TICK_S:g} s); LLM server latency **{p.steady_latency_ms:.0f} ms** per "
         f"call.  After the inserts stop, up to {p.steady_drain_s:.0f} s for the rest: "
         f"{'all stored' if left == 0 else f'{left} still pending'} after {drained_s:.1f} s.  "
         f"{bench.llm.stats()['calls']} LLM calls.")
