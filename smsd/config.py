@@ -49,6 +49,10 @@ class LlmSettings:
     requests_per_minute: float = 0.0         # 0: no limit
     tokens_per_minute: float = 0.0
     strict_schema: bool = True
+    response_format: str = "auto"            # auto | json_schema | json_object | prompt
+    token_param: str = "auto"                # auto | max_completion_tokens | max_tokens
+    completion_tokens_per_sms: int = 150     # completion-token cap per call: this per SMS ...
+    completion_tokens_margin: int = 50       # ... plus this (0 per SMS: no cap)
     # USD per million prompt / completion tokens, decimal strings ("" = unknown): `smsd evaluate`.
     # USD per million prompt / completion tokens, decimal strings ("" = unknown): `smsd evaluate`,
     # smsd_llm_cost_usd_total.
@@ -152,6 +156,8 @@ SYSTEMD_DIRS = {"STATE_DIRECTORY": ("journal", "state_dir"),
 
 CHOICES = {
     ("llm", "extractor"): ("llm", "rules", "rules-then-llm"),
+    ("llm", "response_format"): ("auto", "json_schema", "json_object", "prompt"),
+    ("llm", "token_param"): ("auto", "max_completion_tokens", "max_tokens"),
     ("journal", "synchronous"): ("FULL", "NORMAL"),
     ("supervisor", "log_level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
     ("supervisor", "log_format"): ("text", "json"),
@@ -274,7 +280,8 @@ def _validate(settings: Settings) -> None:
         value = getattr(getattr(settings, section), key)
         if value <= 0:
             raise ConfigError(f"bad value for {section}.{key}: {value!r} (must be > 0)")
-    for key in ("requests_per_minute", "tokens_per_minute"):
+    for key in ("requests_per_minute", "tokens_per_minute", "completion_tokens_per_sms",
+                "completion_tokens_margin"):
         if getattr(settings.llm, key) < 0:
             raise ConfigError(f"bad value for llm.{key}: must be >= 0 (0 means no limit)")
     for key in ("price_prompt_per_mtok", "price_completion_per_mtok"):

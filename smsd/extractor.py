@@ -11,6 +11,7 @@ import threading
 
 from .config import Settings
 from .llm import LlmAnswer, LlmClient, validate_answer
+from .wireformat import MEMORY_FILE, EndpointMemory
 from .model import Sms, Usage
 from .ratelimit import RateLimiter
 
@@ -36,7 +37,10 @@ def build_extractor(settings: Settings, rate_limiter: RateLimiter | None = None)
     return LlmClient(base_url=llm.base_url, api_key=llm.api_key, model=llm.model, timeout=llm.timeout,
                      max_retries=llm.max_retries, backoff_base=llm.backoff_base,
                      backoff_max=llm.backoff_max, rate_limiter=rate_limiter,
-                     strict_schema=llm.strict_schema)
+                     strict_schema=llm.strict_schema, response_format=llm.response_format,
+                     token_param=llm.token_param, completion_tokens_per_sms=llm.completion_tokens_per_sms,
+                     completion_tokens_margin=llm.completion_tokens_margin,
+                     memory=EndpointMemory(settings.state_dir / MEMORY_FILE))
 
 
 def build_rate_limiter(settings: Settings) -> RateLimiter | None:

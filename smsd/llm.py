@@ -33,14 +33,11 @@ Validation choices (the contract leaves them open):
 """
 from __future__ import annotations
 
-import copy
 import email.utils
-import importlib.resources
 import json
 import logging
 import math
 import random
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,14 +49,16 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from . import model
+from .llm_errors import (CONFIG_STATUSES, FailureHistory, LlmBatchError, LlmConfigError, LlmError, LlmStopped,  # noqa: F401
+                         hint_for, read_status_error, scrub)
 from .model import CHANNELS, CURRENCY_RE, DIRECTIONS, KINDS, MONEY_RE, OPTIONAL_FIELDS, SmsResult, Transaction
+from .wireformat import (SCHEMA_NAME, EndpointMemory, WireChoice, load_schema, next_mode,  # noqa: F401
+                         request_options, salvage, schema_response_format, token_cap)
 
 log = logging.getLogger("smsd.llm")
 
 #: api_key used when none is configured (local OpenAI-compatible servers need none).
 PLACEHOLDER_API_KEY = "sk-no-key-required"
-
-SCHEMA_NAME = "smsd_transactions"
 
 SYSTEM_PROMPT = """\
 You extract financial transactions from SMS messages sent by Indian banks, card issuers, \
@@ -114,27 +113,6 @@ Copy values; never guess a value the SMS does not give: use null instead.
 """
 
 
-class LlmError(Exception):
-    """The call failed as a whole (HTTP errors, timeouts) after the retries allowed.
-
-    ``status`` is the last HTTP status (None for timeouts/connection errors),
-    ``retryable`` tells whether asking again later may help, ``attempts`` how
-    many HTTP attempts were made.  The message never contains the API key.
-    """
-
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False,
-                 attempts: int = 0, request_id: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.retryable = retryable
-        self.attempts = attempts
-        self.request_id = request_id
-
-
-class LlmStopped(LlmError):
-    """The stop event was set while waiting between attempts."""
-
-
 @dataclass
 class LlmAnswer:
     results: dict[str, SmsResult]          # validated results by SMS key (id)
@@ -147,72 +125,17 @@ class LlmAnswer:
     completion_id: str | None = None       # the chat.completion id ("chatcmpl-...")
     elapsed_ms: float = 0.0                # of the successful attempt
     dropped: dict[str, int] = field(default_factory=dict)  # key -> transactions dropped (non-transaction kind)
+    truncated: bool = False                # finish_reason "length": cut at the token cap
+    response_format: str = "json_schema"   # the wire mode the answer came in
 
 
 # --------------------------------------------------------------------------- schema
 
-def _load_schema() -> dict:
-    text = importlib.resources.files("smsd").joinpath("llm_response.schema.json").read_text("utf-8")
-    return json.loads(text)
-
-
-_SCHEMA = _load_schema()
-#: Keywords left out of the strict schema (annotations, and ``pattern``, validated locally).
-_STRIP = ("$schema", "title", "description", "pattern", "format", "$id", "examples", "default")
-
-
-def _strictify(node: Any) -> Any:
-    if isinstance(node, list):
-        return [_strictify(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out: dict = {}
-    for key, value in node.items():
-        if key in _STRIP:
-            continue
-        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
-            out[key] = {name: _strictify(sub) for name, sub in value.items()}  # names, not keywords
-        else:
-            out[key] = _strictify(value)
-    if "enum" in out and "type" not in out:
-        vals = out["enum"]
-        if vals and all(isinstance(v, str) or v is None for v in vals):
-            out["type"] = ["string", "null"] if None in vals else "string"
-    if out.get("type") == "object" or "properties" in out:
-        props = out.get("properties", {})
-        required = set(node.get("required", ()))
-        for name, sub in props.items():
-            if name not in required:
-                props[name] = _nullable(sub)
-        out["required"] = list(props)
-        out["additionalProperties"] = False
-    return out
-
-
-def _nullable(node: dict) -> dict:
-    node = dict(node)
-    t = node.get("type")
-    if isinstance(t, str) and t != "null":
-        node["type"] = [t, "null"]
-    elif isinstance(t, list) and "null" not in t:
-        node["type"] = t + ["null"]
-    if "enum" in node and None not in node["enum"]:
-        node["enum"] = list(node["enum"]) + [None]
-    return node
-
-
-def response_format(strict: bool) -> dict:
-    """The ``response_format`` argument.
-
-    Strict: the contract schema as OpenAI's strict mode wants it (every property
-    required, optional ones nullable, ``additionalProperties: false``, no
-    ``pattern``/annotations).  Non-strict: the schema as in the file.
-    """
-    if strict:
-        return {"type": "json_schema",
-                "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": _strictify(_SCHEMA)}}
-    return {"type": "json_schema",
-            "json_schema": {"name": SCHEMA_NAME, "strict": False, "schema": copy.deepcopy(_SCHEMA)}}
+_SCHEMA = load_schema()
+#: The json_schema ``response_format`` argument (strict or as in the file).
+response_format = schema_response_format
+#: Immediate re-asks of one call (format probes, a repeated 4xx) before it is a configuration error.
+MAX_PROBES = 6
 
 
 # --------------------------------------------------------------------------- validation
@@ -361,10 +284,6 @@ def validate_answer(content: str, requested: list[str]
 
 # --------------------------------------------------------------------------- client
 
-_RETRY_STATUSES = {408, 409, 429}
-_KEYLIKE = re.compile(r"(sk-|Bearer\s+)[A-Za-z0-9_\-*.]{3,}")
-
-
 def retry_after_seconds(headers: Any) -> float | None:
     """Seconds asked for by ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
     if headers is None:
@@ -397,14 +316,24 @@ def retry_after_seconds(headers: Any) -> float | None:
 
 
 class LlmClient:
-    """Asks an OpenAI-compatible chat-completions endpoint for the transactions in a batch."""
+    """Asks an OpenAI-compatible chat-completions endpoint for the transactions in a batch.
+
+    ``response_format`` is ``llm.response_format`` (see :mod:`smsd.wireformat`);
+    ``completion_tokens_per_sms`` and ``completion_tokens_margin`` size each
+    call's completion-token cap (0 per SMS: no cap); ``memory`` keeps what the
+    endpoint accepts.  ``outage_since`` / ``last_error`` tell how long the
+    endpoint has failed to answer (``smsd once`` bounds its wait with them).
+    """
 
     #: an upper bound on any single wait, even when a server asks for more.
     MAX_RETRY_AFTER = 300.0
 
     def __init__(self, *, base_url: str, api_key: str | None, model: str, timeout: float = 60.0,
                  max_retries: int = 4, backoff_base: float = 0.5, backoff_max: float = 30.0,
-                 rate_limiter: Any = None, temperature: float = 0.0, strict_schema: bool = True):
+                 rate_limiter: Any = None, temperature: float = 0.0, strict_schema: bool = True,
+                 response_format: str = "json_schema", token_param: str = "auto",
+                 completion_tokens_per_sms: int = 0, completion_tokens_margin: int = 0,
+                 memory: EndpointMemory | None = None):
         self.base_url = base_url
         self.model = model
         self.timeout = timeout
@@ -414,8 +343,14 @@ class LlmClient:
         self.rate_limiter = rate_limiter
         self.temperature = temperature
         self.strict_schema = strict_schema
+        self.tokens_per_sms = max(0, int(completion_tokens_per_sms))
+        self.tokens_margin = max(0, int(completion_tokens_margin))
+        self.wire = WireChoice(response_format, base_url=base_url, model=model, memory=memory,
+                               token_param=token_param)
+        self.outage_since: float | None = None
+        self.last_error: str | None = None
         self._secret = api_key or None
-        self._response_format = response_format(strict_schema)
+        self._response_format = schema_response_format(strict_schema)
         self._random = random.Random()
         self._client = openai.OpenAI(base_url=base_url, api_key=api_key or PLACEHOLDER_API_KEY,
                                      timeout=timeout, max_retries=0)
@@ -428,9 +363,7 @@ class LlmClient:
 
     # -- helpers
     def _scrub(self, text: str) -> str:
-        if self._secret:
-            text = text.replace(self._secret, "***")
-        return _KEYLIKE.sub(lambda m: m.group(1) + "***", text)[:300]
+        return scrub(text, self._secret)
 
     def _backoff(self, retry: int) -> float:
         """Full jitter: uniform(0, min(backoff_max, backoff_base * 2**(retry-1)))."""
@@ -440,6 +373,30 @@ class LlmClient:
     def _messages(self, sms: list[model.Sms]) -> list[dict]:
         user = json.dumps({"sms": [s.wire() for s in sms]}, ensure_ascii=False)
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+    def _request(self, messages: list[dict], mode: str, cap: int | None) -> dict:
+        """The ``create()`` arguments for one attempt in ``mode``."""
+        extra, addition = request_options(mode, self._response_format, _SCHEMA)
+        if addition:
+            messages = [dict(messages[0], content=messages[0]["content"] + addition)] + messages[1:]
+        if cap:
+            extra[self.wire.token_param] = cap
+        return dict(model=self.model, messages=messages, temperature=self.temperature, **extra)
+
+    def _config_error(self, failure: Any, attempts: int, request_id: str | None,
+                      why: str = "refused the request") -> LlmConfigError:
+        hint = hint_for(failure.status, base_url=self.base_url, model=self.model, key_set=bool(self._secret))
+        return LlmConfigError(f"the LLM at {self.base_url} (model {self.model}) {why}: {failure.reason}: "
+                              f"{failure.message}", hint=hint, server_message=failure.message,
+                              status=failure.status, attempts=attempts, request_id=request_id)
+
+    def _note_outage(self, reason: str | None) -> None:
+        if reason is None:
+            self.outage_since, self.last_error = None, None
+        else:
+            if self.outage_since is None:
+                self.outage_since = time.monotonic()
+            self.last_error = reason
 
     @staticmethod
     def _sleep(delay: float, stop: threading.Event | None) -> bool:
@@ -453,8 +410,11 @@ class LlmClient:
     def extract(self, sms: list[model.Sms], *, stop: threading.Event | None = None) -> LlmAnswer:
         """Ask for the results of *sms*; keeps what is valid, reports the rest in ``failed``.
 
-        Raises :class:`LlmError` when no usable HTTP answer came within the
-        retries, :class:`LlmStopped` when *stop* was set during a back-off.
+        Raises :class:`LlmConfigError` when asking again cannot help (bad key,
+        unknown model, a request the server always refuses), :class:`LlmBatchError`
+        when this batch is too long for the model, :class:`LlmError` when no
+        usable HTTP answer came within the retries, :class:`LlmStopped` when
+        *stop* was set during a back-off.
         """
         keys = [s.key for s in sms]
         if len(set(keys)) != len(keys):
@@ -463,7 +423,13 @@ class LlmClient:
             return LlmAnswer({}, {}, [], None, self.model, model.Usage(), 0)
         messages = self._messages(sms)
         est_tokens = sum(len(m["content"]) for m in messages) // 4 + 60 * len(sms)
-        attempts = 0
+        cap = token_cap(len(sms), self.tokens_per_sms, self.tokens_margin) if self.tokens_per_sms else None
+        attempts = retries = 0
+        history = FailureHistory()
+        mode = self.wire.mode
+        probing: str | None = None      # why this call left the endpoint's usual mode
+        param_switched = False
+        probes = 0                      # immediate re-asks that tell a rule from chance
         while True:
             attempts += 1
             if self.rate_limiter is not None:
@@ -479,10 +445,9 @@ class LlmClient:
                                      retryable=True, attempts=attempts - 1)
             t0 = time.monotonic()
             retry_after: float | None = None
+            failure = None
             try:
-                raw = self._client.chat.completions.with_raw_response.create(
-                    model=self.model, messages=messages, response_format=self._response_format,
-                    temperature=self.temperature)
+                raw = self._client.chat.completions.with_raw_response.create(**self._request(messages, mode, cap))
                 completion = raw.parse()
                 ms = (time.monotonic() - t0) * 1000.0
                 if isinstance(completion, ChatCompletion):
@@ -492,18 +457,10 @@ class LlmClient:
                             raw.http_response.status_code, raw.headers.get("x-request-id"))
             except openai.APIStatusError as exc:
                 ms = (time.monotonic() - t0) * 1000.0
-                status = exc.status_code
                 request_id = exc.response.headers.get("x-request-id") if exc.response is not None else None
-                etype = exc.type or exc.code or ""
-                reason = f"HTTP {status}" + (f" {etype}" if etype else "")
-                if not (status in _RETRY_STATUSES or status >= 500):
-                    log.warning("llm call failed n_sms=%d ms=%.0f status=%s request_id=%s attempt=%d: not retried",
-                                len(keys), ms, status, request_id, attempts)
-                    raise LlmError(f"LLM call refused: {reason}: {self._scrub(str(exc.message))}",
-                                   status=status, retryable=False, attempts=attempts,
-                                   request_id=request_id) from None
+                failure = read_status_error(exc, self._secret)
                 retry_after = retry_after_seconds(exc.response.headers if exc.response is not None else None)
-                last = (reason, status, request_id)
+                last = (failure.reason, failure.status, request_id)
             except openai.APITimeoutError:
                 ms = (time.monotonic() - t0) * 1000.0
                 last = (f"timed out after {self.timeout:g}s", None, None)
@@ -517,20 +474,60 @@ class LlmClient:
                 last = (f"unusable response ({exc.__class__.__name__})", None, None)
 
             if last is None:
-                answer = self._answer(raw, completion, keys, attempts, ms)
+                self._note_outage(None)
+                answer = self._answer(raw, completion, keys, attempts, ms, cap, mode)
+                if probing:
+                    self.wire.settle(mode, probing)
                 adjust = getattr(self.rate_limiter, "adjust_tokens", None)
                 if adjust is not None:  # tell the token schedule what the call really cost
                     adjust(answer.usage.prompt_tokens + answer.usage.completion_tokens - est_tokens)
                 return answer
             reason, status, request_id = last
+            same_as_before = bool(history.failures) and failure is not None \
+                and history.failures[-1] is not None and history.failures[-1].signature == failure.signature
+            history.add(failure)
+            if failure is not None and failure.kind != "transient":
+                # The server answered, and the answer says something about the request.
+                log.warning("llm call failed n_sms=%d ms=%.0f status=%s request_id=%s attempt=%d mode=%s: %s",
+                            len(keys), ms, status, request_id, attempts, mode, failure.kind)
+                probes += 1
+                if failure.kind == "param":
+                    if not param_switched and self.wire.switch_token_param(reason):
+                        param_switched = True
+                        continue
+                    raise self._config_error(failure, attempts, request_id)
+                if failure.kind == "batch":
+                    raise LlmBatchError(f"the LLM refused a batch of {len(keys)} SMS as too long: {reason}: "
+                                        f"{failure.message}", status=status, attempts=attempts,
+                                        request_id=request_id)
+                lower = next_mode(mode) if self.wire.adaptive else None
+                if status in CONFIG_STATUSES or lower is None or probes > MAX_PROBES:
+                    raise self._config_error(failure, attempts, request_id)
+                if failure.kind == "format" or same_as_before:
+                    # Named the format, or the same error twice: try the next, simpler format now.
+                    probing = probing or f"{reason}: {failure.message[:120]}"
+                    mode = lower
+                continue   # an unnamed 4xx: the same request once more tells chance from rule
+            if failure is not None and failure.status is not None and failure.status >= 500 \
+                    and failure.status not in (502, 503, 504) and same_as_before and self.wire.adaptive:
+                lower = next_mode(mode)
+                if lower is not None:   # a 500 with the same body twice: maybe our format crashes it
+                    probing = probing or f"{reason}: {failure.message[:120]}"
+                    mode = lower
+                    continue
+            self._note_outage(reason)
             if status == 429 and self.rate_limiter is not None:
                 self.rate_limiter.penalize(retry_after if retry_after is not None else self._backoff(attempts))
-            if attempts > self.max_retries:
+            retries += 1
+            if retries > self.max_retries:
                 log.warning("llm call failed n_sms=%d ms=%.0f reason=%s request_id=%s attempt=%d: giving up",
                             len(keys), ms, reason, request_id, attempts)
+                if history.deterministic():
+                    raise self._config_error(history.failures[-1], attempts, request_id,
+                                             why=f"gave the same error {attempts} times")
                 raise LlmError(f"LLM call failed after {attempts} attempts: {reason}", status=status,
                                retryable=True, attempts=attempts, request_id=request_id)
-            delay = self._backoff(attempts)
+            delay = self._backoff(retries)
             if retry_after is not None:
                 # honour the server; a little jitter on top spreads the herd of waiting workers
                 wait = min(retry_after, self.MAX_RETRY_AFTER)
@@ -541,7 +538,8 @@ class LlmClient:
                 raise LlmStopped(f"stopped during back-off after {attempts} attempts: {reason}",
                                  status=status, retryable=True, attempts=attempts, request_id=request_id)
 
-    def _answer(self, raw: Any, completion: Any, keys: list[str], attempts: int, ms: float) -> LlmAnswer:
+    def _answer(self, raw: Any, completion: Any, keys: list[str], attempts: int, ms: float,
+                cap: int | None = None, mode: str = "json_schema") -> LlmAnswer:
         request_id = raw.headers.get("x-request-id") or getattr(completion, "id", None)
         u = getattr(completion, "usage", None)
         usage = model.Usage(prompt_tokens=int(getattr(u, "prompt_tokens", 0) or 0),
@@ -549,24 +547,41 @@ class LlmClient:
         choices = getattr(completion, "choices", None) or []
         message = choices[0].message if choices else None
         content = getattr(message, "content", None)
+        truncated = bool(choices) and getattr(choices[0], "finish_reason", None) == "length"
+        if truncated:
+            content = _salvaged(content)
         if not choices:
             results, failed, unknown, dropped = {}, {k: "answer has no choices" for k in keys}, [], {}
         elif content is None and getattr(message, "refusal", None):
             results, failed, unknown, dropped = {}, {k: "model refused" for k in keys}, [], {}
         else:
             results, failed, unknown, dropped = _validate(content, keys)
+        if truncated:
+            failed = {k: f"answer cut at the token cap ({cap}): {why}" for k, why in failed.items()}
+        if cap and usage.completion_tokens > cap * 1.1 + 8:
+            # The server ignored the cap's parameter: it reads the other one.
+            self.wire.switch_token_param(f"{usage.completion_tokens} completion tokens over a cap of {cap}")
         for key, n in dropped.items():
             log.info("dropped %d transaction(s) of id=%s: kind is %s", n, key, results[key].kind)
         answer = LlmAnswer(results=results, failed=failed, unknown_ids=unknown, request_id=request_id,
                            model=getattr(completion, "model", None) or self.model, usage=usage,
                            attempts=attempts, completion_id=getattr(completion, "id", None),
-                           elapsed_ms=ms, dropped=dropped)
+                           elapsed_ms=ms, dropped=dropped, truncated=truncated, response_format=mode)
         log.info("llm call n_sms=%d ms=%.0f prompt_tokens=%d completion_tokens=%d request_id=%s "
-                 "attempts=%d ok=%d failed=%d unknown=%d",
+                 "attempts=%d ok=%d failed=%d unknown=%d%s",
                  len(keys), ms, usage.prompt_tokens, usage.completion_tokens, request_id,
-                 attempts, len(results), len(failed), len(unknown),
+                 attempts, len(results), len(failed), len(unknown), " truncated" if truncated else "",
                  extra={"n_sms": len(keys), "ms": round(ms), "prompt_tokens": usage.prompt_tokens,
                         "completion_tokens": usage.completion_tokens, "request_id": request_id,
                         "attempts": attempts, "ok": len(results), "failed": len(failed),
-                        "unknown": len(unknown)})
+                        "unknown": len(unknown), "truncated": truncated})
         return answer
+
+
+def _salvaged(content: str | None) -> str | None:
+    """A cut answer's complete items (valid JSON as it stands is kept as it is)."""
+    try:
+        json.loads(content or "")
+        return content
+    except ValueError:
+        return salvage(content) or content

@@ -35,14 +35,24 @@ DEFAULT_FAULTS: dict[str, Any] = {
     "retry_after_s": 1.0,       # Retry-After of 429/503 answers
     "rpm_limit": 0,             # requests per minute; beyond it -> 429 (0 = no limit)
     "seed": None,               # seed of the fault dice (None = random)
+    # Server dialects, for the wire-format paths of smsd/wireformat.py:
+    "reject_json_schema": False,  # 500 "Input should be 'text' or 'json_object'" (llama-cpp-python)
+    "reject_pattern": False,      # 500 when a response_format schema holds a "pattern" (grammar engines)
+    "reject_response_format": False,  # 400 "response_format is not supported" for any response_format
+    "token_param": "both",        # which cap the server reads: both | max_tokens | max_completion_tokens | none
+    "truncate_chars": 0,          # cut every answer after N characters, finish_reason "length" (0 = off)
+    "strict_model": False,        # 404 "model does not exist" for any model but --model
 }
+#: Dialect settings that are not numbers.
+_BOOLS = ("reject_json_schema", "reject_pattern", "reject_response_format", "strict_model")
+TOKEN_PARAM_CHOICES = ("both", "max_tokens", "max_completion_tokens", "none")
 
 #: Order in which random faults are drawn (one die, cumulative probabilities).
 _RANDOM_FAULTS = (("429", "p_429"), ("500", "p_500"), ("timeout", "p_timeout"),
                   ("malformed", "p_malformed"), ("partial", "p_partial"),
                   ("bad_item", "p_bad_item"))
 
-SCRIPT_FAULTS = ("ok", "429", "500", "503", "400", "401", "timeout", "close",
+SCRIPT_FAULTS = ("ok", "429", "500", "503", "400", "401", "403", "404", "too_long", "timeout", "close",
                  "malformed", "partial", "bad_item", "unknown")
 
 
@@ -67,9 +77,17 @@ class State:
         for key, value in changes.items():
             if key not in DEFAULT_FAULTS:
                 raise ValueError(f"unknown fault setting {key!r}")
-            if key == "seed":
+            if key in _BOOLS:
+                if not isinstance(value, (bool, int)) and value not in ("true", "false", "1", "0"):
+                    raise ValueError(f"{key} must be true or false")
+                base[key] = value in (True, 1, "true", "1")
+            elif key == "token_param":
+                if value not in TOKEN_PARAM_CHOICES:
+                    raise ValueError(f"token_param must be one of {', '.join(TOKEN_PARAM_CHOICES)}")
+                base[key] = value
+            elif key == "seed":
                 base[key] = None if value is None else int(value)
-            elif key == "rpm_limit":
+            elif key in ("rpm_limit", "truncate_chars"):
                 base[key] = int(value or 0)
             else:
                 value = float(value)
@@ -178,6 +196,14 @@ class State:
             if generation == self.generation:
                 self.responses.append({"request_id": request_id, "n_sms": n_sms,
                                        "written_at": written_at})
+
+    def refuse(self, kind: str, shape: dict) -> None:
+        """Count a call that the server's dialect refused (never billed)."""
+        with self.lock:
+            self.calls += 1
+            self.call_times.append(time.time())
+            self.fault_counts[kind] += 1
+            self.last_request = shape
 
     def add_tokens(self, prompt: int, completion: int, generation: int) -> None:
         with self.lock:

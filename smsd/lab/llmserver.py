@@ -31,7 +31,16 @@ Admin endpoints (JSON):
 - ``GET  /_admin/last_request``   shape of the last completion request (no SMS text)
 - ``GET  /_admin/health``         ``{"ok": true}``
 
-Script entries: ``ok``, ``429``, ``500``, ``503``, ``400``, ``401``, ``timeout``,
+Dialects (fault settings, live too): ``reject_json_schema`` answers a
+``json_schema`` response_format with llama-cpp-python's HTTP 500, ``reject_pattern``
+refuses a schema holding ``pattern`` (as grammar engines do), ``token_param``
+says which completion-token cap is honoured (answers over it are cut with
+``finish_reason: "length"``), ``truncate_chars`` cuts every answer, and
+``strict_model`` answers 404 for any model but ``--model``, and
+``reject_response_format`` answers any ``response_format`` with a 400.
+
+Script entries: ``ok``, ``429``, ``500``, ``503``, ``400``, ``401``, ``403``, ``404``, ``too_long`` (a 400
+context-length error), ``timeout``,
 ``close`` (drop the connection without answering), ``malformed``, ``partial``,
 ``bad_item``, ``unknown`` (a normal answer plus one result for an unknown id).
 
@@ -113,12 +122,54 @@ def _request_shape(req: dict, items: list[dict], authorized: bool) -> dict:
         "model": req.get("model"),
         "temperature": req.get("temperature"),
         "response_format": req.get("response_format"),
+        "max_tokens": req.get("max_tokens"),
+        "max_completion_tokens": req.get("max_completion_tokens"),
         "roles": [m.get("role") for m in msgs if isinstance(m, dict)],
         "system_prompt_chars": sum(len(s) for s in system if isinstance(s, str)),
         "n_sms": len(items),
         "ids": [i["id"] for i in items],
         "authorization": authorized,
     }
+
+
+def _has_pattern(node: Any) -> bool:
+    if isinstance(node, dict):
+        return "pattern" in node or any(_has_pattern(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_pattern(v) for v in node)
+    return False
+
+
+def _dialect_error(req: dict, faults: dict, model: str) -> _Reject | None:
+    """What a server of another dialect would refuse in this request (see DEFAULT_FAULTS)."""
+    if faults["strict_model"] and req.get("model") != model:
+        return _Reject(404, f"The model `{req.get('model')}` does not exist or you do not have access to it.",
+                       "invalid_request_error", "model_not_found")
+    rf = req.get("response_format")
+    if not isinstance(rf, dict):
+        return None
+    if faults["reject_response_format"]:
+        return _Reject(400, "Unsupported parameter: 'response_format' is not supported with this model.",
+                       "invalid_request_error", "unsupported_parameter")
+    if faults["reject_json_schema"] and rf.get("type") == "json_schema":
+        # llama-cpp-python's pydantic error, sent as a 500 as it does.
+        return _Reject(500, "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n"
+                       "  Input should be 'text' or 'json_object' [type=literal_error, input_value='json_schema']",
+                       "internal_server_error")
+    if faults["reject_pattern"] and _has_pattern(rf):
+        return _Reject(500, "parse: error parsing grammar: unknown escape at \\.", "internal_server_error")
+    return None
+
+
+def _token_cap(req: dict, faults: dict) -> int | None:
+    """The completion-token cap this server reads from the request."""
+    read = faults["token_param"]
+    names = {"both": ("max_completion_tokens", "max_tokens"), "none": ()}.get(read, (read,))
+    for name in names:
+        value = req.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _results(state: State, items: list[dict]) -> list[dict]:
@@ -244,6 +295,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Reject(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         req, items, all_text = _parse_request(body)
         ids = [i["id"] for i in items]
+        refused = _dialect_error(req, st.faults, st.model)
+        if refused is not None:
+            st.refuse(f"{refused.status}_dialect", _request_shape(req, items, bool(auth)))
+            raise refused
         fault, faults, gen = st.admit(ids, _request_shape(req, items, bool(auth)))
         rng = st.dice()
         model = req.get("model") or st.model
@@ -262,6 +317,15 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Reject(400, "Invalid request (injected).", "invalid_request_error")
         if fault == "401":
             raise _Reject(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        if fault == "too_long":
+            raise _Reject(400, "This model's maximum context length is 8192 tokens. However, your messages "
+                          "resulted in 9001 tokens (injected).", "invalid_request_error", "context_length_exceeded")
+        if fault == "403":
+            raise _Reject(403, "You are not allowed to use this model (injected).", "invalid_request_error",
+                          "permission_denied")
+        if fault == "404":
+            raise _Reject(404, f"The model `{model}` does not exist (injected).", "invalid_request_error",
+                          "model_not_found")
 
         delay = faults["latency_ms"] + rng.uniform(0, faults["latency_jitter_ms"])
         if delay > 0 and st.stopping.wait(delay / 1000.0):
@@ -287,6 +351,12 @@ class _Handler(BaseHTTPRequestHandler):
         results = _results(st, items)
         content, touched = _mangle(fault, results, rng)
         prompt_tokens = estimate_tokens(all_text)
+        finish = "stop"
+        cap = _token_cap(req, faults)
+        if cap is not None and estimate_tokens(content) > cap:
+            content, finish = content[: cap * 4], "length"
+        if faults["truncate_chars"] and len(content) > faults["truncate_chars"]:
+            content, finish = content[: faults["truncate_chars"]], "length"
         completion_tokens = estimate_tokens(content)
         st.add_tokens(prompt_tokens, completion_tokens, gen)
         request_id = "req_" + uuid.uuid4().hex
@@ -305,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "index": 0,
                 "message": {"role": "assistant", "content": content, "refusal": None},
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": finish,
             }],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
@@ -404,6 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-sleep-s", type=float, default=DEFAULT_FAULTS["timeout_sleep_s"])
     p.add_argument("--retry-after-s", type=float, default=DEFAULT_FAULTS["retry_after_s"])
     p.add_argument("--rpm-limit", type=int, default=0)
+    p.add_argument("--reject-json-schema", action="store_true", help="500 on json_schema (llama-cpp-python)")
+    p.add_argument("--reject-pattern", action="store_true", help="500 on a schema with 'pattern' (grammar engines)")
+    p.add_argument("--reject-response-format", action="store_true", help="400 on any response_format")
+    p.add_argument("--token-param", choices=("both", "max_tokens", "max_completion_tokens", "none"),
+                   default="both", help="which completion-token cap the server honours")
+    p.add_argument("--truncate-chars", type=int, default=0, help="cut every answer (finish_reason length)")
+    p.add_argument("--strict-model", action="store_true", help="404 for any model but --model")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-level", default="WARNING")
     return p

@@ -15,7 +15,7 @@ from decimal import Decimal
 import pytest
 
 from smsd import llm, model
-from smsd.llm import LlmClient, LlmError, LlmStopped, response_format, validate_answer
+from smsd.llm import LlmClient, LlmConfigError, LlmError, LlmStopped, response_format, validate_answer
 
 pytest_plugins = ["tests.fixtures_llm"]
 
@@ -159,12 +159,21 @@ def test_timeout_is_retried_with_a_short_client_timeout(llm_server, sms_fixtures
     assert stats["asked"] == {s.key: 2 for s in sms}
 
 
-def test_retry_cap_is_respected(llm_server, sms_fixtures):
-    llm_server.set_faults(p_500=1.0)
+def test_retry_cap_is_respected_and_an_outage_stays_retryable(llm_server, sms_fixtures):
+    llm_server.script(["close", "500", "close"])   # failures that differ: an outage, not a rule
     with pytest.raises(LlmError) as err:
         client_for(llm_server, max_retries=2).extract([to_sms(sms_fixtures[0])])
-    assert err.value.attempts == 3 and err.value.status == 500 and err.value.retryable
-    assert not isinstance(err.value, LlmStopped)
+    assert err.value.attempts == 3 and err.value.retryable
+    assert not isinstance(err.value, (LlmStopped, LlmConfigError))
+    assert llm_server.stats()["calls"] == 3
+
+
+def test_the_same_error_body_on_every_attempt_is_a_configuration_error_after_the_cap(llm_server, sms_fixtures):
+    llm_server.set_faults(p_500=1.0)
+    with pytest.raises(LlmConfigError) as err:
+        client_for(llm_server, max_retries=2).extract([to_sms(sms_fixtures[0])])
+    assert err.value.attempts == 3 and err.value.status == 500 and not err.value.retryable
+    assert "same error 3 times" in str(err.value) and "injected" in err.value.server_message
     assert llm_server.stats()["calls"] == 3
 
 
