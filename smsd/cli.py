@@ -21,8 +21,10 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INCOMPLETE = 4      # stopped (signal, MongoDB down at the end) with work left; rerun with --resume
+EXIT_UNAVAILABLE = 69    # EX_UNAVAILABLE: MongoDB or the LLM did not answer within --wait
+EXIT_CANTCREAT = 73      # EX_CANTCREAT: the state directory cannot be written
 EXIT_LOCKED = 75         # EX_TEMPFAIL: another process holds this user's journal
-EXIT_CONFIG = 78         # EX_CONFIG: bad config file or value
+EXIT_CONFIG = 78         # EX_CONFIG: bad config file or value, or an LLM that refuses the setup
 
 log = logging.getLogger("smsd.cli")
 
@@ -36,6 +38,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     """One user, one shot: replay the journal, then process pending SMS."""
     from .embedded import EmbeddedError, EmbeddedMongo, EmbeddedUnavailable
     from .journal import Journal, JournalLocked
+    from .waiting import Patience
     from .worker import make_pipeline, make_store
 
     settings = _settings(args)
@@ -44,12 +47,17 @@ def cmd_once(args: argparse.Namespace) -> int:
         print("smsd once: --limit must be a positive number", file=sys.stderr)
         return EXIT_USAGE
     try:
-        journal = Journal.open(settings.state_dir, args.user_id, wait=args.wait,
+        journal = Journal.open(settings.state_dir, args.user_id, wait=args.lock_wait,
                                synchronous=settings.journal.synchronous)
     except JournalLocked as exc:
         print(f"smsd once: another smsd process is working on user {args.user_id} ({exc})",
               file=sys.stderr)
         return EXIT_LOCKED
+    except OSError as exc:
+        print(f"smsd once: cannot write the journal in the state directory {settings.state_dir} "
+              f"({exc.strerror or exc}).\n  check: journal.state_dir / $SMSD_STATE_DIR, that the directory "
+              "is writable by this user and its file system is not read-only", file=sys.stderr)
+        return EXIT_CANTCREAT
     embedded = None
     uri = settings.mongo.uri
     if uri == "embedded":
@@ -75,9 +83,12 @@ def cmd_once(args: argparse.Namespace) -> int:
         log.warning("could not ensure indexes now: %s", type(exc).__name__)
     if args.resume:
         _print_resume_point(store, args.user_id)
-    progress = _Progress(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
+    tty = sys.stderr.isatty() and not args.quiet
+    progress = _Progress(sys.stderr) if tty else None
+    patience = Patience(settings, uri, args.wait, stop, abort, stream=sys.stderr if tty else None,
+                        then=progress.update if progress else None)
     pipeline = make_pipeline(settings, args.user_id, journal, store, stop=stop, abort=abort,
-                             on_tick=progress.update if progress else None)
+                             on_tick=patience)
     try:
         summary = pipeline.run(limit=args.limit, resume=args.resume)
     finally:
@@ -87,11 +98,21 @@ def cmd_once(args: argparse.Namespace) -> int:
         store.close()
         if embedded:
             embedded.stop()
-    print(f"user {summary.user_id}: {summary.status}, {summary.processed_sms}/{summary.total_sms} processed "
-          f"(batch {summary.batch_id}), {summary.newly_processed} now, {summary.quarantined} quarantined, "
-          f"{summary.llm_calls} LLM calls ({summary.failed_calls} failed), "
-          f"{summary.elapsed_s:.1f} s"
-          + (f", {summary.pending_left} pending" if summary.pending_left else ""))
+    if summary.batch_id:   # a run began (a MongoDB that never answered leaves nothing to sum up)
+        print(f"user {summary.user_id}: {summary.status}, {summary.processed_sms}/{summary.total_sms} processed "
+              f"(batch {summary.batch_id}), {summary.newly_processed} now, {summary.quarantined} quarantined, "
+              f"{summary.llm_calls} LLM calls ({summary.failed_calls} failed), "
+              f"{summary.elapsed_s:.1f} s"
+              + (f", {summary.pending_left} pending" if summary.pending_left else ""))
+    if summary.config_error is not None:
+        err = summary.config_error
+        print(f"smsd once: {err}\n  check: {err.hint}\n  Nothing is lost: answers already journaled are "
+              "kept; fix the setting and rerun with --resume.", file=sys.stderr)
+        return EXIT_CONFIG
+    if patience.gave_up is not None:
+        print(f"smsd once: {patience.gave_up.message}\n  check: {patience.gave_up.hint}\n  Nothing is lost: "
+              "answers already journaled are kept; rerun with --resume (or a longer --wait).", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     if summary.status == "completed":
         return EXIT_OK
     return EXIT_INCOMPLETE if summary.stopped or summary.pending_left is None else EXIT_OK
@@ -169,6 +190,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return Supervisor(settings).run()
 
 
+# ---------------------------------------------------------------- doctor
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check the setup one line at a time; exit 0 only when everything passes."""
+    from .doctor import main as doctor_main
+    return doctor_main(["--json"] if args.json else [], config=args.config)
+
+
 # ------------------------------------------------------------- others
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .lab.evaluate import main as evaluate_main
@@ -211,10 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument("--user-id", required=True)
     once.add_argument("--limit", type=int, help="at most N SMS in this run")
     once.add_argument("--resume", action="store_true", help="continue the user's in-progress checkpoint")
-    once.add_argument("--wait", type=float, default=0.0,
-                      help="seconds to wait for another process working on this user")
+    once.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                      help="give up (exit 69) when MongoDB or the LLM does not answer for this long (default 30)")
+    once.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
+                      help="seconds to wait for another process working on this user (default 0: exit 75)")
     once.add_argument("--quiet", action="store_true", help="no progress bar")
     once.set_defaults(func=cmd_once)
+
+    doctor = sub.add_parser("doctor", help="check the config, MongoDB, the LLM, directories, journals, unit, socket")
+    doctor.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    doctor.set_defaults(func=cmd_doctor)
 
     for name, func, text in (("evaluate", cmd_evaluate, "score an extractor (rules, llm, rules-then-llm) on labelled SMS"),
                              ("llm-server", cmd_llm_server, "the local OpenAI-compatible test server"),

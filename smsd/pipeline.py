@@ -32,6 +32,7 @@ from .failpoints import failpoint
 from .histogram import FLUSH_BUCKETS, LLM_BUCKETS, Histogram
 from .journal import Answer, Journal
 from .llm import LlmAnswer, LlmError, validate_answer
+from .llm_errors import LlmBatchError, LlmConfigError
 from .model import FlushItem, Quarantine, Sms, SmsResult, Usage
 from .store import Store, StoreUnavailable
 
@@ -73,6 +74,7 @@ class RunSummary:
     pending_left: int | None = None
     last_processed_id: Any = None
     resumed_from: dict | None = None
+    config_error: LlmConfigError | None = None   # the LLM refuses our setup: asking stopped
 
 
 @dataclass
@@ -112,6 +114,7 @@ class Pipeline:
         self.latency = {"llm": Histogram(LLM_BUCKETS), "flush": Histogram(FLUSH_BUCKETS)}
         self.mongo_ok = True
         self.mongo_error: str | None = None
+        self.mongo_down_since: float | None = None   # monotonic time of the first failure of an outage
         self._batch_id = ""
         self._buffer: deque[Sms] = deque()
         self._retry: deque[Sms] = deque()     # SMS whose answer failed: asked again alone
@@ -158,7 +161,8 @@ class Pipeline:
         while True:
             if self.on_tick:
                 self.on_tick(self)
-            draining = self.stop.is_set()
+            # A configuration error ends the asking like a drain: what is answered is flushed.
+            draining = self.stop.is_set() or self.summary.config_error is not None
             room = budget is None or s.asked_sms < budget
             if not draining and room and not self._buffer and not self._retry and not self._exhausted:
                 self._claim()
@@ -261,6 +265,23 @@ class Pipeline:
         keys = [m.key for m in call.sms]
         try:
             answer: LlmAnswer = fut.result()
+        except LlmConfigError as exc:
+            # Asking again cannot help (bad key, unknown model, a request always refused):
+            # no attempt is counted against the SMS; the run stops asking.
+            s.failed_calls += 1
+            self.journal.record_failure(call.call_id, str(exc), [])
+            if s.config_error is None:
+                log.error("user %s: LLM misconfigured, not asking any more: %s; fix: %s",
+                          self.user_id, exc, exc.hint)
+            s.config_error = exc
+            self._buffer.extendleft(reversed(call.sms))
+            return
+        except LlmBatchError as exc:
+            # Too long for the model: the SMS's fault; each counts an attempt and is asked alone.
+            s.failed_calls += 1
+            self.journal.record_failure(call.call_id, str(exc))
+            self._note_failures(call.sms, dict.fromkeys(keys, "batch refused as too long"))
+            return
         except LlmError as exc:
             # The call failed as a whole (outage, timeouts after retries): not the
             # SMS's fault, so no attempt is counted; back off and ask again later.
@@ -465,6 +486,7 @@ class Pipeline:
         if self.mongo_ok:
             log.warning("user %s: MongoDB unavailable (%s); journaling until it answers",
                         self.user_id, type(exc).__name__)
+            self.mongo_down_since = time.monotonic()
         self.mongo_ok = False
         self.mongo_error = type(exc).__name__
         self._next_store_try = time.monotonic() + self._store_backoff
@@ -475,6 +497,7 @@ class Pipeline:
             log.info("user %s: MongoDB answers again", self.user_id)
         self.mongo_ok = True
         self.mongo_error = None
+        self.mongo_down_since = None
         self._store_backoff = 0.5
         self._next_store_try = 0.0
 
