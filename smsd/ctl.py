@@ -223,7 +223,8 @@ def format_status(reply: Mapping[str, Any]) -> str:
     if mongo.get("ok") is True:
         mongo_s = "ok"
     elif mongo:
-        mongo_s = "DOWN" + (f" ({mongo.get('error')})" if mongo.get("error") else "")
+        mongo_s = "DOWN" + (f" for {_duration(mongo['down_for_s'])}" if mongo.get("down_for_s") is not None else "") \
+            + (f" ({mongo.get('error')})" if mongo.get("error") else "")
     else:
         mongo_s = "?"
     journal = reply.get("journal") or {}
@@ -235,6 +236,11 @@ def format_status(reply: Mapping[str, Any]) -> str:
                  f"LLM calls {_cell(llm.get('calls'))} (repeated {_cell(llm.get('repeated_calls'))})  "
                  f"tokens {_cell(llm.get('prompt_tokens'))} prompt / {_cell(llm.get('completion_tokens'))} completion  "
                  f"ungrounded {_cell(reply.get('ungrounded_sms', 0))}")
+    if llm.get("response_format"):
+        lines.append(f"llm {llm.get('state', 'ok')}  response_format {llm['response_format']}")
+    if llm.get("state") == "misconfigured":
+        lines.append(f"llm: misconfigured: {llm.get('error')}")
+        lines.append(f"  fix: {llm.get('hint')}; then `smsctl reload`")
 
     users = reply.get("users") or []
     lines.append("")

@@ -125,7 +125,7 @@ def check_llm(settings: Settings) -> list[Check]:
     if llm.extractor == "rules":
         return [Check("llm", True, "extractor = \"rules\": no LLM is asked")]
     where = f"{llm.base_url} (model {llm.model})"
-    timeout = min(llm.timeout, 20.0)
+    timeout = llm.timeout
     sdk = openai.OpenAI(base_url=llm.base_url, api_key=llm.api_key or PLACEHOLDER_API_KEY,
                         timeout=timeout, max_retries=0)
     checks: list[Check] = []

@@ -19,7 +19,9 @@ from . import __version__
 from .children import WorkerProc, rss
 from .config import Settings
 from .figures import Figures
+from .health import Health
 from .scheduler import UserState
+from .wireformat import MEMORY_FILE, EndpointMemory
 
 
 class SupervisorView(Protocol):
@@ -34,6 +36,7 @@ class SupervisorView(Protocol):
     users: dict[str, UserState]
     figures: Figures
     metrics_url: str | None
+    health: Health
 
     def run_admin(self, cmd: str, args: dict) -> dict: ...
 
@@ -45,8 +48,23 @@ def status_line(sup: SupervisorView) -> str:
     backlog = sum(int((u.info.get("journal") or {}).get("unflushed") or 0) for u in sup.users.values())
     mongo = "ok" if sup.mongo.get("ok") else "degraded: MongoDB unreachable" \
         if sup.mongo.get("ok") is False else "checking"
-    return (f"{sup.state}: {len(sup.workers)} workers, {pending} SMS pending, "
+    down = sup.health.mongo_down_for()
+    if down is not None and sup.mongo.get("ok") is False:
+        mongo += f" for {down:.0f} s"
+    line = (f"{sup.state}: {len(sup.workers)} workers, {pending} SMS pending, "
             f"journal backlog {backlog}, MongoDB {mongo}")
+    if sup.health.llm_misconfigured:
+        line += f", llm: misconfigured ({sup.health.llm_error[:160]}); fix it, then smsctl reload"
+    return line
+
+
+def llm_format(settings: Settings) -> str:
+    """The response_format in use: the setting, or what ``auto`` found for this endpoint."""
+    llm = settings.llm
+    if llm.response_format != "auto":
+        return llm.response_format
+    found = EndpointMemory(settings.state_dir / MEMORY_FILE).get(llm.base_url, llm.model)
+    return f"auto ({found.get('response_format') or 'json_schema'})"
 
 
 def status_users(sup: SupervisorView) -> list[dict]:
@@ -121,6 +139,8 @@ def status_reply(sup: SupervisorView, user_id: str | None = None) -> dict:
         for key in llm:
             llm[key] += int(journal.get(key) or 0)
     mongo_ok = mongo_health(sup)
+    llm.update(sup.health.llm_view(), response_format=llm_format(sup.settings))
+    down = sup.health.mongo_down_for()
     users = status_users(sup)
     totals = {"processed_sms": sup.figures.user_total("processed"),
               "pending_sms": sum(u["pending_sms"] for u in users),
@@ -130,7 +150,8 @@ def status_reply(sup: SupervisorView, user_id: str | None = None) -> dict:
     ungrounded = sum(u["ungrounded_sms"] for u in users)
     reply = {"pid": sup.pid, "version": __version__, "state": sup.state,
              "uptime_s": round(now - sup.started, 1), "rss_bytes": rss(sup.pid),
-             "mongo": {"ok": mongo_ok, "error": None if mongo_ok else sup.mongo.get("error")},
+             "mongo": {"ok": mongo_ok, "error": None if mongo_ok else sup.mongo.get("error"),
+                       "down_for_s": round(down, 1) if down is not None and not mongo_ok else None},
              "workers": workers if not user_id else [w for w in workers if w["user_id"] == user_id],
              "users": users, "journal": {"unflushed": unflushed}, "llm": llm,
              "ungrounded_sms": ungrounded,

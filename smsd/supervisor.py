@@ -35,10 +35,11 @@ from .config import ConfigError, Settings, load_settings
 from .control import ControlServer, Peer, UnknownCommand
 from .metrics import CONTENT_TYPE, Figures, Metrics
 from .metrics_http import MetricsServer
+from .health import Health
 from .scheduler import UserState, clear_failures, load_paused, next_turns, record_crash, save_paused
 from .sdnotify import Notifier
 from .status import status_line, status_reply
-from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MORE
+from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MISCONFIGURED, EXIT_MORE
 
 log = logging.getLogger("smsd.supervisor")
 
@@ -72,6 +73,7 @@ class Supervisor:
         self.last_discovery = 0.0
         self.discovery_wanted = True
         self.mongo: dict = {"ok": None, "error": "not checked yet"}
+        self.health = Health()         # llm: misconfigured, and how long MongoDB has been down
         self.ready_sent = False
         self.stop_deadline: float | None = None
         self.notifier = Notifier()
@@ -280,6 +282,7 @@ class Supervisor:
                 log.warning("reload: %s.%s changes only on restart", section, key)
                 setattr(getattr(new, section), key, getattr(getattr(old, section), key))
         self.settings = new
+        self.health.reloaded()
         logging.getLogger().setLevel(new.supervisor.log_level)
         log.info("reloaded %s: max_workers=%d (new workers get the new LLM settings)",
                  self.config_path or "settings", new.supervisor.max_workers)
@@ -289,8 +292,8 @@ class Supervisor:
     # ------------------------------------------------------------- workers
     def spawn_workers(self) -> None:
         room = self.settings.supervisor.max_workers - len(self.workers)
-        if room <= 0:
-            return
+        if room <= 0 or self.health.llm_misconfigured:
+            return   # misconfigured: a new worker would only fail the same way; wait for a reload
         running = {w.user_id for w in self.workers.values()}
         for user in next_turns(self.users.values(), running, self.applied_generation)[:room]:
             self.spawn_worker(user)
@@ -385,6 +388,13 @@ class Supervisor:
             user.last_exit = "turn over" if code == EXIT_MORE else f"recycled ({w.recycle_reason})"
             user.consecutive_crashes = 0
             user.info["pending_sms"] = max(1, int(user.info.get("pending_sms") or 1))
+        elif code == EXIT_MISCONFIGURED:
+            # Not the user's fault and not a crash: the LLM refuses our setup.
+            user.last_exit = "LLM misconfigured"
+            user.info["pending_sms"] = max(1, int(user.info.get("pending_sms") or 1))
+            self.health.misconfigured(w.status.get("llm_error"), w.status.get("llm_hint"), w.user_id)
+            if self.ready_sent:
+                self.notifier.status(status_line(self))
         elif code == EXIT_LOCKED:
             # An orphan of a previous supervisor still holds the journal; it dies
             # with its parent (PDEATHSIG), so try again shortly.
@@ -432,8 +442,10 @@ class Supervisor:
     def discovered(self, answer: dict | None, generation: int) -> None:
         if not answer:
             self.mongo = {"ok": False, "error": "discovery failed (see log)"}
+            self.health.mongo_seen(False)
             return
         self.mongo = answer.get("mongo", self.mongo)
+        self.health.mongo_seen(self.mongo.get("ok"))
         self.applied_generation = max(self.applied_generation, generation)
         found = answer.get("users", {})
         self.figures.discovered(found)
@@ -502,6 +514,7 @@ class Supervisor:
             self.last_watchdog = now
 
     def note_status(self) -> None:
+        self.health.nag()
         now = time.monotonic()
         if self.ready_sent and now - self.last_status_note >= 5.0:
             self.notifier.status(status_line(self))

@@ -35,6 +35,7 @@ EXIT_DONE = 0            # the user has nothing pending (or the run was drained)
 EXIT_ERROR = 1           # an unexpected exception: counted as a crash
 EXIT_MORE = 10           # the turn is over and the user has more: queue again
 EXIT_LOCKED = 75         # another process still holds the user's journal
+EXIT_MISCONFIGURED = 78  # the LLM refuses the setup (key, model, request): no retry until a reload
 EXIT_PARENT_GONE = 76    # the supervisor died
 
 PR_SET_PDEATHSIG = 1
@@ -101,6 +102,8 @@ class _Reporter:
                "newly_processed": s.newly_processed,
                "mongo_ok": pipeline.mongo_ok, "journal": self.journal_stats,
                "latency": {name: h.to_wire() for name, h in pipeline.latency.items()}}
+        if s.config_error is not None:   # the supervisor shows it: `llm: misconfigured`
+            msg.update(state="llm misconfigured", llm_error=str(s.config_error), llm_hint=s.config_error.hint)
         self.send(msg)
 
     def send(self, msg: dict) -> None:
@@ -158,6 +161,8 @@ def _work(settings: Settings, user_id: str, status_fd: int, parent_pid: int,
     log.info("user %s: turn over: %s, %d/%d processed, %d asked, %d quarantined",
              user_id, summary.status, summary.processed_sms, summary.total_sms,
              summary.asked_sms, summary.quarantined)
+    if summary.config_error is not None:
+        return EXIT_MISCONFIGURED
     if summary.status == "completed" or summary.stopped:
         return EXIT_DONE
     return EXIT_MORE

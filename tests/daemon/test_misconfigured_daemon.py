@@ -1,0 +1,88 @@
+"""`smsd run` with an LLM that refuses the setup: a visible `llm: misconfigured` state, no retry loop,
+and a reload with the fixed config picks the work up again.  Real daemon, real servers."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from pymongo import MongoClient
+
+from smsd.ctl import format_status
+from smsd.lab.invariants import verify
+
+from ..harness import Daemon, seed, wait_for, write_config
+
+
+@pytest.fixture
+def db(mongo_server, mongo_db_name):
+    client = MongoClient(mongo_server.uri)
+    yield client[mongo_db_name]
+    client.close()
+
+
+def _misconfigured(d):
+    st = d.status(quiet=True)
+    return st if st and st["llm"].get("state") == "misconfigured" else None
+
+
+@pytest.mark.parametrize("llm_server", [{"strict_model": True, "model": "smsd-local"}], indirect=True)
+def test_an_unknown_model_puts_the_daemon_in_a_visible_state_until_a_reload_fixes_it(
+        tmp_path, db, mongo_server, mongo_db_name, llm_server):
+    expected = {**seed(db, "ann", 8), **seed(db, "bob", 8, start=8)}
+    config = write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=llm_server.url,
+                          llm={"model": "typo-model"})
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(0.2)
+    d = Daemon(config, tmp_path, NOTIFY_SOCKET=str(notify))
+    try:
+        st = wait_for(lambda: _misconfigured(d), timeout=30, what="llm: misconfigured")
+        assert "typo-model" in st["llm"]["error"] and "SMSD_LLM_MODEL" in st["llm"]["hint"]
+        assert st["state"] == "running"                      # still serving smsctl
+        wait_for(lambda: not d.status()["workers"], timeout=20, what="workers gone")
+        calls = llm_server.stats()["calls"]
+        time.sleep(3)                                        # no retry loop while misconfigured
+        assert llm_server.stats()["calls"] == calls
+        assert calls <= 2 * 2                                # at most the calls in flight of each worker
+        statuses = []
+        end = time.monotonic() + 7
+        while time.monotonic() < end:
+            try:
+                statuses.append(sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+        assert any("llm: misconfigured" in m for m in statuses if "STATUS=" in m)
+        assert db.sms_fin_rawdata.count_documents({"isprocessed": True}) == 0
+        # Fix the file, reload: the work is done.
+        write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=llm_server.url,
+                     llm={"model": "smsd-local"})
+        assert d.cmd("reload")["reloaded"]
+        wait_for(lambda: db.sms_fin_rawdata.count_documents({"isprocessed": True}) == 16, timeout=60,
+                 what="all processed after the reload")
+        assert d.status()["llm"]["state"] == "ok"
+    finally:
+        code, out = d.stop()
+        sock.close()
+    assert out.count("llm: misconfigured (user") == 1           # the first ERROR line, once
+    report = verify(db, expected, state_dir=tmp_path / "state", billed=llm_server.stats()["billed"])
+    assert report.ok, report.to_dict()
+
+
+def test_a_mongodb_that_is_down_shows_for_how_long(tmp_path, own_mongo, llm_server):
+    config = write_config(tmp_path, mongo_uri=own_mongo.uri, db="smsd_down_for", llm_url=llm_server.url,
+                          mongo={"timeout_ms": 500})
+    d = Daemon(config, tmp_path)
+    try:
+        wait_for(lambda: d.status()["mongo"]["ok"] is True, timeout=30, what="MongoDB seen up")
+        own_mongo.kill()
+        st = wait_for(lambda: (lambda s: s if (s["mongo"].get("down_for_s") or 0) >= 2 else None)(d.status()),
+                      timeout=30, what="down_for_s counting")
+        assert st["mongo"]["ok"] is False
+        assert "DOWN for" in format_status(st)
+        own_mongo.restart()
+        wait_for(lambda: d.status()["mongo"]["ok"] is True, timeout=60, what="MongoDB back")
+        assert d.status()["mongo"]["down_for_s"] is None
+    finally:
+        d.stop()
