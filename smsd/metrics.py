@@ -113,6 +113,12 @@ class _Collector:
         if ok is not None:   # unknown until the first discovery answers
             yield GaugeMetricFamily("smsd_mongo_up", "1 when MongoDB answers, 0 when it does not.",
                                     value=1 if ok else 0)
+        down = sup.health.mongo_down_for()
+        yield GaugeMetricFamily("smsd_mongo_down_seconds", "Seconds MongoDB has been unreachable (0 when up).",
+                                value=round(down, 1) if down is not None and ok is False else 0)
+        yield GaugeMetricFamily("smsd_llm_misconfigured", "1 while the LLM refuses the configuration "
+                                "(bad key, unknown model, a rejected request): no workers until a reload.",
+                                value=1 if sup.health.llm_misconfigured else 0)
         yield GaugeMetricFamily("smsd_workers", "Worker processes running.", value=len(sup.workers))
         yield GaugeMetricFamily("smsd_max_workers", "supervisor.max_workers.",
                                 value=sup.settings.supervisor.max_workers)

@@ -3,6 +3,7 @@ and a reload with the fixed config picks the work up again.  Real daemon, real s
 from __future__ import annotations
 
 import socket
+import urllib.request
 import time
 
 import pytest
@@ -31,7 +32,7 @@ def test_an_unknown_model_puts_the_daemon_in_a_visible_state_until_a_reload_fixe
         tmp_path, db, mongo_server, mongo_db_name, llm_server):
     expected = {**seed(db, "ann", 8), **seed(db, "bob", 8, start=8)}
     config = write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=llm_server.url,
-                          llm={"model": "typo-model"})
+                          llm={"model": "typo-model"}, supervisor={"metrics_listen": "127.0.0.1:0"})
     notify = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
@@ -39,6 +40,8 @@ def test_an_unknown_model_puts_the_daemon_in_a_visible_state_until_a_reload_fixe
     d = Daemon(config, tmp_path, NOTIFY_SOCKET=str(notify))
     try:
         st = wait_for(lambda: _misconfigured(d), timeout=30, what="llm: misconfigured")
+        metrics = urllib.request.urlopen(st["metrics_url"], timeout=10).read().decode()
+        assert "smsd_llm_misconfigured 1.0" in metrics
         assert "typo-model" in st["llm"]["error"] and "SMSD_LLM_MODEL" in st["llm"]["hint"]
         assert st["state"] == "running"                      # still serving smsctl
         wait_for(lambda: not d.status()["workers"], timeout=20, what="workers gone")
@@ -57,7 +60,7 @@ def test_an_unknown_model_puts_the_daemon_in_a_visible_state_until_a_reload_fixe
         assert db.sms_fin_rawdata.count_documents({"isprocessed": True}) == 0
         # Fix the file, reload: the work is done.
         write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=llm_server.url,
-                     llm={"model": "smsd-local"})
+                     llm={"model": "smsd-local"}, supervisor={"metrics_listen": "127.0.0.1:0"})
         assert d.cmd("reload")["reloaded"]
         wait_for(lambda: db.sms_fin_rawdata.count_documents({"isprocessed": True}) == 16, timeout=60,
                  what="all processed after the reload")
