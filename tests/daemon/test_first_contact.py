@@ -173,3 +173,33 @@ def test_a_file_where_the_state_directory_should_be_exits_73(tmp_path, mongo_ser
     out = run_smsd(config, "once", "--user-id", "u9")
     assert out.returncode == 73, out.stderr[-2000:]
     assert "state directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_same_500_on_every_attempt_ends_as_a_configuration_error_not_a_retry_loop(
+        tmp_path, db, mongo_server, mongo_db_name, llm_server):
+    seed(db, "u10", 3)
+    llm_server.set_faults(p_500=1.0)
+    config = write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=llm_server.url,
+                          llm={"concurrency": 1})
+    out = run_smsd(config, "once", "--user-id", "u10")
+    assert out.returncode == 78, out.stderr[-2000:]
+    assert "gave the same error" in out.stderr and "HTTP 500" in out.stderr
+    # json_schema twice, then each simpler format, then the retry cap (max_retries = 3): bounded.
+    assert llm_server.stats()["calls"] <= 3 + 2 + 3
+    assert processed(db, "u10") == 0
+
+
+def test_a_batch_too_long_for_the_model_is_asked_alone_then_quarantined(tmp_path, db, mongo_server,
+                                                                        mongo_db_name, llm_server):
+    expected = seed(db, "u11", 3)
+    llm_server.script(["too_long"] * 20)
+    config = write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=llm_server.url,
+                          llm={"concurrency": 1}, pipeline={"max_attempts": 2})
+    out = run_smsd(config, "once", "--user-id", "u11")
+    assert out.returncode == 0, out.stderr[-2000:]
+    reasons = [d["smsd_quarantine"]["reason"]
+               for d in db.sms_fin_rawdata.find({"user_id": "u11", "smsd_quarantine": {"$exists": True}})]
+    assert len(reasons) == 3 and all("too long" in r for r in reasons)
+    assert llm_server.stats()["calls"] == 1 + 3      # the batch of 3, then each SMS alone once more
+    report = verify(db, expected, state_dir=tmp_path / "state")
+    assert report.sms_lost == 0 and report.unflushed_left == 0
