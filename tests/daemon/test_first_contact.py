@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import pty
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -18,7 +21,7 @@ from pymongo import MongoClient
 from smsd import wireformat
 from smsd.lab.invariants import verify
 
-from ..harness import run_smsd, seed, write_config
+from ..harness import REPO, run_smsd, seed, smsd_env, write_config
 
 
 @pytest.fixture
@@ -203,3 +206,26 @@ def test_a_batch_too_long_for_the_model_is_asked_alone_then_quarantined(tmp_path
     assert llm_server.stats()["calls"] == 1 + 3      # the batch of 3, then each SMS alone once more
     report = verify(db, expected, state_dir=tmp_path / "state")
     assert report.sms_lost == 0 and report.unflushed_left == 0
+
+
+def test_on_a_terminal_once_shows_what_it_waits_for(tmp_path, llm_server):
+    config = write_config(tmp_path, mongo_uri=f"mongodb://127.0.0.1:{free_port()}", db="x",
+                          llm_url=llm_server.url, mongo={"timeout_ms": 300})
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "smsd.cli", "once", "--user-id", "u1", "--wait", "3"],
+                            env=smsd_env(config), stdout=subprocess.PIPE, stderr=slave, cwd=str(REPO))
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:      # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    text = seen.decode(errors="replace")
+    assert proc.returncode == 69
+    assert "waiting for MongoDB at mongodb://127.0.0.1:" in text and "/3 s" in text
