@@ -36,6 +36,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 # ------------------------------------------------------------------ once
 def cmd_once(args: argparse.Namespace) -> int:
     """One user, one shot: replay the journal, then process pending SMS."""
+    from .batch import run_phase
     from .embedded import EmbeddedError, EmbeddedMongo, EmbeddedUnavailable
     from .journal import Journal, JournalLocked
     from .waiting import Patience
@@ -87,10 +88,19 @@ def cmd_once(args: argparse.Namespace) -> int:
     progress = _Progress(sys.stderr) if tty else None
     patience = Patience(settings, uri, args.wait, stop, abort, stream=sys.stderr if tty else None,
                         then=progress.update if progress else None)
+    if args.mode:
+        settings.llm.mode = args.mode
     pipeline = make_pipeline(settings, args.user_id, journal, store, stop=stop, abort=abort,
                              on_tick=patience)
     try:
-        summary = pipeline.run(limit=args.limit, resume=args.resume)
+        batched = run_phase(pipeline, wait=True)
+        if batched is not None:
+            print(f"user {args.user_id}: batch mode: {batched.created} batch created, "
+                  f"{batched.answered_sms} SMS answered by the Batch API, {batched.requeued_sms} requeued"
+                  + (f", {batched.open} batch still open (rerun to resume it)" if batched.open else ""))
+        # Batch mode asks nothing online: the pipeline only flushes what the batch answered.
+        online_budget = 0 if settings.llm.mode == "batch" else None
+        summary = pipeline.run(limit=args.limit, resume=args.resume, max_sms=online_budget)
     finally:
         if progress:
             progress.done()
@@ -239,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument("--user-id", required=True)
     once.add_argument("--limit", type=int, help="at most N SMS in this run")
     once.add_argument("--resume", action="store_true", help="continue the user's in-progress checkpoint")
+    once.add_argument("--mode", choices=("online", "batch", "auto"),
+                      help="online calls, the Batch API (half price, within 24 h), or batch for a big "
+                           "backlog only (default: llm.mode)")
     once.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
                       help="give up (exit 69) when MongoDB or the LLM does not answer for this long (default 30)")
     once.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",

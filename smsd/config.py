@@ -58,6 +58,10 @@ class LlmSettings:
     # smsd_llm_cost_usd_total.
     price_prompt_per_mtok: str = ""
     price_completion_per_mtok: str = ""
+    mode: str = "online"                     # online | batch | auto (Batch API for big backlogs)
+    batch_threshold: int = 1000              # auto: a backlog of at least this many SMS goes to a batch
+    batch_max_sms: int = 50000               # SMS per batch job
+    batch_poll_interval: float = 60.0        # longest wait between polls of an open batch, seconds
 
     def prices(self) -> tuple[Decimal, Decimal] | None:
         """USD per million prompt and completion tokens, or None unless both are set."""
@@ -149,6 +153,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "SMSD_LOG_LEVEL": ("supervisor", "log_level"),
     "SMSD_LOG_FORMAT": ("supervisor", "log_format"),
     "SMSD_METRICS_LISTEN": ("supervisor", "metrics_listen"),
+    "SMSD_LLM_MODE": ("llm", "mode"),
 }
 # systemd's directories, used when the SMSD_ variables are not set.
 SYSTEMD_DIRS = {"STATE_DIRECTORY": ("journal", "state_dir"),
@@ -158,6 +163,7 @@ CHOICES = {
     ("llm", "extractor"): ("llm", "rules", "rules-then-llm"),
     ("llm", "response_format"): ("auto", "json_schema", "json_object", "prompt"),
     ("llm", "token_param"): ("auto", "max_completion_tokens", "max_tokens"),
+    ("llm", "mode"): ("online", "batch", "auto"),
     ("journal", "synchronous"): ("FULL", "NORMAL"),
     ("supervisor", "log_level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
     ("supervisor", "log_format"): ("text", "json"),
@@ -166,7 +172,8 @@ POSITIVE = {("llm", "batch_size"), ("llm", "concurrency"), ("llm", "timeout"),
             ("journal", "max_backlog"), ("pipeline", "max_attempts"), ("pipeline", "page_size"),
             ("pipeline", "max_text_chars"), ("pipeline", "worker_max_sms"),
             ("supervisor", "max_workers"), ("supervisor", "worker_timeout"),
-            ("supervisor", "discovery_interval"), ("mongo", "timeout_ms")}
+            ("supervisor", "discovery_interval"), ("mongo", "timeout_ms"),
+            ("llm", "batch_threshold"), ("llm", "batch_max_sms"), ("llm", "batch_poll_interval")}
 
 
 def default_config_path(env: Mapping[str, str]) -> Path | None:

@@ -1,7 +1,7 @@
 """``smsctl``: the operator's command line, a client of smsd's control socket.
 
 Every subcommand sends the same-named command (``status``, ``resume``,
-``pause``, ``drain``, ``reload``, ``quarantine``, ``retry``) with
+``pause``, ``drain``, ``reload``, ``quarantine``, ``retry``, ``batches``) with
 ``{"user_id": U}`` where ``--user-id`` is given, and prints the answer.
 
 Exit codes (also for scripts and systemd ``ExecStartPost=`` checks):
@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retry", help="release a user's quarantined SMS for another try")
     p.add_argument("--user-id", required=True)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("batches", help="open Batch API jobs; `batches cancel ID` cancels one")
+    p.add_argument("action", nargs="?", choices=("list", "cancel"), default="list")
+    p.add_argument("batch_id", nargs="?", help="the batch to cancel (batch_...)")
+    p.add_argument("--user-id")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -124,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args: dict[str, Any] = {}
     if getattr(opts, "user_id", None) is not None:
         args["user_id"] = opts.user_id
+    if opts.cmd == "batches" and opts.action == "cancel":
+        if not opts.batch_id:
+            parser.error("batches cancel needs a batch id")
+        args["cancel"] = opts.batch_id
     try:
         reply = control.request(path, opts.cmd, args, timeout=opts.timeout)
     except control.DaemonNotRunning:
@@ -159,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.write(format_status(reply))
         elif opts.cmd == "quarantine":
             out.write(format_quarantine(reply))
+        elif opts.cmd == "batches" and "batches" in reply:
+            out.write(format_batches(reply.get("batches") or []))
         else:
             out.write(format_ack(opts.cmd, reply))
         out.flush()
@@ -269,9 +281,29 @@ def format_status(reply: Mapping[str, Any]) -> str:
     else:
         lines.append("(none)")
 
+    if reply.get("batches"):
+        lines.append("")
+        lines.append(format_batches(reply["batches"]).rstrip("\n"))
+
     if "checkpoint" in reply:
         lines.append("")
         lines.append(format_checkpoint(reply.get("checkpoint")))
+    return "\n".join(lines) + "\n"
+
+
+def format_batches(batches: Sequence[Mapping[str, Any]]) -> str:
+    """Open Batch API jobs: user, batch id, state, requests done/total, SMS, age."""
+    lines = [f"BATCHES ({len(batches)})"]
+    if not batches:
+        return "\n".join(lines + ["(none)"]) + "\n"
+
+    def done(b: Mapping[str, Any]) -> str:
+        r = b.get("requests") or {}
+        return f"{_cell(r.get('completed'))}/{_cell(r.get('total'))}" + (f" ({r['failed']} failed)" if r.get("failed") else "")
+
+    lines += _table(["USER", "BATCH", "STATE", "REQUESTS", "SMS", "AGE"],
+                    [[b.get("user_id"), b.get("batch_id"), b.get("state"), done(b), b.get("sms"),
+                      _duration(b.get("age_s"))] for b in batches], right=(4, 5))
     return "\n".join(lines) + "\n"
 
 

@@ -57,7 +57,10 @@ def discover(settings: Settings, uri: str | None = None) -> dict:
 
 
 def admin(settings: Settings, cmd: str, args: dict, uri: str | None = None) -> dict:
-    """Operator commands that read or write MongoDB: quarantine, retry, checkpoint."""
+    """Operator commands that read or write MongoDB (quarantine, retry, checkpoint) or ask
+    the LLM server (batch_cancel)."""
+    if cmd == "batch_cancel":
+        return _cancel_batch(settings, str(args.get("batch_id") or ""))
     store: Store = make_store(settings, uri)
     try:
         user_id = args.get("user_id")
@@ -74,3 +77,22 @@ def admin(settings: Settings, cmd: str, args: dict, uri: str | None = None) -> d
         return {"error": f"MongoDB unavailable: {type(exc.__cause__ or exc).__name__}"}
     finally:
         store.close()
+
+
+def _cancel_batch(settings: Settings, batch_id: str) -> dict:
+    """``smsctl batches cancel ID``: the server cancels; the owning worker collects what it answered."""
+    from . import batch
+    from .extractor import build_extractor
+    from .llm import LlmClient
+
+    client = build_extractor(settings)
+    if not isinstance(client, LlmClient) or not batch_id:
+        return {"error": "batch cancel needs an LLM extractor and a batch id"}
+    try:
+        return {"batch_id": batch_id, "status": batch.cancel(client, batch_id)}
+    except (ValueError, OSError) as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # openai.APIError: no key or text in it, only its type
+        return {"error": f"cancel of {batch_id} failed: {type(exc).__name__}"}
+    finally:
+        client.close()

@@ -24,6 +24,12 @@ POINTS = {
     "mid_flush": "after the transactions are upserted, before isprocessed is set",
     "after_flush": "after the Mongo writes, before the journal row is marked flushed",
     "after_mark_flushed": "after the journal row is marked flushed",
+    "batch_before_upload": "batch mode: the job and its calls are journaled, before the file upload",
+    "batch_after_upload": "batch mode: the file is uploaded, before its id is journaled",
+    "batch_after_create": "batch mode: the batch is created, before its id is journaled",
+    "batch_polling": "batch mode: before a poll of an open batch",
+    "batch_mid_download": "batch mode: some output lines are journaled, not all",
+    "batch_after_download": "batch mode: every output line is journaled, before the job is marked done",
     "supervisor_no_watchdog": "the supervisor stops pinging the systemd watchdog (not a kill)",
 }
 

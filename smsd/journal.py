@@ -316,6 +316,18 @@ class Journal:
                 db.rollback()
                 raise
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """One write transaction (one commit) for a companion module's own tables
+        (:mod:`smsd.batch`); the call life cycle below uses its own methods."""
+        with self._write() as db:
+            yield db
+
+    def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        """Rows of a read-only query on this journal."""
+        with self._use() as db:
+            return db.execute(sql, list(params)).fetchall()
+
     # -- the call life cycle ---------------------------------------------------------
 
     def begin_call(self, items: list[tuple[str, Any]], *, owner: str, epoch: int,

@@ -54,7 +54,19 @@ def _stats(db: sqlite_utils.Database) -> dict:
         "quarantined": _scalar(db, "SELECT COUNT(*) FROM quarantine"),
         "unflushed_quarantine": _scalar(db, "SELECT COUNT(*) FROM quarantine WHERE flushed = 0"),
         "ungrounded": _scalar(db, UNGROUNDED_COUNT),
+        "batches": _open_batches(db),
     }
+
+
+def _open_batches(db: sqlite_utils.Database) -> list[dict]:
+    """The journal's open Batch API jobs (smsd.batch's tables; absent until a first batch)."""
+    if "batch_jobs" not in db.table_names():
+        return []
+    cols = ("job_id", "batch_id", "state", "server_state", "n_sms", "n_calls", "request_counts",
+            "created_at")
+    rows = db.execute(f"SELECT {', '.join(cols)} FROM batch_jobs"
+                      " WHERE state IN ('prepared', 'uploaded', 'created') ORDER BY created_at").fetchall()
+    return [dict(zip(cols, r)) for r in rows]
 
 
 def scan(state_dir: str | os.PathLike) -> dict[str, dict]:

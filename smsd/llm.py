@@ -370,6 +370,16 @@ class LlmClient:
         cap = min(self.backoff_max, self.backoff_base * (2 ** (retry - 1)))
         return self._random.uniform(0, cap)
 
+    @property
+    def sdk(self) -> openai.OpenAI:
+        """The SDK client (batch mode uses its files and batches APIs)."""
+        return self._client
+
+    def request_body(self, sms: list[model.Sms]) -> dict:
+        """The chat-completions request for *sms*, exactly as :meth:`extract` sends it."""
+        return {"model": self.model, "messages": self._messages(sms),
+                "response_format": self._response_format, "temperature": self.temperature}
+
     def _messages(self, sms: list[model.Sms]) -> list[dict]:
         user = json.dumps({"sms": [s.wire() for s in sms]}, ensure_ascii=False)
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]

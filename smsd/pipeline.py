@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from . import grounding
+from . import batch
 from .config import Settings
 from .failpoints import failpoint
 from .histogram import FLUSH_BUCKETS, LLM_BUCKETS, Histogram
@@ -145,7 +146,8 @@ class Pipeline:
             # The journal's backlog (a crash's answered-but-unflushed rows) is replayed
             # by the loop in chunks, between new calls: a big backlog does not hold
             # back the first new LLM call.
-            budget = min(x for x in (limit, max_sms) if x is not None) if (limit or max_sms) else None
+            caps = [x for x in (limit, max_sms) if x is not None]
+            budget = min(caps) if caps else None     # 0: ask nothing, only replay and flush
             with ThreadPoolExecutor(max_workers=self.settings.llm.concurrency,
                                     thread_name_prefix="smsd-llm") as pool:
                 self._loop(pool, budget)
@@ -193,6 +195,8 @@ class Pipeline:
         # Answered but not yet flushed (a replay in progress): still pending in MongoDB,
         # so the store skips them and the page holds SMS that still need an answer.
         exclude.update(self.journal.unflushed_keys())
+        # The SMS of an open batch job are answered by the Batch API, not asked online.
+        exclude.update(batch.open_keys(self.journal))
         try:
             page, malformed = self.store.fetch_pending(
                 self.user_id, limit=self.settings.pipeline.page_size, exclude_keys=exclude)

@@ -12,6 +12,7 @@ passed in, typed by :class:`SupervisorView` (this module never imports
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Protocol
 
@@ -122,6 +123,22 @@ def mongo_health(sup: SupervisorView) -> bool | None:
     return sup.mongo.get("ok")
 
 
+def open_batches(sup: SupervisorView, user_id: str | None = None) -> list[dict]:
+    """Open Batch API jobs of every user (or one), oldest first: ids, states, counts, age; no text."""
+    now = time.time()
+    out = []
+    for uid, journal in user_journals(sup).items():
+        if user_id and uid != user_id:
+            continue
+        for job in journal.get("batches") or []:
+            counts = job.get("request_counts")
+            out.append({"user_id": uid, "batch_id": job.get("batch_id"), "job_id": job.get("job_id"),
+                        "state": job.get("server_state") or job.get("state"), "sms": job.get("n_sms"),
+                        "requests": json.loads(counts) if isinstance(counts, str) else counts,
+                        "age_s": round(now - float(job.get("created_at") or now), 1)})
+    return sorted(out, key=lambda b: -b["age_s"])
+
+
 def status_reply(sup: SupervisorView, user_id: str | None = None) -> dict:
     """The reply of the ``status`` control command (for one user: with its checkpoint)."""
     now = time.monotonic()
@@ -148,13 +165,14 @@ def status_reply(sup: SupervisorView, user_id: str | None = None) -> dict:
     if user_id:
         users = [u for u in users if u["user_id"] == user_id]
     ungrounded = sum(u["ungrounded_sms"] for u in users)
+    batches = open_batches(sup, user_id)
     reply = {"pid": sup.pid, "version": __version__, "state": sup.state,
              "uptime_s": round(now - sup.started, 1), "rss_bytes": rss(sup.pid),
              "mongo": {"ok": mongo_ok, "error": None if mongo_ok else sup.mongo.get("error"),
                        "down_for_s": round(down, 1) if down is not None and not mongo_ok else None},
              "workers": workers if not user_id else [w for w in workers if w["user_id"] == user_id],
              "users": users, "journal": {"unflushed": unflushed}, "llm": llm,
-             "ungrounded_sms": ungrounded,
+             "ungrounded_sms": ungrounded, "batches": batches,
              "totals": totals, "metrics_url": sup.metrics_url,
              "max_workers": sup.settings.supervisor.max_workers}
     if user_id:

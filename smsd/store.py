@@ -328,6 +328,14 @@ class Store:
                 cursor.close()
         return sms, bad
 
+    def fetch_by_ids(self, user_id: str, raw_ids: list) -> list[Sms]:
+        """The well-formed SMS among ``raw_ids`` of ``user_id`` (a batch job rebuilt from its journal)."""
+        projection = {"_id": 1, "user_id": 1, self.text_field: 1, self.sender_field: 1, self.time_field: 1}
+        with self._errors("fetch_by_ids"):
+            docs = list(self.raw.find({"_id": {"$in": list(raw_ids)}, "user_id": user_id}, projection))
+        items = (self._classify(doc, sms_key(doc["_id"])) for doc in docs)
+        return [i for i in items if isinstance(i, Sms)]
+
     def _classify(self, doc: dict, key: str) -> Sms | Malformed:
         raw_id = doc["_id"]
         uid = doc.get("user_id")

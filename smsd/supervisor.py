@@ -32,13 +32,13 @@ from typing import Any, Callable
 from . import __version__, discovery, failpoints
 from .children import Child, WorkerProc, close_fds, read_answer, read_status, rss, start_child, start_worker
 from .config import ConfigError, Settings, load_settings
-from .control import ControlServer, Peer, UnknownCommand
+from .control import CommandError, ControlServer, Peer, UnknownCommand
 from .metrics import CONTENT_TYPE, Figures, Metrics
 from .metrics_http import MetricsServer
 from .health import Health
 from .scheduler import UserState, clear_failures, load_paused, next_turns, record_crash, save_paused
 from .sdnotify import Notifier
-from .status import status_line, status_reply
+from .status import open_batches, status_line, status_reply
 from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MISCONFIGURED, EXIT_MORE
 
 log = logging.getLogger("smsd.supervisor")
@@ -541,6 +541,13 @@ class Supervisor:
         if cmd == "reload":
             self.reload()
             return {"reloaded": True, "config": self.config_path}
+        if cmd == "batches":
+            if args.get("cancel"):
+                try:
+                    return self.run_admin("batch_cancel", {"batch_id": str(args["cancel"])})
+                except RuntimeError as exc:   # the server's refusal, said plainly
+                    raise CommandError(str(exc)) from None
+            return {"batches": open_batches(self, user_id)}
         if cmd in ("quarantine", "retry"):
             if cmd == "retry" and not user_id:
                 raise ValueError("retry needs a user_id")

@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Callable
 
+from .batch import run_phase
 from .config import Settings
 from .extractor import build_extractor, build_rate_limiter
 from .journal import Journal, JournalLocked
@@ -153,7 +154,11 @@ def _work(settings: Settings, user_id: str, status_fd: int, parent_pid: int,
     pipeline = make_pipeline(settings, user_id, journal, store, stop=stop, abort=abort,
                              on_tick=reporter.tick)
     try:
-        summary = pipeline.run(resume=True, max_sms=settings.pipeline.worker_max_sms)
+        # Batch mode: one step of the user's Batch API jobs (never a wait), then the
+        # pipeline flushes what they answered; in "batch" mode it asks nothing online.
+        batched = run_phase(pipeline, wait=False)
+        online = 0 if settings.llm.mode == "batch" and batched is not None else settings.pipeline.worker_max_sms
+        summary = pipeline.run(resume=True, max_sms=online)
         reporter.tick(pipeline, state="exiting", force=True)
     finally:
         journal.close()
@@ -165,4 +170,6 @@ def _work(settings: Settings, user_id: str, status_fd: int, parent_pid: int,
         return EXIT_MISCONFIGURED
     if summary.status == "completed" or summary.stopped:
         return EXIT_DONE
+    if batched is not None and batched.open and summary.asked_sms == 0:
+        return EXIT_DONE   # only waiting for a batch: discovery brings the user back, polls are paced
     return EXIT_MORE

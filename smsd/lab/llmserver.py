@@ -30,6 +30,10 @@ Admin endpoints (JSON):
 - ``POST /_admin/script``         ``{"faults": ["429", "ok", ...]}`` for the next calls
 - ``GET  /_admin/last_request``   shape of the last completion request (no SMS text)
 - ``GET  /_admin/health``         ``{"ok": true}``
+- ``GET  /_admin/batches``        Batch API counters (batches created, their states)
+- ``POST /_admin/batches``        Batch API switches, e.g. ``{"delay_s": 2, "fail_ratio": 0.1}``
+
+``/v1/files`` and ``/v1/batches`` are the Batch API (:mod:`smsd.lab.llm_batches`).
 
 Dialects (fault settings, live too): ``reject_json_schema`` answers a
 ``json_schema`` response_format with llama-cpp-python's HTTP 500, ``reject_pattern``
@@ -60,6 +64,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .llm_batches import Batches
+from .llm_batches import route as batch_route
 from .llm_extractors import OTHER, Extractor, KnownAnswers, make_extractor
 from .llm_extractors import rules_extractor  # noqa: F401 - re-exported: demo and tests use it
 from .llm_faults import DEFAULT_FAULTS, State, _mangle
@@ -187,6 +193,35 @@ def _results(state: State, items: list[dict]) -> list[dict]:
     return out
 
 
+def attach_batches(state: State) -> Batches:
+    """Give a server's state its Batch API (files and batches answered like online calls)."""
+    state.batches = Batches(lambda body: batch_answer(state, body))
+    return state.batches
+
+
+def batch_answer(state: State, body: dict) -> tuple[int, dict]:
+    """One Batch API line: the chat completion the online endpoint would give (no faults)."""
+    try:
+        req, items, all_text = _parse_request(json.dumps(body).encode())
+    except _Reject as rej:
+        return rej.status, rej.body
+    ids = [i["id"] for i in items]
+    with state.lock:
+        state.asked.update(ids)
+        state.billed.update(ids)
+        gen = state.generation
+    content = json.dumps({"results": _results(state, items)}, ensure_ascii=False)
+    prompt_tokens, completion_tokens = estimate_tokens(all_text), estimate_tokens(content)
+    state.add_tokens(prompt_tokens, completion_tokens, gen)
+    return 200, {
+        "id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion",
+        "created": int(time.time()), "model": req.get("model") or state.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens}}
+
+
 # --------------------------------------------------------------------------- HTTP
 
 class _Handler(BaseHTTPRequestHandler):
@@ -223,6 +258,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the client gave up (e.g. its timeout); nothing to do
             return False
 
+    def _batch_route(self, method: str) -> bool:
+        """``/v1/files`` and ``/v1/batches`` (see :mod:`smsd.lab.llm_batches`)."""
+        path, _, qs = self.path.partition("?")
+        path = path.rstrip("/")
+        if not (path.startswith("/v1/files") or path.startswith("/v1/batches")):
+            return False
+        query = dict(p.split("=", 1) for p in qs.split("&") if "=" in p)
+        status, obj, kind = batch_route(self.state.batches, method, path, query, self.headers, self._body)
+        if kind == "bytes":
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(obj)))
+                self.end_headers()
+                self.wfile.write(obj)
+            except OSError:
+                self.close_connection = True
+        else:
+            self._send(status, obj)
+        return True
+
     def _json_body(self) -> Any:
         raw = self._body()
         try:
@@ -234,6 +290,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         st = self.state
         path = self.path.split("?", 1)[0].rstrip("/")
+        if self._batch_route("GET"):
+            return
         if path == "/v1/models":
             self._send(200, {"object": "list", "data": [
                 {"id": st.model, "object": "model", "created": 0, "owned_by": "smsd"}]})
@@ -245,6 +303,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/_admin/last_request":
             with st.lock:
                 self._send(200, dict(st.last_request))
+        elif path == "/_admin/batches":
+            self._send(200, st.batches.stats())
         elif path in ("/_admin/health", "/health"):
             self._send(200, {"ok": True})
         else:
@@ -254,11 +314,20 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0].rstrip("/")
         try:
+            if self._batch_route("POST"):
+                return
             if path == "/v1/chat/completions":
                 self._completion()
+            elif path == "/_admin/batches":
+                body = self._json_body()
+                try:
+                    self._send(200, self.state.batches.configure(body if isinstance(body, dict) else {}))
+                except (ValueError, TypeError) as exc:
+                    raise _Reject(400, str(exc), "invalid_request_error") from None
             elif path == "/_admin/reset":
                 body = self._json_body()
                 self.state.reset(faults=bool(isinstance(body, dict) and body.get("faults")))
+                self.state.batches.reset()
                 self._send(200, {"ok": True})
             elif path == "/_admin/faults":
                 body = self._json_body()
@@ -408,6 +477,7 @@ class LlmServer:
     def __init__(self, extractor: Extractor | None = None, host: str = "127.0.0.1", port: int = 0,
                  *, api_key: str | None = None, model: str = "smsd-local", **faults: Any):
         self.state = State(extractor or KnownAnswers(), faults, api_key=api_key, model=model)
+        attach_batches(self.state)
         handler = type("Handler", (_Handler,), {"state": self.state})
         self._httpd = _Server((host, port), handler)
         self.host = host
@@ -450,6 +520,12 @@ class LlmServer:
 
     def reset(self, faults: bool = False) -> None:
         self.state.reset(faults=faults)
+        self.state.batches.reset()
+
+    @property
+    def batches(self) -> Batches:
+        """The Batch API's files, batches and switches (``.configure(delay_s=...)``)."""
+        return self.state.batches
 
 
 # --------------------------------------------------------------------------- CLI
@@ -482,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-chars", type=int, default=0, help="cut every answer (finish_reason length)")
     p.add_argument("--strict-model", action="store_true", help="404 for any model but --model")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-delay-s", type=float, default=0.0,
+                   help="Batch API: seconds from create until a batch is complete")
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -501,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, ImportError) as exc:
         print(f"smsd-llmserver: {exc}", file=sys.stderr)
         return 2
+    server.batches.configure({"delay_s": args.batch_delay_s})
     done = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:
