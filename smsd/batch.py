@@ -160,7 +160,9 @@ class BatchRunner:
         try:
             for job in jobs(self.journal, open_only=True):
                 self._advance(job, report)
-            if create and not jobs(self.journal, open_only=True) and not self.stop.is_set():
+            # SMS a batch just gave back wait for the next step: no hot loop on a failing endpoint.
+            if create and not report.requeued_sms and not jobs(self.journal, open_only=True) \
+                    and not self.stop.is_set():
                 report.created = int(self._create_job())
         except (openai.APIError, StoreUnavailable) as exc:
             log.warning("user %s: batch step stopped (%s); it resumes on the next step",
@@ -169,21 +171,26 @@ class BatchRunner:
         return report
 
     def run(self, *, create: bool = True, poll_max: float | None = None) -> StepReport:
-        """Create a job for the backlog (if ``create``) and poll until no job of the user is open."""
+        """Send the backlog job after job (if ``create``) and poll until none is open.
+
+        SMS that a batch did not answer (expired, failed lines) are not sent
+        again in the same run: the next run or worker turn takes them, so an
+        endpoint that keeps failing cannot hold this loop.
+        """
         total = StepReport()
         delay = 0.2
         poll_max = poll_max or self.settings.llm.batch_poll_interval
-        first = create
         while not self.stop.is_set():
-            r = self.step(create=first)
-            first = False
+            r = self.step(create=create)
             for name in ("created", "finished", "answered_sms", "requeued_sms"):
                 setattr(total, name, getattr(total, name) + getattr(r, name))
             total.open = r.open
-            if not r.open:
+            create = create and not r.requeued_sms
+            if not r.open and not r.created:
                 break
-            self.stop.wait(delay)
-            delay = min(poll_max, delay * 2)
+            if r.open and not r.created:
+                self.stop.wait(delay)
+                delay = min(poll_max, delay * 2)
         return total
 
     # ------------------------------------------------------------------ create

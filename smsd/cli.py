@@ -95,7 +95,8 @@ def cmd_once(args: argparse.Namespace) -> int:
     try:
         batched = run_phase(pipeline, wait=True)
         if batched is not None:
-            print(f"user {args.user_id}: batch mode: {batched.created} batch created, "
+            print(f"user {args.user_id}: batch mode: {batched.created} "
+                  f"batch{'es' if batched.created != 1 else ''} created, "
                   f"{batched.answered_sms} SMS answered by the Batch API, {batched.requeued_sms} requeued"
                   + (f", {batched.open} batch still open (rerun to resume it)" if batched.open else ""))
         # Batch mode asks nothing online: the pipeline only flushes what the batch answered.

@@ -61,6 +61,17 @@ def test_backfill_goes_through_one_batch_and_nothing_online(tmp_path, db, config
     assert all(n == 1 for n in stats["billed"].values())
 
 
+def test_a_backlog_bigger_than_one_batch_goes_batch_after_batch_in_one_run(tmp_path, db, mongo_server,
+                                                                           mongo_db_name, llm_server):
+    expected = seed(db, "u1", 25)
+    config = write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=llm_server.url,
+                          llm={"mode": "batch", "batch_max_sms": 10, "batch_poll_interval": 0.5})
+    done = run_smsd(config, "once", "--user-id", "u1")
+    assert done.returncode == 0 and "3 batches created, 25 SMS answered" in done.stdout, done.stdout
+    assert_all_done(db, expected, tmp_path, llm_server)
+    assert batches(llm_server)["created"] == 3
+
+
 @pytest.mark.parametrize("point", STEPS)
 def test_kill_at_each_batch_step_then_restart_resumes_the_same_batch(point, tmp_path, db, config,
                                                                     llm_server):
@@ -116,7 +127,7 @@ def test_auto_mode_keeps_a_small_backlog_online(tmp_path, db, mongo_server, mong
     stats = assert_all_done(db, expected, tmp_path, llm_server)
     assert batches(llm_server)["created"] == 0 and stats["calls"] >= 2
     big = run_smsd(config, "once", "--user-id", "u1", "--mode", "batch")
-    assert big.returncode == 0 and "0 batch created" in big.stdout, big.stdout
+    assert big.returncode == 0 and "0 batches created" in big.stdout, big.stdout
 
 
 def test_the_daemon_shows_open_batches_and_smsctl_cancels_one(tmp_path, db, mongo_server, mongo_db_name,

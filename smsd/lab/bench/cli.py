@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .batch import bench_batch
 from .harness import Bench, BenchResult, Params
 from .journal import bench_journal
 from .machine import machine_info
@@ -33,7 +34,7 @@ from .commands import bench_mongoops
 from .versus_bare import bench_bare
 
 BENCHES = ("journal", "overhead", "recovery", "ratelimit", "scaling", "memory", "bare", "commit", "steady",
-           "mongoops")
+           "mongoops", "batch")
 DEFAULT_OUT = "docs/BENCHMARKS.md"
 DEFAULT_CHART = "docs/scaling.png"
 
@@ -49,6 +50,7 @@ RUNNERS: dict[str, Callable[[Bench], BenchResult]] = {
     "commit": bench_commit,
     "steady": bench_steady,
     "mongoops": bench_mongoops,
+    "batch": bench_batch,
 }
 
 

@@ -136,6 +136,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value:.1f} MiB"
     if unit == "count":
         return f"{value:.0f}"
+    if unit == "USD":
+        return f"${value:.4f}"
     return f"{value:.1f} {unit}"
 
 
