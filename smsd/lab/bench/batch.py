@@ -99,11 +99,13 @@ def bench_batch(bench: Bench) -> BenchResult:
     res.figures.append(Figure("batch", "USD per 1,000 SMS, Batch API", float(batch_usd), "USD"))
     ratio = batch_usd / online if online else None
     res.figures.append(Figure("batch", "Batch API ÷ online, USD per SMS (same corpus)",
-                              None if ratio is None else float(ratio), "ratio", target="≤ 0.5",
-                              met=ratio is not None and ratio <= Decimal("0.5")))
+                              None if ratio is None else float(ratio), "ratio", target="0.5 (±1 %)",
+                              met=ratio is not None and abs(ratio - Decimal("0.5")) <= Decimal("0.005")))
     killed = rows["batch, killed at every step"]
     res.figures.append(Figure("batch", "batches created with kills ÷ batches needed", killed[3] / needed,
                               "ratio", target="= 1", met=killed[3] == needed and killed[4] == n))
+    res.notes.append("The ratio is the discount itself when both runs spend the same tokens; the "
+                     "local server's token counts differ by a few tokens between the runs.")
     res.notes.append(f"{n} SMS, `llm.batch_max_sms` = {batch_max} ({needed} batches needed), "
                      f"batch_size {bench.params.batch_size}; tokens as the local server counts them "
                      "(one per four characters); prices: gpt-4o-mini list prices "
