@@ -50,6 +50,8 @@ log = logging.getLogger("smsd.batch")
 
 METADATA_KEY = "smsd_job"
 OPEN_STATES = ("prepared", "uploaded", "created")
+#: Steps in a row that may fail (server or MongoDB unreachable) before ``run`` gives up.
+MAX_FAILED_STEPS = 5
 #: The server's batch states that end a batch.
 FINAL_BATCH_STATES = ("completed", "failed", "expired", "cancelled")
 
@@ -125,6 +127,7 @@ class StepReport:
     open: int = 0             # jobs still open after the step
     answered_sms: int = 0
     requeued_sms: int = 0
+    error: str | None = None  # why the step stopped early (server or MongoDB unreachable)
 
 
 class BatchRunner:
@@ -165,8 +168,9 @@ class BatchRunner:
                     and not self.stop.is_set():
                 report.created = int(self._create_job())
         except (openai.APIError, StoreUnavailable) as exc:
+            report.error = type(exc).__name__
             log.warning("user %s: batch step stopped (%s); it resumes on the next step",
-                        self.user_id, type(exc).__name__)
+                        self.user_id, report.error)
         report.open = len(jobs(self.journal, open_only=True))
         return report
 
@@ -180,8 +184,13 @@ class BatchRunner:
         total = StepReport()
         delay = 0.2
         poll_max = poll_max or self.settings.llm.batch_poll_interval
+        failures = 0
         while not self.stop.is_set():
             r = self.step(create=create)
+            failures = failures + 1 if r.error else 0
+            if failures >= MAX_FAILED_STEPS:
+                total.error = r.error   # everything is journaled: the next run resumes here
+                break
             for name in ("created", "finished", "answered_sms", "requeued_sms"):
                 setattr(total, name, getattr(total, name) + getattr(r, name))
             total.open = r.open

@@ -98,7 +98,8 @@ def cmd_once(args: argparse.Namespace) -> int:
             print(f"user {args.user_id}: batch mode: {batched.created} "
                   f"batch{'es' if batched.created != 1 else ''} created, "
                   f"{batched.answered_sms} SMS answered by the Batch API, {batched.requeued_sms} requeued"
-                  + (f", {batched.open} batch still open (rerun to resume it)" if batched.open else ""))
+                  + (f", {batched.open} batch still open (rerun to resume it)" if batched.open else "")
+                  + (f"; the Batch API stopped answering ({batched.error})" if batched.error else ""))
         # Batch mode asks nothing online: the pipeline only flushes what the batch answered.
         online_budget = 0 if settings.llm.mode == "batch" else None
         summary = pipeline.run(limit=args.limit, resume=args.resume, max_sms=online_budget)
