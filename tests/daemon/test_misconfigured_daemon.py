@@ -2,6 +2,7 @@
 and a reload with the fixed config picks the work up again.  Real daemon, real servers."""
 from __future__ import annotations
 
+import json
 import socket
 import urllib.request
 import time
@@ -12,7 +13,7 @@ from pymongo import MongoClient
 from smsd.ctl import format_status
 from smsd.lab.invariants import verify
 
-from ..harness import Daemon, seed, wait_for, write_config
+from ..harness import Daemon, run_smsd, seed, wait_for, write_config
 
 
 @pytest.fixture
@@ -44,11 +45,16 @@ def test_an_unknown_model_puts_the_daemon_in_a_visible_state_until_a_reload_fixe
         assert "smsd_llm_misconfigured 1.0" in metrics
         assert "typo-model" in st["llm"]["error"] and "SMSD_LLM_MODEL" in st["llm"]["hint"]
         assert st["state"] == "running"                      # still serving smsctl
+        shown = format_status(st)
+        assert "llm: misconfigured" in shown and "fix:" in shown and "smsctl reload" in shown
         wait_for(lambda: not d.status()["workers"], timeout=20, what="workers gone")
         calls = llm_server.stats()["calls"]
         time.sleep(3)                                        # no retry loop while misconfigured
         assert llm_server.stats()["calls"] == calls
         assert calls <= 2 * 2                                # at most the calls in flight of each worker
+        doctor = json.loads(run_smsd(config, "doctor", "--json").stdout)
+        sock_line = next(c for c in doctor["checks"] if c["name"] == "control socket")
+        assert f"daemon pid {st['pid']} answers" in sock_line["detail"]
         statuses = []
         end = time.monotonic() + 7
         while time.monotonic() < end:
@@ -89,3 +95,20 @@ def test_a_mongodb_that_is_down_shows_for_how_long(tmp_path, own_mongo, llm_serv
         assert d.status()["mongo"]["down_for_s"] is None
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("llm_server", [{"reject_json_schema": True, "reject_pattern": True}], indirect=True)
+def test_the_daemon_shows_the_response_format_auto_found(tmp_path, db, mongo_server, mongo_db_name, llm_server):
+    expected = seed(db, "cy", 10)
+    config = write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=llm_server.url)
+    d = Daemon(config, tmp_path)
+    try:
+        wait_for(lambda: db.sms_fin_rawdata.count_documents({"isprocessed": True}) == 10, timeout=60,
+                 what="all processed")
+        st = d.status()
+        assert st["llm"]["response_format"] == "auto (json_object)" and st["llm"]["state"] == "ok"
+        assert "response_format auto (json_object)" in format_status(st)
+    finally:
+        d.stop()
+    report = verify(db, expected, state_dir=tmp_path / "state", billed=llm_server.stats()["billed"])
+    assert report.ok, report.to_dict()
