@@ -34,9 +34,12 @@ class Figures:
         self.last_latency: dict[int, dict] = {}
         self.latency = {"llm": Histogram(LLM_BUCKETS), "flush": Histogram(FLUSH_BUCKETS)}
         self.restarts: Counter[str] = Counter()
+        # Sums kept as the floors rise, so a scrape costs nothing per user.
+        self.totals: Counter[str] = Counter()
 
-    def _raise(self, table: dict[str, int], key: str, value: object) -> None:
+    def _raise(self, table: dict[str, int], key: str, value: object, total: str) -> None:
         if isinstance(value, int) and value > table.get(key, 0):
+            self.totals[total] += value - table.get(key, 0)
             table[key] = value
 
     def _journal(self, user_id: str, journal: dict | None) -> None:
@@ -44,7 +47,7 @@ class Figures:
             return
         floor = self.journal_floor.setdefault(user_id, {})
         for key in JOURNAL_COUNTERS:
-            self._raise(floor, key, journal.get(key))
+            self._raise(floor, key, journal.get(key), "journal." + key)
 
     def worker_started(self, pid: int, user_id: str) -> None:
         """Remember the user's counts as known now: the worker's figures add to them."""
@@ -66,7 +69,7 @@ class Figures:
         if base is not None:
             for key, field in (("processed", "newly_processed"), ("quarantined", "quarantined")):
                 if isinstance(st.get(field), int):
-                    self._raise(self.user_floor[key], w.user_id, base[key] + st[field])
+                    self._raise(self.user_floor[key], w.user_id, base[key] + st[field], key)
         self._journal(w.user_id, st.get("journal"))
 
     def worker_exited(self, w: WorkerProc, restart_reason: str | None) -> None:
@@ -82,18 +85,18 @@ class Figures:
         for user_id, info in users.items():
             if not isinstance(info, dict):
                 continue
-            self._raise(self.user_floor["processed"], user_id, info.get("processed_sms"))
-            self._raise(self.user_floor["quarantined"], user_id, info.get("quarantined_sms"))
+            self._raise(self.user_floor["processed"], user_id, info.get("processed_sms"), "processed")
+            self._raise(self.user_floor["quarantined"], user_id, info.get("quarantined_sms"), "quarantined")
             self._journal(user_id, info.get("journal"))
 
     def user_total(self, key: str) -> int:
         """A per-user counter summed over users."""
-        return sum(self.user_floor[key].values())
+        return self.totals[key]
 
     def journal_total(self, key: str) -> int:
         """A journal counter summed over users."""
-        return sum(f.get(key, 0) for f in self.journal_floor.values())
+        return self.totals["journal." + key]
 
     def has_journal_key(self, key: str) -> bool:
-        """Whether any journal reported ``key`` (older journals lack newer counters)."""
-        return any(key in f for f in self.journal_floor.values())
+        """Whether any journal reported ``key`` above zero (older journals lack newer counters)."""
+        return self.totals["journal." + key] > 0

@@ -35,12 +35,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from . import __version__
 from .figures import Figures
 from .histogram import Histogram
-from .status import SupervisorView, mongo_health, status_users, user_journals
+from .status import SupervisorView, mongo_health, user_status
 
 #: The content type of the text format (prometheus_client's CONTENT_TYPE_LATEST).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-#: A scrape storm renders the text at most this often.
+#: A scrape storm renders the text at most this often ...
 RENDER_EVERY_S = 0.5
+#: ... and at most this share of the loop's time goes to rendering (many users: slower renders).
+RENDER_SHARE = 0.05
 class _Collector:
     """A prometheus_client collector that reads the supervisor at scrape time."""
 
@@ -56,7 +58,7 @@ class _Collector:
         yield GaugeMetricFamily("smsd_uptime_seconds", "Seconds since the supervisor started.",
                                 value=round(time.monotonic() - sup.started, 3))
 
-        users = status_users(sup)
+        users = _user_sums(sup)
         yield CounterMetricFamily(
             "smsd_sms_processed", "SMS marked processed in MongoDB (rebuilt from MongoDB on a restart).",
             value=fig.user_total("processed"))
@@ -64,15 +66,15 @@ class _Collector:
             "smsd_sms_quarantined", "SMS quarantined (rebuilt from MongoDB's current count on a restart).",
             value=fig.user_total("quarantined"))
         yield GaugeMetricFamily("smsd_sms_pending", "SMS waiting for an answer, as last counted.",
-                                value=sum(u["pending_sms"] for u in users))
+                                value=users["pending"])
         yield GaugeMetricFamily("smsd_sms_quarantined_now", "SMS in quarantine now (smsctl retry lowers it).",
-                                value=sum(u["quarantined_sms"] for u in users))
+                                value=users["quarantined"])
         yield GaugeMetricFamily("smsd_sms_ungrounded", "SMS whose answers were not grounded in their text "
                                 "(asked again or quarantined), as last counted.",
-                                value=sum(u.get("ungrounded_sms", 0) for u in users))
+                                value=users["ungrounded"])
         by_status = GaugeMetricFamily("smsd_users", "Users known to the supervisor, by status.",
                                       labels=["status"])
-        for status, n in sorted(Counter(u["status"] for u in users).items()):
+        for status, n in sorted(users["by_status"].items()):
             by_status.add_metric([status], n)
         yield by_status
 
@@ -103,9 +105,8 @@ class _Collector:
         yield _histogram("smsd_llm_latency_seconds", "Seconds per answered LLM request (resets on a restart).",
                          fig.latency["llm"])
 
-        journals = user_journals(sup)
         yield GaugeMetricFamily("smsd_journal_unflushed", "Journaled SMS results not yet written to MongoDB.",
-                                value=sum(int(j.get("unflushed") or 0) for j in journals.values()))
+                                value=users["unflushed"])
         yield _histogram("smsd_flush_latency_seconds",
                          "Seconds per flush of journaled answers to MongoDB (resets on a restart).",
                          fig.latency["flush"])
@@ -129,6 +130,31 @@ class _Collector:
         yield restarts
 
 
+def _user_sums(sup: SupervisorView) -> dict:
+    """Pending, quarantined, ungrounded and unflushed SMS summed over users, and users by status.
+
+    One pass with no per-user rows (what ``smsctl status`` builds): a scrape
+    with 10,000 users must not hold up the loop.
+    """
+    running = {w.user_id: w for w in sup.workers.values()}
+    now = time.monotonic()
+    sums = {"pending": 0, "quarantined": 0, "ungrounded": 0, "unflushed": 0}
+    by_status: Counter[str] = Counter()
+    for user in sup.users.values():
+        info = user.info
+        live = running.get(user.user_id)
+        journal = (live.status.get("journal") if live and live.status else None) or info.get("journal") or {}
+        pending = int(info.get("pending_sms") or 0)
+        quarantined = int(info.get("quarantined_sms") or 0)
+        unflushed = int(journal.get("unflushed") or 0)
+        sums["pending"] += pending
+        sums["quarantined"] += quarantined
+        sums["unflushed"] += unflushed
+        sums["ungrounded"] += int(info.get("ungrounded_sms") or 0) + int(journal.get("ungrounded") or 0)
+        by_status[user_status(user, live is not None, pending, unflushed, quarantined, now)] += 1
+    return dict(sums, by_status=by_status)
+
+
 def _histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
     return HistogramMetricFamily(name, doc, buckets=hist.cumulative(), sum_value=hist.sum)
 
@@ -141,11 +167,13 @@ class Metrics:
         self.registry.register(_Collector(sup))   # type: ignore[arg-type]
         self._body = b""
         self._at = -math.inf
+        self._every = RENDER_EVERY_S
 
     def body(self) -> bytes:
         """The Prometheus text format of every figure (a cached copy under a scrape storm)."""
         now = time.monotonic()
-        if now - self._at >= RENDER_EVERY_S:
+        if now - self._at >= self._every:
             self._body = generate_latest(self.registry)
-            self._at = now
+            self._at = time.monotonic()
+            self._every = max(RENDER_EVERY_S, (self._at - now) / RENDER_SHARE)
         return self._body

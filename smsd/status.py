@@ -68,8 +68,25 @@ def llm_format(settings: Settings) -> str:
     return f"auto ({found.get('response_format') or 'json_schema'})"
 
 
+def user_status(user: UserState, live: bool, pending: int, unflushed: int, quarantined: int,
+                now: float) -> str:
+    """A user's status word in ``smsctl status`` (and ``smsd_users{status}``)."""
+    if user.paused:
+        return "paused"
+    if user.failed:
+        return "failed"
+    if live:
+        return "in_progress"
+    if pending or unflushed:
+        return "waiting" if user.next_start > now else "in_progress"
+    if quarantined:
+        return "quarantined"
+    return "completed"
+
+
 def status_users(sup: SupervisorView) -> list[dict]:
     running = {w.user_id: w for w in sup.workers.values()}
+    now = time.monotonic()
     out = []
     for user in sorted(sup.users.values(), key=lambda u: u.user_id):
         info = dict(user.info)
@@ -80,18 +97,7 @@ def status_users(sup: SupervisorView) -> list[dict]:
         pending = int(info.get("pending_sms") or 0)
         quarantined = int(info.get("quarantined_sms") or 0)
         unflushed = int(journal.get("unflushed") or 0)
-        if user.paused:
-            status = "paused"
-        elif user.failed:
-            status = "failed"
-        elif live:
-            status = "in_progress"
-        elif pending or unflushed:
-            status = "waiting" if user.next_start > time.monotonic() else "in_progress"
-        elif quarantined:
-            status = "quarantined"
-        else:
-            status = "completed"
+        status = user_status(user, live is not None, pending, unflushed, quarantined, now)
         out.append({"user_id": user.user_id,
                     "total_sms": int(info.get("total_sms") or 0),
                     "processed_sms": int(info.get("processed_sms") or 0),

@@ -300,8 +300,9 @@ def test_garbage_and_100_concurrent_scrapes_never_hold_up_the_loop(tmp_path, db,
     assert code == 0, out[-3000:]
     during = [t for t in pings if storm_start - 1 <= t <= storm_end + 1]
     gaps = [b - a for a, b in zip(during, during[1:])]
-    assert len(during) >= (storm_end - storm_start) / 0.5 - 2
+    # systemd would kill a service silent for WatchdogSec (1 s here): no gap may reach it.
     assert max(gaps) < 1.0, f"watchdog ping gaps {sorted(gaps)[-5:]}"
+    assert during[0] <= storm_start + 1.0 and during[-1] >= storm_end - 1.0
     print(f"storm: {len(results)} scrapes by 100 concurrent clients, 30 idle/slow clients, "
           f"{len(during)} watchdog pings over {storm_end - storm_start:.1f} s, largest gap {max(gaps):.3f} s")
 
