@@ -376,9 +376,13 @@ class LlmClient:
         return self._client
 
     def request_body(self, sms: list[model.Sms]) -> dict:
-        """The chat-completions request for *sms*, exactly as :meth:`extract` sends it."""
-        return {"model": self.model, "messages": self._messages(sms),
-                "response_format": self._response_format, "temperature": self.temperature}
+        """The chat-completions request for *sms*, exactly as :meth:`extract` sends it
+        (in the endpoint's current response_format mode, with the token cap)."""
+        return self._request(self._messages(sms), self.wire.mode, self._cap(len(sms)))
+
+    def _cap(self, n_sms: int) -> int | None:
+        """The completion-token cap of a call of *n_sms* SMS (None: no cap)."""
+        return token_cap(n_sms, self.tokens_per_sms, self.tokens_margin) if self.tokens_per_sms else None
 
     def _messages(self, sms: list[model.Sms]) -> list[dict]:
         user = json.dumps({"sms": [s.wire() for s in sms]}, ensure_ascii=False)
@@ -433,7 +437,7 @@ class LlmClient:
             return LlmAnswer({}, {}, [], None, self.model, model.Usage(), 0)
         messages = self._messages(sms)
         est_tokens = sum(len(m["content"]) for m in messages) // 4 + 60 * len(sms)
-        cap = token_cap(len(sms), self.tokens_per_sms, self.tokens_margin) if self.tokens_per_sms else None
+        cap = self._cap(len(sms))
         attempts = retries = 0
         history = FailureHistory()
         mode = self.wire.mode
