@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Collection as AbcCollection, Iterator
 from contextlib import contextmanager
@@ -40,13 +41,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pymongo
-from pymongo import DeleteMany, ReplaceOne, UpdateOne, WriteConcern
+from pymongo import DeleteMany, ReplaceOne, ReturnDocument, UpdateOne, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from smsd.model import FlushItem, Malformed, Quarantine, Sms, sms_key
-from smsd.grounding import PREFIX as UNGROUNDED_PREFIX
 # Names callers import from smsd.store (collections, indexes, malformed reasons,
 # StoreUnavailable) stay importable from here.
 from smsd.store_docs import (
@@ -57,11 +57,15 @@ from smsd.store_docs import (
     transaction_doc,
 )
 from smsd.store_errors import StoreUnavailable, _is_transient
+from smsd import store_stats
+from smsd.store_stats import BASE_FIELD, STATS_COLLECTION
 
 log = logging.getLogger("smsd.store")
 
 #: ``_id`` lists longer than this are split over several commands.
 ID_CHUNK = 500
+#: How long a checkpoint read by latest_checkpoint stands in for checkpoint_start's own read.
+LATEST_FRESH_S = 30.0
 
 
 def _utcnow() -> datetime:
@@ -117,6 +121,9 @@ class Store:
         self._client_pid: int | None = None
         self._db: Database | None = None
         self._replica_set: bool | None = None
+        # The latest checkpoint read per user (and when), so that checkpoint_start right
+        # after it need not read it again; dropped by any checkpoint write of the user.
+        self._latest_seen: dict[str, tuple[float, dict | None]] = {}
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
@@ -179,6 +186,11 @@ class Store:
         return self._database()[CHECKPOINTS_COLLECTION]
 
     @property
+    def stats(self) -> Collection:
+        """``smsd_user_stats``: per-user counters (:mod:`smsd.store_stats`)."""
+        return self._database()[STATS_COLLECTION]
+
+    @property
     def write_concern(self) -> WriteConcern:
         """The write concern every write uses: ``j: true``, ``w: majority`` on a replica set."""
         return self._database().write_concern
@@ -225,6 +237,7 @@ class Store:
         * ``financial_transactions``: ``smsd_tx_by_sms (user_id, sms_id)``.
         * ``processing_checkpoints``: ``smsd_latest_checkpoint (user_id,
           checkpoint_timestamp desc)``.
+        * ``smsd_user_stats``: ``smsd_stats_by_update (updated_at)``.
         """
         with self._errors("ensure_indexes"):
             self.raw.create_indexes([
@@ -240,6 +253,7 @@ class Store:
             self.checkpoints.create_indexes([
                 pymongo.IndexModel([("user_id", 1), ("checkpoint_timestamp", -1)], name=IDX_LATEST_CHECKPOINT),
             ])
+            self.stats.create_indexes(store_stats.STATS_INDEXES)
 
     # ------------------------------------------------------------------ reads
     @staticmethod
@@ -458,6 +472,7 @@ class Store:
                                  {"$set": {QUARANTINE_FIELD: mark}}))
         with self._errors("quarantine"):
             self.raw.bulk_write(ops, ordered=False)
+            store_stats.record_quarantined(self.raw, self.stats, {q.user_id for q in items}, now)
 
     def unquarantine(self, user_id: str, raw_ids: list | None = None) -> int:
         """Put ``user_id``'s quarantined SMS (or only ``raw_ids``) back in the pending set.
@@ -470,7 +485,9 @@ class Store:
                 return 0
             flt = {"_id": {"$in": list(raw_ids)}, **flt}
         with self._errors("unquarantine"):
-            return int(self.raw.update_many(flt, {"$unset": {QUARANTINE_FIELD: ""}}).modified_count)
+            changed = int(self.raw.update_many(flt, {"$unset": {QUARANTINE_FIELD: ""}}).modified_count)
+            store_stats.record_quarantined(self.raw, self.stats, {user_id}, _utcnow())
+            return changed
 
     def list_quarantined(self, user_id: str | None = None, limit: int = 1000) -> list[dict]:
         """Quarantined, unprocessed SMS: ``{user_id, sms_id, reason, attempts, at}``.
@@ -511,9 +528,16 @@ class Store:
         """Open a new run of ``user_id``: a new checkpoint document, returned.
 
         ``_id`` = ``batch_id`` (uuid4 hex), ``status: in_progress``,
-        ``processed_sms: 0`` -- the seed guide's schema.
+        ``processed_sms: 0`` -- the seed guide's schema, plus ``smsd_processed_before``
+        (:mod:`smsd.store_stats`).
         """
         batch_id = uuid.uuid4().hex
+        seen = self._latest_seen.get(user_id)
+        previous = seen[1] if seen and time.monotonic() - seen[0] < LATEST_FRESH_S \
+            else self.latest_checkpoint(user_id)
+        self._latest_seen.pop(user_id, None)   # this run is the user's latest now
+        with self._errors("checkpoint_start"):
+            base = store_stats.base_for_new_run(self.raw, user_id, previous)
         doc = {
             "_id": batch_id,
             "user_id": user_id,
@@ -523,6 +547,7 @@ class Store:
             "last_processed_id": None,
             "checkpoint_timestamp": _utcnow(),
             "status": STATUS_IN_PROGRESS,
+            BASE_FIELD: base,
         }
         with self._errors("checkpoint_start"):
             self.checkpoints.insert_one(dict(doc))
@@ -531,8 +556,10 @@ class Store:
     def latest_checkpoint(self, user_id: str) -> dict | None:
         """The checkpoint of ``user_id`` with the newest ``checkpoint_timestamp``, or ``None``."""
         with self._errors("latest_checkpoint"):
-            return self.checkpoints.find_one({"user_id": user_id},
-                                             sort=[("checkpoint_timestamp", -1), ("_id", -1)])
+            doc = self.checkpoints.find_one({"user_id": user_id},
+                                            sort=[("checkpoint_timestamp", -1), ("_id", -1)])
+        self._latest_seen[user_id] = (time.monotonic(), doc)
+        return doc
 
     def checkpoint_progress(
         self,
@@ -551,6 +578,7 @@ class Store:
         first) move with ``$max``.  ``status`` is set, except that a
         ``completed`` run never goes back to ``in_progress``.  One pipeline
         update; upserts the document if the run's start was never written.
+        The user's counters (:mod:`smsd.store_stats`) follow from the updated document.
         """
         if status not in CHECKPOINT_STATUSES:
             raise ValueError(f"status must be one of {CHECKPOINT_STATUSES}, not {status!r}")
@@ -558,11 +586,12 @@ class Store:
         def lit(value: Any) -> dict:
             return {"$literal": value}
 
+        now = _utcnow()
         fields: dict[str, Any] = {
             "user_id": lit(user_id),
             "batch_id": lit(batch_id),
             "processed_sms": {"$max": [{"$ifNull": ["$processed_sms", 0]}, lit(int(processed_sms))]},
-            "checkpoint_timestamp": {"$max": ["$checkpoint_timestamp", lit(_utcnow())]},
+            "checkpoint_timestamp": {"$max": ["$checkpoint_timestamp", lit(now)]},
             "status": {"$cond": [{"$eq": ["$status", STATUS_COMPLETED]}, STATUS_COMPLETED, lit(status)]},
         }
         if total_sms is not None:
@@ -573,8 +602,17 @@ class Store:
             fields["last_processed_id"] = {"$max": ["$last_processed_id", lit(last_processed_id)]}
         else:
             fields["last_processed_id"] = {"$ifNull": ["$last_processed_id", None]}
+        self._latest_seen.pop(user_id, None)
         with self._errors("checkpoint_progress"):
-            self.checkpoints.update_one({"_id": batch_id, "user_id": user_id}, [{"$set": fields}], upsert=True)
+            doc = self.checkpoints.find_one_and_update(
+                {"_id": batch_id, "user_id": user_id}, [{"$set": fields}], upsert=True,
+                projection={"user_id": 1, "batch_id": 1, "processed_sms": 1, "status": 1, BASE_FIELD: 1},
+                return_document=ReturnDocument.AFTER)
+            if doc.get(BASE_FIELD) is None:   # a run that started before the counters existed
+                base = store_stats.base_for_old_run(self.raw, user_id, batch_id)
+                self.checkpoints.update_one({"_id": batch_id, BASE_FIELD: None}, {"$set": {BASE_FIELD: base}})
+                doc[BASE_FIELD] = base
+            store_stats.record_progress(self.stats, doc, now)
 
     def count_processed_in_batch(self, user_id: str, batch_id: str) -> int:
         """Number of ``user_id``'s SMS marked processed by run ``batch_id``."""
@@ -583,48 +621,22 @@ class Store:
 
     # ------------------------------------------------------------------ status / tests
     def user_summaries(self, user_ids: list[str] | None = None) -> dict[str, dict]:
-        """``{user_id: {total_sms, processed_sms, pending_sms, quarantined_sms, ungrounded_sms}}``
-        (one aggregation; ``ungrounded_sms``: quarantined by the grounding check).
-
-        ``user_ids=None`` summarises every user (a full scan: for status, not
-        for hot paths).  Users asked for but without documents come back as zeros.
-        """
-        match: dict[str, Any] = {}
-        if user_ids is not None:
-            if not user_ids:
-                return {}
-            match = {"user_id": {"$in": list(user_ids)}}
-        is_processed = {"$eq": ["$isprocessed", True]}
-        is_quarantined = {"$and": [{"$ne": ["$isprocessed", True]},
-                                   {"$eq": [{"$type": f"${QUARANTINE_FIELD}"}, "object"]}]}
-        reason = {"$ifNull": [f"${QUARANTINE_FIELD}.reason", ""]}
-        is_ungrounded = {"$and": [is_quarantined, {"$eq": [
-            {"$substrCP": [reason, 0, len(UNGROUNDED_PREFIX)]}, UNGROUNDED_PREFIX]}]}
-        pipeline = [
-            {"$match": match},
-            {"$group": {
-                "_id": "$user_id",
-                "total_sms": {"$sum": 1},
-                "processed_sms": {"$sum": {"$cond": [is_processed, 1, 0]}},
-                "quarantined_sms": {"$sum": {"$cond": [is_quarantined, 1, 0]}},
-                "ungrounded_sms": {"$sum": {"$cond": [is_ungrounded, 1, 0]}},
-            }},
-        ]
-        out: dict[str, dict] = {}
+        """``{user_id: {total_sms, processed_sms, pending_sms, quarantined_sms, ungrounded_sms}}``,
+        counted over every SMS of the users (a scan: for tests and tools, never a tick; see
+        :func:`smsd.store_stats.summaries`)."""
         with self._errors("user_summaries"):
-            for row in self.raw.aggregate(pipeline):
-                total, done, quar = int(row["total_sms"]), int(row["processed_sms"]), int(row["quarantined_sms"])
-                out[row["_id"] if isinstance(row["_id"], str) else str(row["_id"])] = {
-                    "total_sms": total,
-                    "processed_sms": done,
-                    "pending_sms": total - done - quar,
-                    "quarantined_sms": quar,
-                    "ungrounded_sms": int(row["ungrounded_sms"]),
-                }
-        for uid in user_ids or ():
-            out.setdefault(uid, {"total_sms": 0, "processed_sms": 0, "pending_sms": 0, "quarantined_sms": 0,
-                                 "ungrounded_sms": 0})
-        return out
+            return store_stats.summaries(self.raw, user_ids)
+
+    def user_summary(self, user_id: str) -> dict:
+        """One user's counters and pending count (index-served): :func:`smsd.store_stats.user_summary`."""
+        pending = self.count_pending(user_id)
+        with self._errors("user_summary"):
+            return store_stats.user_summary(self.stats, user_id, pending)
+
+    def changed_stats(self, since: datetime | None = None) -> dict[str, dict]:
+        """Per-user counters updated since ``since`` (all when ``None``): :func:`smsd.store_stats.changed_stats`."""
+        with self._errors("changed_stats"):
+            return store_stats.changed_stats(self.stats, since)
 
     def transactions_for(self, user_id: str) -> list[dict]:
         """All transaction documents of ``user_id``, by ``_id`` (tests and drills)."""

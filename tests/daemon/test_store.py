@@ -239,8 +239,9 @@ def test_mark_processed_chunks_long_id_lists(store: Store):
 # --------------------------------------------------------------------------- checkpoints
 def test_checkpoints_follow_the_seed_schema_and_never_go_backwards(store: Store):
     cp = store.checkpoint_start("u1", total_sms=10)
+    # the seed guide's schema, plus the base of the per-user counters (smsd.store_stats)
     assert set(cp) == {"_id", "user_id", "batch_id", "total_sms", "processed_sms", "last_processed_id",
-                       "checkpoint_timestamp", "status"}
+                       "checkpoint_timestamp", "status", "smsd_processed_before"}
     assert cp["_id"] == cp["batch_id"] and len(cp["batch_id"]) == 32 and cp["status"] == "in_progress"
     b = cp["batch_id"]
     store.checkpoint_progress("u1", b, processed_sms=6, total_sms=10, last_processed_id=5, status="in_progress")
