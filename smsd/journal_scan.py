@@ -1,9 +1,10 @@
 """Read-only numbers of journals: the counters of one, and :func:`scan` of all.
 
 :func:`scan` opens every journal in a state directory read-only and without
-the per-user lock, for the supervisor's status, discovery and the lab; the
-counters it reports are the same :meth:`smsd.journal.Journal.stats` gives a
-writer.  It is apart from the writer because it never writes, never locks,
+the per-user lock, for the lab and tests; :func:`scan_changed` opens only the
+journals changed since the previous call, for the supervisor's discovery
+tick.  The counters they report are the same :meth:`smsd.journal.Journal.stats`
+gives a writer.  It is apart from the writer because it never writes, never locks,
 and must not stop at a file it cannot read.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import sqlite_utils
@@ -69,36 +71,98 @@ def _open_batches(db: sqlite_utils.Database) -> list[dict]:
     return [dict(zip(cols, r)) for r in rows]
 
 
+def _read(path: Path) -> tuple[str, dict] | None:
+    """``(user_id, stats)`` of one journal file, or ``None`` (skipped with a warning)."""
+    conn = None
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                               isolation_level=None, check_same_thread=False,
+                               timeout=SCAN_BUSY_TIMEOUT_MS / 1000)
+        db = _db(conn)
+        db.execute(f"PRAGMA busy_timeout = {SCAN_BUSY_TIMEOUT_MS}")
+        if "meta" not in db.table_names():
+            log.warning("journal scan: skipping %s: no journal schema (yet)", path)
+            return None
+        meta = _meta(db)
+        version = int(meta.get("schema_version", "0"))
+        if version != SCHEMA_VERSION or not meta.get("user_id"):
+            log.warning("journal scan: skipping %s: schema version %s, this smsd reads %s",
+                        path, version, SCHEMA_VERSION)
+            return None
+        return meta["user_id"], _stats(db)
+    except (sqlite3.Error, OSError, ValueError) as e:
+        log.warning("journal scan: skipping %s: %s", path, e)
+        return None
+    finally:
+        if conn is not None:
+            conn.close()
+
+
 def scan(state_dir: str | os.PathLike) -> dict[str, dict]:
     """``{user_id: stats}`` of every journal in ``state_dir/journal``, for the
-    supervisor.  Files are opened read-only, without the per-user lock, so a
-    worker writing meanwhile is neither blocked nor blocks this (WAL).
-    Unreadable, corrupt or foreign files are skipped with a warning."""
+    lab and tests (the supervisor uses :func:`scan_changed`).  Files are opened
+    read-only, without the per-user lock, so a worker writing meanwhile is
+    neither blocked nor blocks this (WAL).  Unreadable, corrupt or foreign
+    files are skipped with a warning."""
     out: dict[str, dict] = {}
     directory = Path(state_dir) / "journal"
     if not directory.is_dir():
         return out
     for path in sorted(directory.glob("*.sqlite")):
-        conn = None
-        try:
-            conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
-                                   isolation_level=None, check_same_thread=False,
-                                   timeout=SCAN_BUSY_TIMEOUT_MS / 1000)
-            db = _db(conn)
-            db.execute(f"PRAGMA busy_timeout = {SCAN_BUSY_TIMEOUT_MS}")
-            if "meta" not in db.table_names():
-                log.warning("journal scan: skipping %s: no journal schema (yet)", path)
+        found = _read(path)
+        if found is not None:
+            out[found[0]] = found[1]
+    return out
+
+
+def _signatures(directory: Path) -> dict[str, list]:
+    """``{file name: [mtime_ns, size, wal mtime_ns, wal size]}`` of the journals in ``directory``.
+
+    A commit lands in the ``-wal`` file and a checkpoint in the main file, so
+    the pair of both changes whenever the journal's content does; a read-only
+    reader (this module) changes neither.
+    """
+    sizes: dict[str, list] = {}
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            name = entry.name
+            main = name.endswith(".sqlite")
+            if not (main or name.endswith(".sqlite-wal")):
                 continue
-            meta = _meta(db)
-            version = int(meta.get("schema_version", "0"))
-            if version != SCHEMA_VERSION or not meta.get("user_id"):
-                log.warning("journal scan: skipping %s: schema version %s, this smsd reads %s",
-                            path, version, SCHEMA_VERSION)
-                continue
-            out[meta["user_id"]] = _stats(db)
-        except (sqlite3.Error, OSError, ValueError) as e:
-            log.warning("journal scan: skipping %s: %s", path, e)
-        finally:
-            if conn is not None:
-                conn.close()
+            try:
+                st = entry.stat()
+            except OSError:
+                continue   # removed meanwhile
+            sig = sizes.setdefault(name if main else name[:-len("-wal")], [0, 0, 0, 0])
+            sig[0 if main else 2], sig[1 if main else 3] = st.st_mtime_ns, st.st_size
+    return {name: sig for name, sig in sizes.items() if sig[0]}
+
+
+def scan_changed(state_dir: str | os.PathLike, seen: Mapping[str, Sequence]) -> dict:
+    """What changed in ``state_dir/journal`` since the scan that returned ``seen``.
+
+    ``seen`` maps a file name to ``[mtime_ns, size, wal mtime_ns, wal size, user_id]``
+    as an earlier call returned it (JSON-safe: the supervisor keeps it and the
+    discovery child gets it).  Only files whose signature differs are opened,
+    so a tick with 10,000 idle journals costs a directory listing and its
+    ``stat`` calls, not 10,000 SQLite opens.  Returns ``{"journals": {user_id:
+    stats}, "seen": {name: [..., user_id]} (new or changed files; user_id
+    ``None`` for a file skipped, retried once it changes), "gone": {name:
+    user_id} (files no longer there)}``.
+    """
+    directory = Path(state_dir) / "journal"
+    out: dict = {"journals": {}, "seen": {}, "gone": {}}
+    current = _signatures(directory) if directory.is_dir() else {}
+    for name, old in seen.items():
+        if name not in current:
+            out["gone"][name] = old[4] if len(old) > 4 else None
+    for name in sorted(current):
+        sig = current[name]
+        old = seen.get(name)
+        if old is not None and list(old[:4]) == sig:
+            continue
+        found = _read(directory / name)
+        if found is not None:
+            out["journals"][found[0]] = found[1]
+        out["seen"][name] = sig + [found[0] if found else None]
     return out
