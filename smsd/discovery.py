@@ -9,9 +9,11 @@ JSON-safe dict.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
-from . import journal as journal_mod
+from . import journal_scan
 from .config import Settings
 from .store import Store, StoreUnavailable
 from .worker import make_store
@@ -29,31 +31,47 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def discover(settings: Settings, uri: str | None = None) -> dict:
-    """Users with pending SMS or unflushed journal rows, and their counts.
+def discover(settings: Settings, uri: str | None = None, *,
+             journals_seen: Mapping[str, Sequence] | None = None,
+             stats_since: datetime | None = None) -> dict:
+    """Users with pending SMS, changed counters and changed journals: one tick's news.
+
+    Nothing here grows with the number of SMS smsd has processed: pending SMS
+    are counted through the ``smsd_pending_discovery`` index (only pending
+    documents are touched), the per-user counters are read only for users
+    whose counters changed since ``stats_since`` (:mod:`smsd.store_stats`),
+    and only journals changed since ``journals_seen`` are opened
+    (:func:`smsd.journal_scan.scan_changed`).  The caller keeps what earlier
+    ticks returned and merges this answer into it.
 
     Journals are scanned first: a user with unflushed answers is worked on
     even while MongoDB is down (its worker waits, then flushes).
+
+    Returns ``{"pending": {user_id: n} (every user with pending SMS),
+    "counters": {user_id: {...}} (changed since ``stats_since``),
+    "stats_through": ISO time the counters are complete up to, "counters_all":
+    true when every user's counters were read, "journals",
+    "journal_seen", "journal_gone" (see ``scan_changed``), "mongo": {ok, error},
+    "took_s"}``; without MongoDB, ``pending``, ``counters`` and
+    ``stats_through`` are absent.
     """
     started = time.time()
-    journals = journal_mod.scan(settings.state_dir)
-    users: dict[str, dict] = {}
-    for user_id, stats in journals.items():
-        users[user_id] = {"journal": stats}
+    answer: dict[str, Any] = {}
+    changed = journal_scan.scan_changed(settings.state_dir, journals_seen or {})
+    answer.update(journals=changed["journals"], journal_seen=changed["seen"], journal_gone=changed["gone"])
     mongo = {"ok": True, "error": None}
     store = make_store(settings, uri)
     try:
-        pending = store.pending_users()
-        summaries = store.user_summaries(list(set(pending) | set(users)))
-        for user_id, summary in summaries.items():
-            users.setdefault(user_id, {}).update(summary)
-        for user_id, n in pending.items():
-            users.setdefault(user_id, {})["pending_sms"] = n
+        through = datetime.now(timezone.utc)
+        counters = store.changed_stats(stats_since)
+        answer.update(pending=store.pending_users(), counters=counters, stats_through=through,
+                      counters_all=stats_since is None)
     except StoreUnavailable as exc:
         mongo = {"ok": False, "error": f"MongoDB unavailable: {type(exc.__cause__ or exc).__name__}"}
     finally:
         store.close()
-    return _jsonable({"users": users, "mongo": mongo, "took_s": time.time() - started})
+    answer.update(mongo=mongo, took_s=time.time() - started)
+    return _jsonable(answer)
 
 
 def admin(settings: Settings, cmd: str, args: dict, uri: str | None = None) -> dict:
@@ -71,7 +89,7 @@ def admin(settings: Settings, cmd: str, args: dict, uri: str | None = None) -> d
             return {"requeued": n, "user_id": user_id}
         if cmd == "checkpoint":
             return _jsonable({"checkpoint": store.latest_checkpoint(user_id),
-                              "summary": store.user_summaries([user_id]).get(user_id)})
+                              "summary": store.user_summary(user_id)})
         raise ValueError(f"unknown admin command {cmd}")
     except StoreUnavailable as exc:
         return {"error": f"MongoDB unavailable: {type(exc.__cause__ or exc).__name__}"}

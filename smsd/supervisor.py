@@ -26,6 +26,7 @@ import os
 import select
 import signal
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +39,7 @@ from .metrics_http import MetricsServer
 from .health import Health
 from .scheduler import UserState, clear_failures, load_paused, next_turns, record_crash, save_paused
 from .sdnotify import Notifier
-from .status import open_batches, status_line, status_reply
+from .status import open_batches, page_args, status_line, status_reply
 from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MISCONFIGURED, EXIT_MORE
 
 log = logging.getLogger("smsd.supervisor")
@@ -50,6 +51,11 @@ EXIT_CONFIG = 78
 RUNNING, DRAINING, STOPPING = "running", "draining", "stopping"
 ADMIN_TIMEOUT = 10.0
 DISCOVERY_TIMEOUT = 120.0
+#: Counters read again from this far before the last discovery's read (a write
+#: stamped before that read may commit after it).
+STATS_OVERLAP = timedelta(seconds=60)
+#: How often discovery reads every user's counters, not only the changed ones.
+STATS_FULL_REFRESH_S = 600.0
 
 
 class Supervisor:
@@ -74,6 +80,10 @@ class Supervisor:
         self.discovery_wanted = True
         self.mongo: dict = {"ok": None, "error": "not checked yet"}
         self.health = Health()         # llm: misconfigured, and how long MongoDB has been down
+        # What earlier discoveries saw, so the next one reads only what changed since.
+        self.journal_seen: dict[str, list] = {}
+        self.stats_since: datetime | None = None
+        self.stats_full_at = 0.0
         self.ready_sent = False
         self.stop_deadline: float | None = None
         self.notifier = Notifier()
@@ -418,8 +428,12 @@ class Supervisor:
         self.discovery_wanted = False
         self.last_discovery = time.monotonic()
         self.generation += 1
-        settings, uri = self.settings, self.mongo_uri
-        child = self.fork_child("discovery", lambda: discovery.discover(settings, uri))
+        settings, uri, seen = self.settings, self.mongo_uri, self.journal_seen
+        since = self.stats_since
+        if time.monotonic() - self.stats_full_at >= STATS_FULL_REFRESH_S:
+            since = None   # now and then all counters, in case a write was missed
+        child = self.fork_child("discovery", lambda: discovery.discover(
+            settings, uri, journals_seen=seen, stats_since=since))
         child.generation = self.generation
 
     def fork_child(self, kind: str, fn: Callable[[], dict]) -> Child:
@@ -440,6 +454,7 @@ class Supervisor:
                 child.started = now
 
     def discovered(self, answer: dict | None, generation: int) -> None:
+        """Merge one discovery's news (see :func:`smsd.discovery.discover`) into ``users``."""
         if not answer:
             self.mongo = {"ok": False, "error": "discovery failed (see log)"}
             self.health.mongo_seen(False)
@@ -447,21 +462,42 @@ class Supervisor:
         self.mongo = answer.get("mongo", self.mongo)
         self.health.mongo_seen(self.mongo.get("ok"))
         self.applied_generation = max(self.applied_generation, generation)
-        found = answer.get("users", {})
-        self.figures.discovered(found)
-        for user_id, info in found.items():
+        running = {w.user_id for w in self.workers.values()}
+
+        def fresher_here(user: UserState) -> bool:
+            # Our own worker runs, or finished after this look began: its news is fresher.
+            return user.user_id in running or user.done_generation >= generation
+
+        journals = answer.get("journals", {})
+        self.figures.discovered({user_id: {"journal": stats} for user_id, stats in journals.items()})
+        for user_id, stats in journals.items():
             user = self.users.setdefault(user_id, UserState(user_id))
-            if user.done_generation >= generation:
-                continue   # our own worker finished after this look began: its news is fresher
-            running = any(w.user_id == user_id for w in self.workers.values())
-            if running:
-                info = {k: v for k, v in info.items() if k not in ("journal",)}
-            user.info.update(info)
-            if "pending_sms" not in info:
-                user.info["pending_sms"] = 0
+            if not fresher_here(user):
+                user.info["journal"] = stats
+        for name, sig in answer.get("journal_seen", {}).items():
+            user = self.users.get(sig[-1]) if sig[-1] is not None else None
+            if user is None or not fresher_here(user):
+                self.journal_seen[name] = sig   # else: read it again next time
+        for name, user_id in answer.get("journal_gone", {}).items():
+            self.journal_seen.pop(name, None)
+            if user_id in self.users and user_id not in journals:
+                self.users[user_id].info.pop("journal", None)
+        if not self.mongo.get("ok") or "pending" not in answer:
+            return
+        self.figures.discovered(answer.get("counters", {}))
+        for user_id, counters in answer.get("counters", {}).items():
+            self.users.setdefault(user_id, UserState(user_id)).info["counters"] = counters
+        pending = answer["pending"]
+        for user_id in pending:
+            self.users.setdefault(user_id, UserState(user_id))
         for user_id, user in self.users.items():
-            if user_id not in found and self.mongo.get("ok"):
-                user.info["pending_sms"] = 0
+            if user_id in pending and user.done_generation >= generation:
+                continue
+            user.info["pending_sms"] = int(pending.get(user_id, 0))
+        through = datetime.fromisoformat(answer["stats_through"])
+        self.stats_since = through - STATS_OVERLAP
+        if answer.get("counters_all"):
+            self.stats_full_at = time.monotonic()
 
     def run_admin(self, cmd: str, args: dict) -> dict:
         """Ask MongoDB in a child and wait for it (bounded), still pinging the watchdog."""
@@ -527,7 +563,8 @@ class Supervisor:
         if user_id is not None and not isinstance(user_id, str):
             raise ValueError("user_id must be a string")
         if cmd == "status":
-            return status_reply(self, user_id)
+            limit, offset = page_args(args)
+            return status_reply(self, user_id, limit=limit, offset=offset)
         if cmd == "pause":
             if not user_id:
                 raise ValueError("pause needs a user_id")
