@@ -30,6 +30,8 @@ EXIT_PERMISSION = 4
 EXIT_TIMEOUT = 5
 
 SOCKET_NAME = "control.sock"
+#: Users per page of ``smsctl status``.
+DEFAULT_PAGE = 50
 DEFAULT_RUNTIME_DIR = "/run/smsd"
 #: Fields of a quarantine entry that may carry SMS text: never printed.
 _PII_FIELDS = ("text", "body", "sms", "message_text")
@@ -74,6 +76,16 @@ def _config_runtime_dir() -> str | None:
     return str(value)
 
 
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``smsctl`` argument parser."""
     parser = argparse.ArgumentParser(prog="smsctl", description="Control a running smsd supervisor.")
@@ -85,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="supervisor, workers, users, journal and LLM counters")
     p.add_argument("--json", action="store_true", help="print the daemon's JSON object")
-    p.add_argument("--user-id", help="also show this user's checkpoint")
+    p.add_argument("--user-id", help="only this user, with its checkpoint")
+    p.add_argument("--limit", type=_whole, default=DEFAULT_PAGE,
+                   help=f"users per page, busiest first (default {DEFAULT_PAGE}; 0: none, totals only)")
+    p.add_argument("--offset", type=_whole, default=0, help="skip this many users (default 0)")
     p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
                    help="refresh every SECONDS (default 2) with SMS/s and an ETA; Ctrl-C stops")
 
@@ -134,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not opts.batch_id:
             parser.error("batches cancel needs a batch id")
         args["cancel"] = opts.batch_id
+    if opts.cmd == "status":
+        args.update(limit=opts.limit, offset=opts.offset)
     try:
         reply = control.request(path, opts.cmd, args, timeout=opts.timeout)
     except control.DaemonNotRunning:
@@ -255,8 +272,19 @@ def format_status(reply: Mapping[str, Any]) -> str:
         lines.append(f"  fix: {llm.get('hint')}; then `smsctl reload`")
 
     users = reply.get("users") or []
+    totals = reply.get("totals")
+    paging = reply.get("paging") or {}
+    if totals:
+        lines.append(f"users {_cell(totals.get('users'))}  SMS pending {_cell(totals.get('pending_sms'))}  "
+                     f"processed {_cell(totals.get('processed_sms'))}  "
+                     f"quarantined {_cell(totals.get('quarantined_sms'))}")
     lines.append("")
-    lines.append(f"USERS ({len(users)})")
+    first = int(paging.get("offset") or 0)
+    if totals and len(users) < int(totals.get("users") or 0):
+        shown = f"{first + 1}-{first + len(users)} of {totals['users']}" if users else f"0 of {totals['users']}"
+        lines.append(f"USERS ({shown}, busiest first)")
+    else:
+        lines.append(f"USERS ({len(users)})")
     if users:
         lines += _table(
             ["USER", "TOTAL", "PROCESSED", "PENDING", "QUARANTINED", "UNGROUNDED", "STATUS", "RESTARTS"],
@@ -267,6 +295,8 @@ def format_status(reply: Mapping[str, Any]) -> str:
         )
     else:
         lines.append("(none)")
+    if paging.get("next_offset") is not None:
+        lines.append(f"... more: smsctl status --offset {paging['next_offset']} --limit {paging.get('limit')}")
 
     workers = reply.get("workers") or []
     lines.append("")

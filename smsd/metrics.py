@@ -144,13 +144,14 @@ def _user_sums(sup: SupervisorView) -> dict:
         info = user.info
         live = running.get(user.user_id)
         journal = (live.status.get("journal") if live and live.status else None) or info.get("journal") or {}
+        counters = info.get("counters") or {}   # the user's smsd_user_stats, as discovery read them
         pending = int(info.get("pending_sms") or 0)
-        quarantined = int(info.get("quarantined_sms") or 0)
+        quarantined = int(counters.get("quarantined_sms") or 0)
         unflushed = int(journal.get("unflushed") or 0)
         sums["pending"] += pending
         sums["quarantined"] += quarantined
         sums["unflushed"] += unflushed
-        sums["ungrounded"] += int(info.get("ungrounded_sms") or 0) + int(journal.get("ungrounded") or 0)
+        sums["ungrounded"] += int(counters.get("ungrounded_sms") or 0) + int(journal.get("ungrounded") or 0)
         by_status[user_status(user, live is not None, pending, unflushed, quarantined, now)] += 1
     return dict(sums, by_status=by_status)
 

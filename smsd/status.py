@@ -19,6 +19,7 @@ from typing import Protocol
 from . import __version__
 from .children import WorkerProc, rss
 from .config import Settings
+from .control_protocol import CommandError
 from .figures import Figures
 from .health import Health
 from .scheduler import UserState
@@ -37,6 +38,7 @@ class SupervisorView(Protocol):
     users: dict[str, UserState]
     figures: Figures
     metrics_url: str | None
+    applied_generation: int
     health: Health
 
     def run_admin(self, cmd: str, args: dict) -> dict: ...
@@ -85,28 +87,58 @@ def user_status(user: UserState, live: bool, pending: int, unflushed: int, quara
 
 
 def status_users(sup: SupervisorView) -> list[dict]:
+    """Every user's status row, busiest first: most pending SMS, then most unflushed rows.
+
+    The counts come from what discovery keeps (the per-user counters of
+    :mod:`smsd.store_stats`, the pending count, the journal's), so a status
+    costs no MongoDB read whatever the number of users: ``total_sms`` is
+    processed + quarantined + pending.
+    """
     running = {w.user_id: w for w in sup.workers.values()}
     now = time.monotonic()
     out = []
-    for user in sorted(sup.users.values(), key=lambda u: u.user_id):
-        info = dict(user.info)
+    for user in sup.users.values():
+        info = user.info
         live = running.get(user.user_id)
-        if live and live.status:
-            info["journal"] = live.status.get("journal") or info.get("journal")
-        journal = info.get("journal") or {}
+        journal = (live.status.get("journal") if live and live.status else None) or info.get("journal") or {}
+        counters = info.get("counters") or {}
         pending = int(info.get("pending_sms") or 0)
-        quarantined = int(info.get("quarantined_sms") or 0)
+        processed = int(counters.get("processed_sms") or 0)
+        quarantined = int(counters.get("quarantined_sms") or 0)
         unflushed = int(journal.get("unflushed") or 0)
-        status = user_status(user, live is not None, pending, unflushed, quarantined, now)
+        # A worker that just finished counts as working until the next discovery brings its last counts.
+        busy = live is not None or user.done_generation >= sup.applied_generation
+        status = user_status(user, busy, pending, unflushed, quarantined, now)
         out.append({"user_id": user.user_id,
-                    "total_sms": int(info.get("total_sms") or 0),
-                    "processed_sms": int(info.get("processed_sms") or 0),
+                    "total_sms": processed + quarantined + pending,
+                    "processed_sms": processed,
                     "pending_sms": pending, "quarantined_sms": quarantined,
                     # quarantined by the grounding check (MongoDB) + still being asked again (journal)
-                    "ungrounded_sms": int(info.get("ungrounded_sms") or 0) + int(journal.get("ungrounded") or 0),
+                    "ungrounded_sms": int(counters.get("ungrounded_sms") or 0) + int(journal.get("ungrounded") or 0),
                     "unflushed": unflushed, "status": status, "restarts": user.restarts,
                     "last_exit": user.last_exit})
+    out.sort(key=lambda u: (-u["pending_sms"], -u["unflushed"], u["user_id"]))
     return out
+
+
+def status_totals(users: list[dict]) -> dict:
+    """Sums over every user's row: users, SMS total/processed/pending/quarantined/ungrounded, unflushed rows."""
+    totals = {"users": len(users), "total_sms": 0, "processed_sms": 0, "pending_sms": 0,
+              "quarantined_sms": 0, "ungrounded_sms": 0, "unflushed": 0}
+    for u in users:
+        for key in ("total_sms", "processed_sms", "pending_sms", "quarantined_sms", "ungrounded_sms",
+                    "unflushed"):
+            totals[key] += u[key]
+    return totals
+
+
+def page_args(args: dict) -> tuple[int | None, int]:
+    """``(limit, offset)`` of a ``status`` request: ``limit`` absent or null = every user."""
+    limit, offset = args.get("limit"), args.get("offset", 0)
+    for name, value in (("limit", limit), ("offset", offset)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise CommandError(f"{name} must be a whole number >= 0, not {value!r}")
+    return limit, int(offset or 0)
 
 
 def user_journals(sup: SupervisorView) -> dict[str, dict]:
@@ -145,8 +177,16 @@ def open_batches(sup: SupervisorView, user_id: str | None = None) -> list[dict]:
     return sorted(out, key=lambda b: -b["age_s"])
 
 
-def status_reply(sup: SupervisorView, user_id: str | None = None) -> dict:
-    """The reply of the ``status`` control command (for one user: with its checkpoint)."""
+def status_reply(sup: SupervisorView, user_id: str | None = None, *,
+                 limit: int | None = None, offset: int = 0) -> dict:
+    """The reply of the ``status`` control command.
+
+    ``users`` is one page of :func:`status_users` (busiest first, ``limit``
+    rows from ``offset``; all when ``limit`` is ``None``), or with ``user_id``
+    that user's row and its checkpoint; ``totals`` always covers every user
+    (``processed_sms`` as the metrics count it: the counters, raised by the
+    live workers' reports), ``paging`` says where the page is.
+    """
     now = time.monotonic()
     workers = [{"user_id": w.user_id, "pid": w.pid,
                 "state": w.recycle_reason and f"stopping ({w.recycle_reason})" or
@@ -165,21 +205,26 @@ def status_reply(sup: SupervisorView, user_id: str | None = None) -> dict:
     llm.update(sup.health.llm_view(), response_format=llm_format(sup.settings))
     down = sup.health.mongo_down_for()
     users = status_users(sup)
-    totals = {"processed_sms": sup.figures.user_total("processed"),
-              "pending_sms": sum(u["pending_sms"] for u in users),
-              "quarantined_sms": sum(u["quarantined_sms"] for u in users)}
+    totals = status_totals(users)
+    totals["processed_sms"] = max(totals["processed_sms"], sup.figures.user_total("processed"))
     if user_id:
-        users = [u for u in users if u["user_id"] == user_id]
-    ungrounded = sum(u["ungrounded_sms"] for u in users)
+        page = [u for u in users if u["user_id"] == user_id]
+        offset, limit = 0, None
+    else:
+        page = users[offset:] if limit is None else users[offset:offset + limit]
+    more = offset + len(page) < len(users) and not user_id
+    ungrounded = sum(u["ungrounded_sms"] for u in page) if user_id else totals["ungrounded_sms"]
     batches = open_batches(sup, user_id)
     reply = {"pid": sup.pid, "version": __version__, "state": sup.state,
              "uptime_s": round(now - sup.started, 1), "rss_bytes": rss(sup.pid),
              "mongo": {"ok": mongo_ok, "error": None if mongo_ok else sup.mongo.get("error"),
                        "down_for_s": round(down, 1) if down is not None and not mongo_ok else None},
              "workers": workers if not user_id else [w for w in workers if w["user_id"] == user_id],
-             "users": users, "journal": {"unflushed": unflushed}, "llm": llm,
-             "ungrounded_sms": ungrounded, "batches": batches,
-             "totals": totals, "metrics_url": sup.metrics_url,
+             "users": page, "journal": {"unflushed": unflushed}, "llm": llm,
+             "ungrounded_sms": ungrounded, "batches": batches, "totals": totals,
+             "paging": {"offset": offset, "limit": limit, "returned": len(page),
+                        "next_offset": offset + len(page) if more else None},
+             "metrics_url": sup.metrics_url,
              "max_workers": sup.settings.supervisor.max_workers}
     if user_id:
         try:

@@ -198,9 +198,10 @@ def assert_status_answers(d: Daemon) -> None:
 # --------------------------------------------------------------------------- smsctl round trips
 
 @pytest.mark.parametrize("argv, cmd, args", [
-    (["status"], "status", {}),
-    (["status", "--json"], "status", {}),
-    (["status", "--user-id", "alice"], "status", {"user_id": "alice"}),
+    (["status"], "status", {"limit": 50, "offset": 0}),
+    (["status", "--json"], "status", {"limit": 50, "offset": 0}),
+    (["status", "--limit", "5", "--offset", "10"], "status", {"limit": 5, "offset": 10}),
+    (["status", "--user-id", "alice"], "status", {"user_id": "alice", "limit": 50, "offset": 0}),
     (["resume"], "resume", {}),
     (["resume", "--user-id", "alice"], "resume", {"user_id": "alice"}),
     (["pause", "--user-id", "alice"], "pause", {"user_id": "alice"}),
@@ -261,6 +262,8 @@ def test_ok_false_exits_1_with_the_daemons_reason(daemon: Daemon) -> None:
 def test_usage_error_exits_2(daemon: Daemon) -> None:
     assert daemon.run_ctl("pause").returncode == ctl.EXIT_USAGE  # --user-id is required
     assert daemon.run_ctl("frobnicate").returncode == ctl.EXIT_USAGE
+    assert daemon.run_ctl("status", "--limit", "-1").returncode == ctl.EXIT_USAGE
+    assert daemon.run_ctl("status", "--offset", "many").returncode == ctl.EXIT_USAGE
 
 
 def test_no_daemon_exits_3(base_dir: Path) -> None:
