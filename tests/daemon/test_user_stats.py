@@ -1,0 +1,200 @@
+"""Per-user counters (smsd.store_stats) and a discovery tick whose MongoDB work
+does not grow with the number of SMS, against a real MongoDB-wire server."""
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pymongo
+from pymongo import monitoring
+
+from smsd import discovery
+from smsd.config import load_settings
+from smsd.model import Quarantine, sms_key
+from smsd.store import Store
+from smsd.store_docs import IDX_DISCOVERY, IDX_PENDING
+from smsd.store_stats import BASE_FIELD, IDX_STATS_UPDATED, STATS_COLLECTION
+from tests.fixtures_mongo import seed_sms
+
+from .test_store import _winning
+
+
+def _stats(store: Store, user_id: str) -> dict:
+    return store.stats.find_one({"_id": user_id}) or {}
+
+
+def _run(store: Store, user_id: str, raw_ids: list, *, complete: bool = True) -> str:
+    """What the pipeline's flushes write for one run over ``raw_ids``."""
+    cp = store.checkpoint_start(user_id, len(raw_ids))
+    store.mark_processed(user_id, raw_ids, cp["batch_id"])
+    store.checkpoint_progress(user_id, cp["batch_id"], processed_sms=len(raw_ids), total_sms=len(raw_ids),
+                              last_processed_id=raw_ids[-1],
+                              status="completed" if complete else "in_progress")
+    return cp["batch_id"]
+
+
+# --------------------------------------------------------------------------- counters
+def test_counters_add_up_over_runs_and_a_replay_never_lowers_them(store: Store):
+    ids = seed_sms(store, "u1", 10)
+    b1 = _run(store, "u1", ids[:4])
+    assert (_stats(store, "u1")["processed_sms"], _stats(store, "u1")["status"]) == (4, "completed")
+    _run(store, "u1", ids[4:10])
+    assert _stats(store, "u1")["processed_sms"] == 10
+    assert store.checkpoints.find_one({"_id": b1})[BASE_FIELD] == 0
+    # a late replay of the first run's flush: $max keeps the total
+    store.checkpoint_progress("u1", b1, processed_sms=2, total_sms=4, last_processed_id=ids[1],
+                              status="in_progress")
+    doc = _stats(store, "u1")
+    assert doc["processed_sms"] == 10 and doc["last_flush_at"] is not None
+    assert store.user_summary("u1") == {"total_sms": 10, "processed_sms": 10, "pending_sms": 0,
+                                        "quarantined_sms": 0, "status": "completed",
+                                        "last_flush_at": doc["last_flush_at"]}
+    assert store.user_summaries(["u1"])["u1"]["processed_sms"] == 10   # the scan agrees
+
+
+def test_an_abandoned_run_counts_what_it_marked(store: Store):
+    ids = seed_sms(store, "u1", 6)
+    cp = store.checkpoint_start("u1", 6)
+    store.mark_processed("u1", ids[:3], cp["batch_id"])    # killed before its checkpoint update
+    store._latest_seen.clear()
+    _run(store, "u1", ids[3:])                             # `smsd once` without --resume
+    assert _stats(store, "u1")["processed_sms"] == 6
+
+
+def test_quarantine_and_retry_set_a_fresh_count(store: Store):
+    ids = seed_sms(store, "u1", 5)
+    q = [Quarantine(raw_id=i, key=sms_key(i), user_id="u1", reason="unparsed") for i in ids[:3]]
+    store.quarantine(q)
+    store.quarantine(q[:1])     # a replay recounts the same
+    assert _stats(store, "u1")["quarantined_sms"] == 3
+    assert store.unquarantine("u1", ids[:2]) == 2
+    assert _stats(store, "u1")["quarantined_sms"] == 1
+    assert store.user_summary("u1")["pending_sms"] == 4
+
+
+def test_a_run_started_before_the_counters_gets_its_base_once(store: Store):
+    ids = seed_sms(store, "u1", 8)
+    old = "oldrun"
+    store.raw.update_many({"_id": {"$in": ids[:5]}}, {"$set": {"isprocessed": True, "smsd_batch_id": "older"}})
+    store.checkpoints.insert_one({"_id": old, "user_id": "u1", "batch_id": old, "total_sms": 3,
+                                  "processed_sms": 0, "last_processed_id": None,
+                                  "checkpoint_timestamp": datetime.now(timezone.utc), "status": "in_progress"})
+    store.mark_processed("u1", ids[5:], old)
+    store.checkpoint_progress("u1", old, processed_sms=3, total_sms=3, last_processed_id=ids[-1],
+                              status="completed")
+    assert store.checkpoints.find_one({"_id": old})[BASE_FIELD] == 5
+    assert _stats(store, "u1")["processed_sms"] == 8
+
+
+def test_counter_reads_are_index_served(store: Store):
+    seed_sms(store, "u1", 5)
+    _run(store, "u1", [0, 1])
+    store.quarantine([Quarantine(raw_id=3, key=sms_key(3), user_id="u1", reason="x")])
+    since = datetime.now(timezone.utc) - timedelta(seconds=60)
+    plan = _winning(store.stats.find({"updated_at": {"$gte": since}}).explain())
+    assert ("IXSCAN", IDX_STATS_UPDATED) in plan, plan
+    seed_sms(store, "u2", 50, start=100)
+    # each count looks at exactly the documents it counts (2 processed, 1 quarantined)
+    for flt, n in (({"user_id": "u1", "smsd_quarantine": None, "isprocessed": True}, 2),
+                   ({"user_id": "u1", "smsd_quarantine": {"$gte": {}}}, 1)):
+        ex = store.raw.find(flt).explain()
+        plan = _winning(ex)
+        assert any(s == "IXSCAN" and i in (IDX_PENDING, IDX_DISCOVERY) for s, i in plan), (flt, plan)
+        assert ex["executionStats"]["totalKeysExamined"] <= n + 1, (flt, ex["executionStats"])
+    plan = _winning(store.raw.find(store.pending_filter()).explain())
+    assert ("IXSCAN", IDX_DISCOVERY) in plan, plan
+
+
+# --------------------------------------------------------------------------- the tick at 10,000 users
+class _Commands(monitoring.CommandListener):
+    """pymongo's command monitoring (its public API): the read commands sent to one database."""
+
+    def __init__(self) -> None:
+        self.db: str | None = None
+        self.seen: list[dict] = []
+        self.lock = threading.Lock()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.database_name == self.db and event.command_name in ("find", "aggregate", "count", "distinct"):
+            with self.lock:
+                self.seen.append(dict(event.command))
+
+    def succeeded(self, event) -> None:
+        pass
+
+    def failed(self, event) -> None:
+        pass
+
+
+COMMANDS = _Commands()
+monitoring.register(COMMANDS)
+
+
+def _examined(db, command: dict) -> tuple[str, int]:
+    """``(collection, keys + documents examined)`` of a read command, from explain()."""
+    name = next(iter(command))
+    keep = {"find": ("filter", "projection", "sort", "limit"), "aggregate": ("pipeline",),
+            "count": ("query",), "distinct": ("key", "query")}[name]
+    cmd = {name: command[name], **{k: command[k] for k in keep if k in command}}
+    if name == "aggregate":
+        cmd["cursor"] = {}
+    ex = db.command("explain", cmd, verbosity="executionStats")
+    stats = ex["stages"][0]["$cursor"]["executionStats"] if "stages" in ex else ex["executionStats"]
+    return command[name], int(stats["totalKeysExamined"]) + int(stats["totalDocsExamined"])
+
+
+def test_a_discovery_tick_at_10000_users_touches_only_pending_sms_and_changed_counters(
+        store: Store, mongo_db_name, mongo_server, tmp_path):
+    users, processed_each, busy, pending_each = 10_000, 3, 20, 2
+    now = datetime.now(timezone.utc)
+    raw, stats = [], []
+    for u in range(users):
+        uid = f"user{u:05d}"
+        for i in range(processed_each):
+            raw.append({"_id": f"{uid}-{i}", "user_id": uid, "body": "INR 1.00 debited", "isprocessed": True,
+                        "smsd_batch_id": "b", "processed_at": now})
+        # the counters as the flush writes them, last updated an hour ago
+        stats.append({"_id": uid, "user_id": uid, "processed_sms": processed_each, "quarantined_sms": 0,
+                      "status": "completed", "batch_id": "b", "last_flush_at": now - timedelta(hours=1),
+                      "updated_at": now - timedelta(hours=1)})
+    for u in range(busy):
+        uid = f"user{u * 7:05d}"
+        for i in range(pending_each):
+            raw.append({"_id": f"{uid}-new-{i}", "user_id": uid, "body": "INR 2.00 credited", "isprocessed": False})
+    for start in range(0, len(raw), 5000):
+        store.raw.insert_many(raw[start:start + 5000], ordered=False)
+    store.stats.insert_many(stats, ordered=False)
+    recent = [f"user{u:05d}" for u in (1, 2, 3)]      # three users flushed a minute ago
+    store.stats.update_many({"_id": {"$in": recent}}, {"$set": {"updated_at": now - timedelta(minutes=1)}})
+
+    settings = load_settings(None, env={"SMSD_CONFIG": "/dev/null", "SMSD_MONGO_URI": mongo_server.uri,
+                                        "SMSD_MONGO_DB": mongo_db_name,
+                                        "SMSD_STATE_DIR": str(tmp_path / "state")})
+    db = store.raw.database
+    timings = {}
+    for tick, since in (("first", None), ("steady", now - timedelta(minutes=5))):
+        COMMANDS.db, COMMANDS.seen = mongo_db_name, []
+        t0 = time.perf_counter()
+        answer = discovery.discover(settings, mongo_server.uri, stats_since=since)
+        timings[tick] = time.perf_counter() - t0
+        COMMANDS.db = None
+        assert answer["mongo"]["ok"], answer
+        assert len(answer["pending"]) == busy and set(answer["pending"].values()) == {pending_each}
+        examined: dict[str, int] = {}
+        for command in COMMANDS.seen:
+            coll, n = _examined(db, command)
+            examined[coll] = examined.get(coll, 0) + n
+        # The raw collection holds 30,040 SMS; the tick looks at the 40 pending ones
+        # (their index keys and documents), never a processed one.
+        assert examined["sms_fin_rawdata"] <= 2 * busy * pending_each, examined
+        assert len(COMMANDS.seen) <= 3, [next(iter(c)) for c in COMMANDS.seen]
+        if tick == "first":
+            assert len(answer["counters"]) == users
+            assert examined[STATS_COLLECTION] <= users + 1
+        else:
+            # only the counters that changed since: three users, through the updated_at index
+            assert set(answer["counters"]) == set(recent)
+            assert examined[STATS_COLLECTION] <= 2 * len(recent), examined
+    print(f"\n10,000-user discovery tick: first (all counters) {timings['first']:.3f} s, "
+          f"steady (changed counters only) {timings['steady']:.3f} s")
