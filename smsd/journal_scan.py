@@ -120,7 +120,8 @@ def _signatures(directory: Path) -> dict[str, list]:
 
     A commit lands in the ``-wal`` file and a checkpoint in the main file, so
     the pair of both changes whenever the journal's content does; a read-only
-    reader (this module) changes neither.
+    reader (this module) changes neither (it may create an empty WAL, which
+    counts as none).
     """
     sizes: dict[str, list] = {}
     with os.scandir(directory) as entries:
@@ -134,7 +135,11 @@ def _signatures(directory: Path) -> dict[str, list]:
             except OSError:
                 continue   # removed meanwhile
             sig = sizes.setdefault(name if main else name[:-len("-wal")], [0, 0, 0, 0])
-            sig[0 if main else 2], sig[1 if main else 3] = st.st_mtime_ns, st.st_size
+            if main:
+                sig[0], sig[1] = st.st_mtime_ns, st.st_size
+            elif st.st_size:
+                # An empty WAL holds nothing; a read-only open creates one if it is missing.
+                sig[2], sig[3] = st.st_mtime_ns, st.st_size
     return {name: sig for name, sig in sizes.items() if sig[0]}
 
 

@@ -22,7 +22,7 @@ import pytest
 from bson import Int64, ObjectId
 
 from smsd.journal import AlreadyAnswered, Journal, JournalError, JournalLocked
-from smsd.journal_scan import scan
+from smsd.journal_scan import scan, scan_changed
 from smsd.journal_schema import SCHEMA_VERSION, journal_path
 from smsd.model import Quarantine, SmsResult, Transaction, Usage, sms_key
 
@@ -390,6 +390,38 @@ def test_scan_skips_corrupt_files_with_a_warning(tmp_path, caplog):
     assert list(found) == [USER]
     assert str(bad) in caplog.text
     assert scan(tmp_path / "nothing-here") == {}
+
+
+def test_scan_changed_opens_only_journals_changed_since_the_last_scan(tmp_path, caplog):
+    for user in ("a", "b", "c"):
+        with Journal.open(tmp_path, user) as j:
+            answer(j, begin(j, [user]), [user])
+    first = scan_changed(tmp_path, {})
+    assert set(first["journals"]) == {"a", "b", "c"} and first["gone"] == {}
+    seen = dict(first["seen"])
+    assert scan_changed(tmp_path, seen) == {"journals": {}, "seen": {}, "gone": {}}   # nothing opened
+    with Journal.open(tmp_path, "b") as j:      # a worker writes (WAL, then checkpoint at close)
+        call = begin(j, ["b2"])
+        answer(j, call, ["b2"])
+        live = scan_changed(tmp_path, seen)
+        assert list(live["journals"]) == ["b"] and live["journals"]["b"]["unflushed"] == 2
+        seen.update(live["seen"])
+        j.mark_flushed([call])
+    after = scan_changed(tmp_path, seen)
+    assert list(after["journals"]) == ["b"] and after["journals"]["b"]["unflushed"] == 1
+    seen.update(after["seen"])
+    bad = journal_path(tmp_path, "broken")
+    bad.write_bytes(b"this is not a database " * 100)
+    with caplog.at_level(logging.WARNING, logger="smsd.journal"):
+        found = scan_changed(tmp_path, seen)
+    assert found["journals"] == {} and found["seen"][bad.name][-1] is None   # skipped, remembered
+    seen.update(found["seen"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="smsd.journal"):
+        assert scan_changed(tmp_path, seen)["seen"] == {}       # not re-read (nor re-warned) unchanged
+    assert caplog.text == ""
+    journal_path(tmp_path, "c").unlink()
+    assert scan_changed(tmp_path, seen)["gone"] == {"c.sqlite": "c"}
 
 
 # -- files ----------------------------------------------------------------------------------
