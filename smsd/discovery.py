@@ -9,7 +9,7 @@ JSON-safe dict.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,6 +33,7 @@ def _jsonable(value: Any) -> Any:
 
 def discover(settings: Settings, uri: str | None = None, *,
              journals_seen: Mapping[str, Sequence] | None = None,
+             journals_check: Container[str] | None = None,
              stats_since: datetime | None = None) -> dict:
     """Users with pending SMS, changed counters and changed journals: one tick's news.
 
@@ -40,8 +41,9 @@ def discover(settings: Settings, uri: str | None = None, *,
     are counted through the ``smsd_pending_discovery`` index (only pending
     documents are touched), the per-user counters are read only for users
     whose counters changed since ``stats_since`` (:mod:`smsd.store_stats`),
-    and only journals changed since ``journals_seen`` are opened
-    (:func:`smsd.journal_scan.scan_changed`).  The caller keeps what earlier
+    and only journals changed since ``journals_seen`` are opened (of those
+    not yet seen and those in ``journals_check``, when given:
+    :func:`smsd.journal_scan.scan_changed`).  The caller keeps what earlier
     ticks returned and merges this answer into it.
 
     Journals are scanned first: a user with unflushed answers is worked on
@@ -57,7 +59,7 @@ def discover(settings: Settings, uri: str | None = None, *,
     """
     started = time.time()
     answer: dict[str, Any] = {}
-    changed = journal_scan.scan_changed(settings.state_dir, journals_seen or {})
+    changed = journal_scan.scan_changed(settings.state_dir, journals_seen or {}, journals_check)
     answer.update(journals=changed["journals"], journal_seen=changed["seen"], journal_gone=changed["gone"])
     mongo = {"ok": True, "error": None}
     store = make_store(settings, uri)

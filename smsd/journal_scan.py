@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 
 import sqlite_utils
@@ -115,56 +115,64 @@ def scan(state_dir: str | os.PathLike) -> dict[str, dict]:
     return out
 
 
-def _signatures(directory: Path) -> dict[str, list]:
-    """``{file name: [mtime_ns, size, wal mtime_ns, wal size]}`` of the journals in ``directory``.
+def _signature(directory: Path, name: str, has_wal: bool) -> list | None:
+    """``[mtime_ns, size, wal mtime_ns, wal size]`` of one journal, ``None`` if it is gone.
 
     A commit lands in the ``-wal`` file and a checkpoint in the main file, so
     the pair of both changes whenever the journal's content does; a read-only
     reader (this module) changes neither (it may create an empty WAL, which
     counts as none).
     """
-    sizes: dict[str, list] = {}
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            name = entry.name
-            main = name.endswith(".sqlite")
-            if not (main or name.endswith(".sqlite-wal")):
-                continue
-            try:
-                st = entry.stat()
-            except OSError:
-                continue   # removed meanwhile
-            sig = sizes.setdefault(name if main else name[:-len("-wal")], [0, 0, 0, 0])
-            if main:
-                sig[0], sig[1] = st.st_mtime_ns, st.st_size
-            elif st.st_size:
-                # An empty WAL holds nothing; a read-only open creates one if it is missing.
-                sig[2], sig[3] = st.st_mtime_ns, st.st_size
-    return {name: sig for name, sig in sizes.items() if sig[0]}
+    try:
+        st = os.stat(directory / name)
+    except OSError:
+        return None
+    sig = [st.st_mtime_ns, st.st_size, 0, 0]
+    if has_wal:
+        try:
+            wal = os.stat(directory / f"{name}-wal")
+        except OSError:
+            return sig
+        if wal.st_size:
+            sig[2], sig[3] = wal.st_mtime_ns, wal.st_size
+    return sig
 
 
-def scan_changed(state_dir: str | os.PathLike, seen: Mapping[str, Sequence]) -> dict:
+def scan_changed(state_dir: str | os.PathLike, seen: Mapping[str, Sequence],
+                 check: Container[str] | None = None) -> dict:
     """What changed in ``state_dir/journal`` since the scan that returned ``seen``.
 
     ``seen`` maps a file name to ``[mtime_ns, size, wal mtime_ns, wal size, user_id]``
     as an earlier call returned it (JSON-safe: the supervisor keeps it and the
     discovery child gets it).  Only files whose signature differs are opened,
-    so a tick with 10,000 idle journals costs a directory listing and its
-    ``stat`` calls, not 10,000 SQLite opens.  Returns ``{"journals": {user_id:
-    stats}, "seen": {name: [..., user_id]} (new or changed files; user_id
-    ``None`` for a file skipped, retried once it changes), "gone": {name:
-    user_id} (files no longer there)}``.
+    so a tick with 10,000 idle journals opens none.  ``check``, when given,
+    names the files that may have changed (the journals of users that had a
+    worker since the last scan): the others are listed but not even
+    ``stat``-ed, unless new.  Returns ``{"journals": {user_id: stats}, "seen":
+    {name: [..., user_id]} (new or changed files; user_id ``None`` for a file
+    skipped, retried once it changes), "gone": {name: user_id} (files no
+    longer there)}``.
     """
     directory = Path(state_dir) / "journal"
     out: dict = {"journals": {}, "seen": {}, "gone": {}}
-    current = _signatures(directory) if directory.is_dir() else {}
+    names: set[str] = set()
+    wals: set[str] = set()
+    if directory.is_dir():
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(".sqlite"):
+                    names.add(entry.name)
+                elif entry.name.endswith(".sqlite-wal"):
+                    wals.add(entry.name[:-len("-wal")])
     for name, old in seen.items():
-        if name not in current:
+        if name not in names:
             out["gone"][name] = old[4] if len(old) > 4 else None
-    for name in sorted(current):
-        sig = current[name]
+    for name in sorted(names):
         old = seen.get(name)
-        if old is not None and list(old[:4]) == sig:
+        if old is not None and check is not None and name not in check:
+            continue
+        sig = _signature(directory, name, name in wals)
+        if sig is None or (old is not None and list(old[:4]) == sig):
             continue
         found = _read(directory / name)
         if found is not None:

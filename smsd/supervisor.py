@@ -34,6 +34,7 @@ from . import __version__, discovery, failpoints
 from .children import Child, WorkerProc, close_fds, read_answer, read_status, rss, start_child, start_worker
 from .config import ConfigError, Settings, load_settings
 from .control import CommandError, ControlServer, Peer, UnknownCommand
+from .journal_schema import journal_path
 from .metrics import CONTENT_TYPE, Figures, Metrics
 from .metrics_http import MetricsServer
 from .health import Health
@@ -82,6 +83,7 @@ class Supervisor:
         self.health = Health()         # llm: misconfigured, and how long MongoDB has been down
         # What earlier discoveries saw, so the next one reads only what changed since.
         self.journal_seen: dict[str, list] = {}
+        self.ran_at_last_discovery: set[str] = set()
         self.stats_since: datetime | None = None
         self.stats_full_at = 0.0
         self.ready_sent = False
@@ -426,15 +428,29 @@ class Supervisor:
         if not (due or self.discovery_wanted):
             return
         self.discovery_wanted = False
-        self.last_discovery = time.monotonic()
+        previous, self.last_discovery = self.last_discovery, time.monotonic()
         self.generation += 1
         settings, uri, seen = self.settings, self.mongo_uri, self.journal_seen
-        since = self.stats_since
+        since, check = self.stats_since, self.journals_to_check(previous)
         if time.monotonic() - self.stats_full_at >= STATS_FULL_REFRESH_S:
-            since = None   # now and then all counters, in case a write was missed
+            since = check = None   # now and then everything, in case a change was missed
         child = self.fork_child("discovery", lambda: discovery.discover(
-            settings, uri, journals_seen=seen, stats_since=since))
+            settings, uri, journals_seen=seen, journals_check=check, stats_since=since))
         child.generation = self.generation
+
+    def journals_to_check(self, since: float) -> set[str]:
+        """Journal files a worker may have written since the discovery forked at ``since``.
+
+        Only workers write journals: those running now, those running at the
+        previous discovery (they may have written after its scan), and those
+        started since.  (``smsd once`` beside the daemon is caught by the
+        periodic full look.)
+        """
+        running = {w.user_id for w in self.workers.values()}
+        started = {u.user_id for u in self.users.values() if u.last_served >= since}
+        users = running | started | self.ran_at_last_discovery
+        self.ran_at_last_discovery = running
+        return {journal_path(self.settings.state_dir, u).name for u in users}
 
     def fork_child(self, kind: str, fn: Callable[[], dict]) -> Child:
         child = start_child(kind, fn, self.pid, self._close_inherited, self.SIGNALS)

@@ -420,8 +420,14 @@ def test_scan_changed_opens_only_journals_changed_since_the_last_scan(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="smsd.journal"):
         assert scan_changed(tmp_path, seen)["seen"] == {}       # not re-read (nor re-warned) unchanged
     assert caplog.text == ""
+    # with `check`, only the named files (and new ones) are looked at
+    with Journal.open(tmp_path, "a") as j:
+        answer(j, begin(j, ["a2"]), ["a2"])
+    Journal.open(tmp_path, "d").close()
+    assert set(scan_changed(tmp_path, seen, check=set())["journals"]) == {"d"}
+    assert set(scan_changed(tmp_path, seen, check={"a.sqlite"})["journals"]) == {"a", "d"}
     journal_path(tmp_path, "c").unlink()
-    assert scan_changed(tmp_path, seen)["gone"] == {"c.sqlite": "c"}
+    assert scan_changed(tmp_path, seen, check=set())["gone"] == {"c.sqlite": "c"}
 
 
 # -- files ----------------------------------------------------------------------------------

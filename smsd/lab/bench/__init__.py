@@ -44,6 +44,9 @@ server knows, and measures:
 ``mongoops``
     issue 12: MongoDB commands per SMS of ``smsd run`` and of the bare loop,
     counted by the proxy (the server's side).
+``discovery``
+    at 10,000 users: the supervisor's discovery tick (steady, first, and as
+    it was before issue 12) and a ``status`` call to a real ``smsd run``.
 
 Every figure is a median of ``--runs`` runs (3 by default), taken in the same
 process run so that ratios compare like with like on a shared, noisy host.

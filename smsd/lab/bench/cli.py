@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .batch import bench_batch
+from .discovery import bench_discovery
 from .harness import Bench, BenchResult, Params
 from .journal import bench_journal
 from .machine import machine_info
@@ -34,7 +35,7 @@ from .commands import bench_mongoops
 from .versus_bare import bench_bare
 
 BENCHES = ("journal", "overhead", "recovery", "ratelimit", "scaling", "memory", "bare", "commit", "steady",
-           "mongoops", "batch")
+           "mongoops", "batch", "discovery")
 DEFAULT_OUT = "docs/BENCHMARKS.md"
 DEFAULT_CHART = "docs/scaling.png"
 
@@ -51,6 +52,7 @@ RUNNERS: dict[str, Callable[[Bench], BenchResult]] = {
     "steady": bench_steady,
     "mongoops": bench_mongoops,
     "batch": bench_batch,
+    "discovery": bench_discovery,
 }
 
 

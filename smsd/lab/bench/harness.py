@@ -77,6 +77,8 @@ class Params:
     steady_latency_ms: float = 200.0
     steady_drain_s: float = 60.0        # after the inserts stop, how long to wait for the rest
     ops_shapes: tuple[tuple[int, int], ...] = ((100, 4), (4, 500))
+    discovery_users: int = 10_000
+    discovery_processed_each: int = 5
     run_timeout: float = 600.0
 
     @classmethod
@@ -88,7 +90,8 @@ class Params:
                    memory_sms_each=60, bare_shapes=((20, 4), (2, 100)), bare_pairs=1,
                    commit_users=2, commit_sms_each=80, commit_down_s=3.0, steady_users=30,
                    steady_history=3, steady_rate=6.0, steady_seconds=10.0, steady_drain_s=30.0,
-                   ops_shapes=((10, 4), (2, 60)), run_timeout=120.0)
+                   ops_shapes=((10, 4), (2, 60)), discovery_users=500,
+                   discovery_processed_each=2, run_timeout=120.0)
 
 
 # --------------------------------------------------------------------------- results
