@@ -83,11 +83,12 @@ def _journals(state_dir: Path, users: list[str]) -> None:
 
 
 def _old_tick(settings, uri: str) -> int:
-    """What ``discover`` did before issue 12: every journal opened, every SMS of the found users summed."""
+    """What ``discover`` did before issue 12: every journal opened, every SMS of the found users
+    summed (with a 10-minute socket timeout: at 10,000 users it outlasts smsd's 30 s)."""
     from ...journal_scan import scan
-    from ...worker import make_store
+    from ...store import Store
     journals = scan(settings.state_dir)
-    store = make_store(settings, uri)
+    store = Store(uri, settings.mongo.db, timeout_ms=settings.mongo.timeout_ms, socket_timeout_ms=600_000)
     try:
         pending = store.pending_users()
         return len(store.user_summaries(list(set(pending) | set(journals))))
@@ -131,7 +132,11 @@ def bench_discovery(bench: Bench) -> BenchResult:
                                                journals_check=set(), stats_since=since))
         steady.append(took)
         assert len(answer["pending"]) == BUSY_USERS and not answer["journals"], "steady tick"
-    old, _ = _timed(lambda: _old_tick(settings, bench.mongo_uri))
+    try:
+        old: float | None = _timed(lambda: _old_tick(settings, bench.mongo_uri))[0]
+    except Exception as exc:  # noqa: BLE001 - the old way failing is a finding, not a bench error
+        old = None
+        res.notes.append(f"The tick as it was before issue 12 did not complete: {type(exc).__name__}: {exc}")
 
     # A real supervisor on the same data, every user paused: the status call.
     (state_dir / "paused.json").write_text(json.dumps(users))
@@ -179,7 +184,7 @@ def bench_discovery(bench: Bench) -> BenchResult:
     res.details.append("")
     res.details.append("| tick | median | runs |")
     res.details.append("|---|---|---|")
-    for label, values in (("steady", steady), ("first", first), ("before issue 12", [old])):
+    for label, values in (("steady", steady), ("first", first), ("before issue 12", [old] if old else [])):
         res.details.append(f"| {label} | {_fmt(median(values), 's')} | "
                            f"{', '.join(_fmt(v, 's') for v in values)} |")
     if old and median(steady):
