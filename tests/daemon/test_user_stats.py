@@ -48,7 +48,7 @@ def test_counters_add_up_over_runs_and_a_replay_never_lowers_them(store: Store):
     doc = _stats(store, "u1")
     assert doc["processed_sms"] == 10 and doc["last_flush_at"] is not None
     assert store.user_summary("u1") == {"total_sms": 10, "processed_sms": 10, "pending_sms": 0,
-                                        "quarantined_sms": 0, "status": "completed",
+                                        "quarantined_sms": 0, "ungrounded_sms": 0, "status": "completed",
                                         "last_flush_at": doc["last_flush_at"]}
     assert store.user_summaries(["u1"])["u1"]["processed_sms"] == 10   # the scan agrees
 
@@ -64,12 +64,13 @@ def test_an_abandoned_run_counts_what_it_marked(store: Store):
 
 def test_quarantine_and_retry_set_a_fresh_count(store: Store):
     ids = seed_sms(store, "u1", 5)
-    q = [Quarantine(raw_id=i, key=sms_key(i), user_id="u1", reason="unparsed") for i in ids[:3]]
+    q = [Quarantine(raw_id=i, key=sms_key(i), user_id="u1", reason="unparsed") for i in ids[:2]]
+    q.append(Quarantine(raw_id=ids[2], key=sms_key(ids[2]), user_id="u1", reason="ungrounded: amount"))
     store.quarantine(q)
     store.quarantine(q[:1])     # a replay recounts the same
-    assert _stats(store, "u1")["quarantined_sms"] == 3
+    assert (_stats(store, "u1")["quarantined_sms"], _stats(store, "u1")["ungrounded_sms"]) == (3, 1)
     assert store.unquarantine("u1", ids[:2]) == 2
-    assert _stats(store, "u1")["quarantined_sms"] == 1
+    assert (_stats(store, "u1")["quarantined_sms"], _stats(store, "u1")["ungrounded_sms"]) == (1, 1)
     assert store.user_summary("u1")["pending_sms"] == 4
 
 
