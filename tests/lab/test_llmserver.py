@@ -86,8 +86,8 @@ def test_server_records_when_each_answer_was_written_by_request_id(llm_server, s
         status, headers, _ = post(llm_server.url + "/chat/completions", chat_body(items))
         if status == 200:
             ids.append(headers["x-request-id"])
-    t1 = time.time()
     responses = llm_server.stats()["responses"]
+    t1 = time.time()   # after the stats: the server notes a response after its last byte is out
     # Only answered completions, in order, with the id the client saw and a time within the call.
     assert [r["request_id"] for r in responses] == ids and len(ids) == 2
     assert all(r["n_sms"] == 3 and t0 <= r["written_at"] <= t1 for r in responses)
