@@ -26,7 +26,7 @@ test-llamacpp: install
 	  || echo "make: llama-cpp-python could not be installed: tests/daemon/test_llamacpp.py will be skipped"
 
 test: install test-deps test-llamacpp
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=25
 
 test-fast: install
 	$(PY) -m pytest -q -rs -m "not slow"
