@@ -11,6 +11,24 @@ it (invariant 1), and an SMS that has a result here is never asked again
     mark_flushed()   flushed=1   after the results are safely in MongoDB
     record_failure() 'failed'    the whole call failed; attempts += 1
 
+The pipeline calls :meth:`Journal.record_answer` and :meth:`Journal.record_failure`
+in the LLM thread that received the response, right after it is parsed, while the
+pipeline's main thread may be waiting on MongoDB: one connection
+(``check_same_thread=False``) shared under one lock, WAL, ``synchronous=FULL``.
+
+Answer -> commit latency: ``calls.committed_at`` (REAL, epoch seconds as
+``time.time()``, UTC) is taken inside the committing transaction as its last
+statement, right before ``COMMIT``; the answer is durable when that ``COMMIT``
+returns, i.e. one WAL fsync later (``Journal.commit_timings()`` holds the
+BEGIN..COMMIT durations).  ``calls.answered_at`` (same units) is taken when the
+transaction begins.  A bench compares ``committed_at`` with the LLM server's
+last-byte time of the same call (match them by ``calls.request_id``, the
+response's ``x-request-id``), e.g.::
+
+    SELECT request_id, answered_at, committed_at FROM calls WHERE state = 'answered'
+
+``committed_at`` is NULL for calls answered by an smsd older than schema 2.
+
 Only one process may write a user's journal: :meth:`Journal.open` takes an
 exclusive ``flock`` on ``{path}.lock`` and keeps it until :meth:`Journal.close`
 (or until the process dies: the kernel drops the lock, even after
@@ -41,8 +59,8 @@ import sqlite_utils
 
 # scan() lives in journal_scan; it is re-exported here for callers of journal.scan.
 from smsd.journal_scan import _stats, scan  # noqa: F401
-from smsd.journal_schema import (SCHEMA, SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta, _scalar,
-                                 journal_path)
+from smsd.journal_schema import (MIGRATIONS, SCHEMA, SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta,
+                                 _scalar, journal_path)
 from smsd.model import (Provenance, Quarantine, SmsResult, Usage, raw_id_from_bytes,
                         raw_id_to_bytes, sms_key)
 
@@ -91,6 +109,7 @@ class Answer:
     request_id: str | None
     answered_at: datetime
     items: list[tuple[Any, SmsResult]]  # (raw_id, result), in answer order
+    repeated_sms: int = 0               # SMS of the call already asked in an earlier call
 
     def provenance(self) -> Provenance:
         return Provenance(call_id=self.call_id, model=self.model, request_id=self.request_id,
@@ -258,8 +277,12 @@ class Journal:
                 raise JournalError(
                     f"{path}: journal schema version {version} is newer than this smsd "
                     f"supports ({SCHEMA_VERSION}); upgrade smsd, do not delete the journal")
-            if version < SCHEMA_VERSION:  # no older versions exist yet
+            if version < 1:
                 raise JournalError(f"{path}: unknown journal schema version {version}")
+            while version < SCHEMA_VERSION:   # upgrade in place, in this one transaction
+                db.execute(MIGRATIONS[version])   # one statement: executescript would COMMIT
+                version += 1
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
             if meta.get("user_id") != user_id:
                 raise JournalError(f"{path}: journal belongs to user "
                                    f"{meta.get('user_id')!r}, not {user_id!r}")
@@ -391,13 +414,15 @@ class Journal:
                   json.dumps([t.to_json() for t in r.transactions], separators=(",", ":")))
                  for raw_id, r in items])
             own = _scalar(db, "SELECT COUNT(*) FROM results WHERE call_id = ?", [call_id])
+            self._count_failures(db, call_id, failed, now)
+            # Last statement before COMMIT: committed_at is as close to the commit as
+            # the transaction itself can record (see the module docstring).
             db.execute(
                 "UPDATE calls SET state = 'answered', answered_at = ?, request_id = ?,"
                 " prompt_tokens = ?, completion_tokens = ?, model = COALESCE(?, model),"
-                " flushed = ?, flushed_at = ? WHERE call_id = ?",
+                " flushed = ?, flushed_at = ?, committed_at = ? WHERE call_id = ?",
                 [now, request_id, usage.prompt_tokens, usage.completion_tokens, model,
-                 0 if own else 1, None if own else now, call_id])
-            self._count_failures(db, call_id, failed, now)
+                 0 if own else 1, None if own else now, _now(), call_id])
         self._timings.append(time.perf_counter() - start)
         if len(items) != own:
             log.info("call %s: %d of %d results were already journaled (first answer wins)",
@@ -470,11 +495,12 @@ class Journal:
         """Answered calls with results not yet flushed to MongoDB, oldest first."""
         with self._use() as db:
             calls = db.execute(
-                "SELECT call_id, owner, epoch, model, request_id, answered_at FROM calls"
-                " WHERE state = 'answered' AND flushed = 0 ORDER BY seq LIMIT ?",
+                "SELECT call_id, owner, epoch, model, request_id, answered_at, repeated_sms"
+                " FROM calls WHERE state = 'answered' AND flushed = 0 ORDER BY seq LIMIT ?",
                 [-1 if limit is None else limit]).fetchall()
             answers = {c[0]: Answer(call_id=c[0], owner=c[1], epoch=c[2], model=c[3],
-                                    request_id=c[4], answered_at=_utc(c[5]), items=[])
+                                    request_id=c[4], answered_at=_utc(c[5]), items=[],
+                                    repeated_sms=c[6])
                        for c in calls}
             for chunk in _chunks(list(answers)):
                 for key, call_id, raw, kind, txs in db.execute(

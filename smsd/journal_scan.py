@@ -85,7 +85,8 @@ def _read(path: Path) -> tuple[str, dict] | None:
             return None
         meta = _meta(db)
         version = int(meta.get("schema_version", "0"))
-        if version != SCHEMA_VERSION or not meta.get("user_id"):
+        # Older versions read the same (a writer upgrades them on open).
+        if not 1 <= version <= SCHEMA_VERSION or not meta.get("user_id"):
             log.warning("journal scan: skipping %s: schema version %s, this smsd reads %s",
                         path, version, SCHEMA_VERSION)
             return None

@@ -18,8 +18,9 @@ from urllib.parse import quote
 
 import sqlite_utils
 
-#: Version of the schema below.  A journal written by a newer smsd is refused.
-SCHEMA_VERSION = 1
+#: Version of the schema below.  A journal written by a newer smsd is refused;
+#: an older one is upgraded in place by :data:`MIGRATIONS` when a writer opens it.
+SCHEMA_VERSION = 2
 #: Longest quoted user id used as a file name; longer ones are hashed.
 MAX_NAME = 150
 
@@ -47,7 +48,8 @@ CREATE TABLE calls (
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     error             TEXT,
     flushed           INTEGER NOT NULL DEFAULT 0 CHECK (flushed IN (0, 1)),
-    flushed_at        REAL
+    flushed_at        REAL,
+    committed_at      REAL                -- v2: see smsd.journal (answer -> commit latency)
 ) STRICT;
 CREATE INDEX calls_unflushed ON calls (seq) WHERE state = 'answered' AND flushed = 0;
 
@@ -92,6 +94,11 @@ CREATE TABLE quarantine (
 ) STRICT;
 """
 
+
+#: ``{from_version: statement}``: what upgrades a journal of ``from_version`` by one.
+MIGRATIONS = {
+    1: "ALTER TABLE calls ADD COLUMN committed_at REAL",
+}
 
 #: SMS results awaiting a flush (walks the partial index calls_unflushed).
 UNFLUSHED_COUNT = ("SELECT COUNT(*) FROM results WHERE call_id IN"

@@ -2,11 +2,13 @@
 
 This module is where DESIGN.md's invariants are kept, in this order:
 
-* invariant 1 — :meth:`Pipeline._on_answer` commits the answer to the journal
-  before :meth:`Pipeline.flush` writes anything to MongoDB;
+* invariant 1 — :meth:`Pipeline._ask` commits the answer to the journal, in the LLM
+  thread that received it and whatever the main loop is doing, before
+  :meth:`Pipeline.flush` writes anything to MongoDB (which reads what is committed);
 * invariants 2-4 — :meth:`Pipeline.flush` is the one function that writes a
-  journaled answer to MongoDB: transactions (acknowledged, journaled), then
-  ``isprocessed``, then the checkpoint, then the journal row is marked;
+  journaled answer to MongoDB: for all the answers committed so far, one bulk
+  upsert of transactions (acknowledged, journaled), then one ``update_many`` of
+  ``isprocessed``, then one checkpoint update, then the journal rows are marked;
 * invariant 5 — :meth:`Pipeline._claim` never hands out an SMS that has a
   result in the journal;
 * invariant 6 — :meth:`Pipeline._note_failures` quarantines an SMS after
@@ -85,6 +87,15 @@ class _Call:
     sent_at: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Outcome:
+    """What the LLM thread hands the main loop once the call's fate is journaled."""
+
+    answer: LlmAnswer | None = None
+    error: LlmError | None = None
+    failed: dict[str, str] = field(default_factory=dict)   # key -> why it has no result
+
+
 class Pipeline:
     """Runs one user's SMS through the LLM into MongoDB, journal first.
 
@@ -127,6 +138,13 @@ class Pipeline:
         self._llm_failures = 0
         self._backlog = True        # unknown until the first replay chunk: assume some
         self._stop_seen: float | None = None   # when a drain first found MongoDB down
+        # Calls answered and committed by this pipeline (set from the LLM threads):
+        # their SMS cannot have transaction documents from an earlier answer unless
+        # the call re-asked them, so their flush skips the stale-document find.
+        self._fresh_calls: set[str] = set()
+        # The checkpoint counters last written, so the run's end does not write them twice.
+        self._checkpoint_written: tuple | None = None
+        self._none_pending = False      # the last count found nothing pending (reset by a claim)
 
     # ------------------------------------------------------------------ run
     def run(self, *, limit: int | None = None, resume: bool = True,
@@ -204,12 +222,15 @@ class Pipeline:
             self._store_down(exc)
             return
         self._store_up()
+        self._none_pending = False
         if malformed:
             self._quarantine([Quarantine(raw_id=m.raw_id, key=m.key, user_id=m.user_id,
                                          reason=f"malformed: {m.reason}") for m in malformed])
         answered = self.journal.answered_keys(s.key for s in page)
         fresh = [s for s in page if s.key not in answered]
-        if not page and not malformed:
+        if len(page) + len(malformed) < self.settings.pipeline.page_size:
+            # A short page is the end of the pending set: no second read to find it empty
+            # (SMS that arrive later are found by the next discovery).
             self._exhausted = True
         self._buffer.extend(fresh)
 
@@ -239,7 +260,8 @@ class Pipeline:
             failpoint("before_llm_call")
             s.asked_sms += len(batch)
             s.llm_calls += 1
-            self._inflight[pool.submit(self.extractor.extract, batch, stop=self.abort)] = _Call(call_id, batch)
+            call = _Call(call_id, batch)
+            self._inflight[pool.submit(self._ask, call)] = call
 
     def _answer_by_rules(self, batch: list[Sms]) -> list[Sms]:
         """With ``rules-then-llm``, journal what the rules are certain of; return the rest."""
@@ -260,58 +282,80 @@ class Pipeline:
                                               owner=self.owner, epoch=self.epoch, model="rules")
             self.journal.record_answer(call_id, certain, failed={}, request_id=None,
                                        usage=Usage(), model="rules")
+            self._fresh_calls.add(call_id)
             self.summary.asked_sms += len(certain)
         return rest
 
     # --------------------------------------------------------------- answer
-    def _on_answer(self, call: _Call, fut: Future) -> None:
-        s = self.summary
-        keys = [m.key for m in call.sms]
+    def _ask(self, call: _Call) -> _Outcome:
+        """In the LLM thread: ask, then journal the outcome at once (invariant 1).
+
+        The commit happens here, in the thread that received the response, whatever
+        the main loop is doing meanwhile (a slow claim or flush, MongoDB down), so a
+        kill can only lose an answer in the milliseconds between its last byte and
+        this commit (DESIGN.md's crash table).  The main loop only decides what
+        follows (:meth:`_on_answer`).
+        """
         try:
-            answer: LlmAnswer = fut.result()
-        except LlmConfigError as exc:
+            answer = self.extractor.extract(call.sms, stop=self.abort)
+        except LlmBatchError as exc:
+            # Too long for the model: the SMS's fault, each of them counts an attempt.
+            self.journal.record_failure(call.call_id, str(exc))
+            return _Outcome(error=exc)
+        except LlmError as exc:
+            # The call failed as a whole (outage, timeouts after retries): not the
+            # SMS's fault, so no attempt is counted.
+            self.journal.record_failure(call.call_id, str(exc), [])
+            return _Outcome(error=exc)
+        failpoint("after_llm_answer")
+        # An answer whose values are not in its SMS is an invalid item, asked again alone.
+        answer = grounding.ground(answer, call.sms)
+        keys = [m.key for m in call.sms]
+        items = [(m.raw_id, answer.results[m.key]) for m in call.sms if m.key in answer.results]
+        failed = {k: answer.failed.get(k, "missing from answer") for k in keys if k not in answer.results}
+        self.journal.record_answer(call.call_id, items, failed=failed, request_id=answer.request_id,
+                                   usage=answer.usage, model=answer.model)
+        self._fresh_calls.add(call.call_id)
+        failpoint("after_commit")
+        return _Outcome(answer=answer, failed=failed)
+
+    def _on_answer(self, call: _Call, fut: Future) -> None:
+        """In the main loop, for a call whose outcome is journaled: retries, back-off, quarantine."""
+        s = self.summary
+        outcome: _Outcome = fut.result()
+        exc = outcome.error
+        if isinstance(exc, LlmConfigError):
             # Asking again cannot help (bad key, unknown model, a request always refused):
             # no attempt is counted against the SMS; the run stops asking.
             s.failed_calls += 1
-            self.journal.record_failure(call.call_id, str(exc), [])
             if s.config_error is None:
                 log.error("user %s: LLM misconfigured, not asking any more: %s; fix: %s",
                           self.user_id, exc, exc.hint)
             s.config_error = exc
             self._buffer.extendleft(reversed(call.sms))
             return
-        except LlmBatchError as exc:
-            # Too long for the model: the SMS's fault; each counts an attempt and is asked alone.
+        if isinstance(exc, LlmBatchError):
+            # Each SMS is asked alone next (the retry queue), then quarantined at the cap.
             s.failed_calls += 1
-            self.journal.record_failure(call.call_id, str(exc))
-            self._note_failures(call.sms, dict.fromkeys(keys, "batch refused as too long"))
+            self._note_failures(call.sms, dict.fromkeys((m.key for m in call.sms),
+                                                        "batch refused as too long"))
             return
-        except LlmError as exc:
-            # The call failed as a whole (outage, timeouts after retries): not the
-            # SMS's fault, so no attempt is counted; back off and ask again later.
+        if exc is not None:
             s.failed_calls += 1
-            self.journal.record_failure(call.call_id, str(exc), [])
             self._llm_failures += 1
             delay = min(60.0, 2.0 ** self._llm_failures)
             self._llm_backoff_until = time.monotonic() + delay
             log.warning("user %s: LLM call failed (%s); retrying %d SMS in %.0f s",
-                        self.user_id, exc, len(keys), delay,
-                        extra={"user_id": self.user_id, "call_id": call.call_id, "n_sms": len(keys),
+                        self.user_id, exc, len(call.sms), delay,
+                        extra={"user_id": self.user_id, "call_id": call.call_id, "n_sms": len(call.sms),
                                "retry_in_s": delay})
             self._buffer.extendleft(reversed(call.sms))
             return
         self._llm_failures = 0
+        answer, failed = outcome.answer, outcome.failed
+        assert answer is not None
         if answer.elapsed_ms:
             self.latency["llm"].observe(answer.elapsed_ms / 1000.0)
-        failpoint("after_llm_answer")
-        # An answer whose values are not in its SMS is an invalid item, asked again alone.
-        answer = grounding.ground(answer, call.sms)
-        items = [(m.raw_id, answer.results[m.key]) for m in call.sms if m.key in answer.results]
-        failed = {k: answer.failed.get(k, "missing from answer") for k in keys if k not in answer.results}
-        # Invariant 1: the answer is durable before anything is written to MongoDB.
-        self.journal.record_answer(call.call_id, items, failed=failed, request_id=answer.request_id,
-                                   usage=answer.usage, model=answer.model)
-        failpoint("after_commit")
         if answer.unknown_ids:
             log.warning("user %s: answer %s named %d unknown ids (ignored)",
                         self.user_id, call.call_id, len(answer.unknown_ids),
@@ -364,8 +408,15 @@ class Pipeline:
         items = [FlushItem(raw_id=raw_id, user_id=self.user_id, result=result,
                            provenance=answer.provenance())
                  for answer in answers for raw_id, result in answer.items]
-        # replace_stale: an SMS asked again after `smsctl retry` leaves no extra documents.
-        self.store.upsert_transactions(items, replace_stale=True)
+        # Within one journal an SMS has one result (the first answer wins), so an older
+        # answer's extra transaction documents can only exist where this pipeline did not
+        # see the SMS's whole history: rows journaled before it started (a replay: another
+        # process, a previous owner, a lost state directory) and calls that re-asked an SMS
+        # (`smsctl retry`, a failed call).  Only those pay the stale-document find.
+        stale = {result.key for answer in answers
+                 if answer.call_id not in self._fresh_calls or answer.repeated_sms
+                 for _, result in answer.items}
+        self.store.upsert_transactions(items, replace_stale=stale)
         failpoint("mid_flush")
         raw_ids = [item.raw_id for item in items]
         newly = self.store.mark_processed(self.user_id, raw_ids, self._batch_id)
@@ -377,11 +428,9 @@ class Pipeline:
         # the same update: a kill before _finish_run must not leave the run in_progress
         # for ever (no pending SMS, no journal backlog: no worker would ever resume it).
         done = bool(s.total_sms) and s.processed_sms >= s.total_sms \
-            and self.store.count_pending(self.user_id) == 0
-        self.store.checkpoint_progress(self.user_id, self._batch_id, processed_sms=s.processed_sms,
-                                       total_sms=s.total_sms if done else None,
-                                       last_processed_id=s.last_processed_id,
-                                       status="completed" if done else "in_progress")
+            and self._count_pending() == 0
+        self._write_checkpoint(total_sms=s.total_sms if done else None,
+                               status="completed" if done else "in_progress")
         failpoint("after_flush")
         self.journal.mark_flushed([a.call_id for a in answers])
         failpoint("after_mark_flushed")
@@ -406,15 +455,27 @@ class Pipeline:
             self.journal.mark_quarantine_flushed([q.key for q in pending])
             # MongoDB now carries the reason and count; `smsctl retry` gives a fresh set of attempts.
             self.journal.clear_failures([q.key for q in pending])
-            if self._batch_id and self.store.count_pending(self.user_id) == 0:
+            if self._batch_id and self._count_pending() == 0:
                 # A quarantine may be the run's last act: complete the checkpoint now, as the
                 # last flush does, so a kill before _finish_run cannot leave it in_progress.
-                s = self.summary
-                self.store.checkpoint_progress(self.user_id, self._batch_id,
-                                               processed_sms=s.processed_sms, total_sms=None,
-                                               last_processed_id=s.last_processed_id,
-                                               status="completed")
+                self._write_checkpoint(total_sms=None, status="completed")
         return True
+
+    def _count_pending(self) -> int:
+        left = self.store.count_pending(self.user_id)
+        self._none_pending = left == 0
+        return left
+
+    def _write_checkpoint(self, *, total_sms: int | None, status: str) -> None:
+        """Move the run's checkpoint (``$max`` counters); skip a write that would change nothing."""
+        s = self.summary
+        state = (s.processed_sms, total_sms, s.last_processed_id, status)
+        if state == self._checkpoint_written:
+            return
+        self.store.checkpoint_progress(self.user_id, self._batch_id, processed_sms=s.processed_sms,
+                                       total_sms=total_sms, last_processed_id=s.last_processed_id,
+                                       status=status)
+        self._checkpoint_written = state
 
     def _flush_backlog_quietly(self, max_answers: int | None = None) -> None:
         if time.monotonic() < self._next_store_try:
@@ -450,15 +511,14 @@ class Pipeline:
 
     def _finish_run(self, limit: int | None) -> bool:
         s = self.summary
-        left = self.store.count_pending(self.user_id)
+        # The flush that completed the run has just counted: nothing was claimed since.
+        left = 0 if self._none_pending else self._count_pending()
         s.pending_left = left
         done = left == 0 or (limit is not None and s.processed_sms + s.quarantined >= s.total_sms)
         if done:
             s.status = "completed"
             s.total_sms = max(s.total_sms, s.processed_sms)
-        self.store.checkpoint_progress(self.user_id, self._batch_id, processed_sms=s.processed_sms,
-                                       total_sms=s.total_sms, last_processed_id=s.last_processed_id,
-                                       status=s.status)
+        self._write_checkpoint(total_sms=s.total_sms, status=s.status)
         return True
 
     def _wait_for_store(self, fn: Callable[..., bool], *args: Any) -> bool:

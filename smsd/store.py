@@ -379,7 +379,8 @@ class Store:
         )
 
     # ------------------------------------------------------------------ writes
-    def upsert_transactions(self, items: list[FlushItem], *, replace_stale: bool = False) -> None:
+    def upsert_transactions(self, items: list[FlushItem], *,
+                            replace_stale: bool | AbcCollection[str] = False) -> None:
         """Write the transaction documents of ``items`` (idempotent upserts).
 
         One unordered ``bulk_write`` of ``ReplaceOne({_id: transaction_id(key, i)},
@@ -392,6 +393,8 @@ class Store:
         answer does not have (a position beyond its count, e.g. after an SMS was
         asked again and answered with fewer transactions) are deleted, after the
         upserts.  Off by default: a plain replay of one journal row never needs it.
+        ``replace_stale`` may also be a collection of SMS keys: only those items are
+        checked (one ``find`` for all of them; none when it is empty).
         """
         if not items:
             return
@@ -410,8 +413,10 @@ class Store:
         with self._errors("upsert_transactions"):
             if ops:
                 self.transactions.bulk_write(ops, ordered=False)
-            if replace_stale:
+            if replace_stale is True:
                 self._delete_stale(items, new_ids)
+            elif replace_stale:
+                self._delete_stale([i for i in items if i.result.key in replace_stale], new_ids)
 
     def _delete_stale(self, items: list[FlushItem], new_ids: set[str]) -> None:
         by_user: dict[Any, list[Any]] = {}

@@ -495,3 +495,19 @@ def test_corrupt_file_raises_journal_error_naming_the_path(tmp_path):
     assert str(path) in str(e.value)
     with pytest.raises(JournalError):  # not JournalLocked: the lock was released
         Journal.open(tmp_path, USER)
+
+
+def test_journal_of_schema_1_is_upgraded_in_place_and_keeps_its_rows(tmp_path):
+    with Journal.open(tmp_path, USER) as j:
+        call = j.begin_call([(sms_key("a"), "a")], owner="", epoch=0, model="m")
+        # Make it a schema-1 file: no committed_at column, version 1.
+        j.db.execute("ALTER TABLE calls DROP COLUMN committed_at")
+        j.db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with Journal.open(tmp_path, USER) as j:
+        assert j.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] \
+            == str(SCHEMA_VERSION)
+        before = time.time()
+        j.record_answer(call, [("a", SmsResult(key=sms_key("a"), kind="other"))], failed={},
+                        request_id="req_1", usage=Usage())
+        committed = j.db.execute("SELECT committed_at, answered_at FROM calls").fetchone()
+        assert before <= committed[1] <= committed[0] <= time.time()

@@ -1,0 +1,165 @@
+"""MongoDB commands per SMS: what a user's turn costs on the wire.
+
+Observation, not mocking: :class:`CommandCounter` is a pymongo
+``CommandListener`` registered globally (``pymongo.monitoring.register``), so
+it sees every command of every client created afterwards -- the pipeline's own
+:class:`smsd.store.Store` included -- without touching smsd's code.
+:func:`count_turns` runs users' turns the way a worker does (journal open,
+pipeline run, journal close) against a real MongoDB-wire server and a real LLM
+server, and returns the commands by name.  ``keep_client`` reuses one Store
+(one MongoClient) for every turn, as a long-lived worker does.
+
+``python -m smsd.lab.mongo_ops --users 50 --sms 3`` starts a SecantusDB
+process and the local LLM server, runs the turns, and prints the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from pymongo import MongoClient, monitoring
+
+#: Commands that are the driver's own housekeeping, not smsd's work.
+HOUSEKEEPING = {"endSessions"}
+
+
+class CommandCounter(monitoring.CommandListener):
+    """Counts started commands by name while :attr:`active` is set (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter = collections.Counter()
+        self.active = threading.Event()
+        self._lock = threading.Lock()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if self.active.is_set():
+            with self._lock:
+                self.counts[event.command_name] += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+_COUNTER: CommandCounter | None = None
+
+
+def counter() -> CommandCounter:
+    """The process's one registered counter (registered on first use)."""
+    global _COUNTER
+    if _COUNTER is None:
+        _COUNTER = CommandCounter()
+        monitoring.register(_COUNTER)
+    return _COUNTER
+
+
+def seed_users(uri: str, db_name: str, users: int, sms_each: int) -> None:
+    """``users`` users with ``sms_each`` pending bank SMS each."""
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    docs = [{"user_id": f"user-{u:05d}", "isprocessed": False, "sender": "VM-DEMOBK",
+             "received_at": t0 + timedelta(minutes=i),
+             "body": f"INR {u % 900 + 1}.{i:02d} debited from A/c XX1234 on 05-09-26 "
+                     f"UPI/P2M/{u:06d}{i:06d}/SHOP {u} - Demo Bank"}
+            for u in range(users) for i in range(sms_each)]
+    client = MongoClient(uri)
+    try:
+        client[db_name]["sms_fin_rawdata"].insert_many(docs)
+    finally:
+        client.close()
+
+
+def count_turns(settings: Any, users: list[str], *, keep_client: bool) -> dict[str, int]:
+    """Run one turn per user (replay, claim, LLM, flush, finish); commands by name."""
+    from ..journal import Journal
+    from ..store import Store
+    from ..worker import make_pipeline, make_store
+
+    c = counter()
+    c.counts.clear()
+    shared: Store | None = None
+    c.active.set()
+    try:
+        for user_id in users:
+            store = shared or make_store(settings)
+            if keep_client:
+                shared = store
+            with Journal.open(settings.state_dir, user_id) as journal:
+                pipeline = make_pipeline(settings, user_id, journal, store,
+                                         stop=threading.Event(), abort=threading.Event())
+                summary = pipeline.run(resume=True, max_sms=settings.pipeline.worker_max_sms)
+            if summary.status != "completed":
+                raise RuntimeError(f"user {user_id}: turn ended {summary.status}")
+            if not keep_client:
+                store.close()
+    finally:
+        c.active.clear()
+        if shared is not None:
+            shared.close()
+    return {k: v for k, v in sorted(c.counts.items()) if k not in HOUSEKEEPING}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m smsd.lab.mongo_ops", description=__doc__.split("\n\n")[0])
+    p.add_argument("--users", type=int, default=50)
+    p.add_argument("--sms", type=int, default=3, help="pending SMS per user")
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    from ..config import Settings
+    from ..embedded import EmbeddedMongo
+    from .llmserver import LlmServer
+    from .llm_extractors import make_extractor
+
+    with tempfile.TemporaryDirectory(prefix="smsd-mongo-ops-") as tmp, \
+            EmbeddedMongo(Path(tmp) / "mongo", log_path=Path(tmp) / "mongo.log") as mongo, \
+            LlmServer(make_extractor("rules")) as llm:
+        out: dict[str, Any] = {"users": args.users, "sms_per_user": args.sms}
+        for keep in (False, True):
+            db_name = f"ops_{'keep' if keep else 'new'}"
+            settings = Settings()
+            settings.mongo.uri, settings.mongo.db = mongo.uri, db_name
+            settings.llm.base_url, settings.llm.model = llm.url, "smsd-local"
+            settings.llm.api_key = "unused"
+            settings.llm.batch_size = args.batch_size
+            settings.journal.state_dir = str(Path(tmp) / f"state-{db_name}")
+            seed_users(mongo.uri, db_name, args.users, args.sms)
+            store = make_store_for_indexes(settings)
+            users = [f"user-{u:05d}" for u in range(args.users)]
+            counts = count_turns(settings, users, keep_client=keep)
+            total = sum(counts.values())
+            out["keep_client" if keep else "client_per_turn"] = {
+                "commands": counts, "total": total,
+                "per_user": round(total / args.users, 2),
+                "per_sms": round(total / (args.users * args.sms), 2)}
+            store.close()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{args.users} users x {args.sms} SMS, batch {args.batch_size}")
+        for mode in ("client_per_turn", "keep_client"):
+            r = out[mode]
+            print(f"  {mode}: {r['per_sms']} commands/SMS, {r['per_user']} per user turn: "
+                  + ", ".join(f"{k} {v / args.users:.2f}" for k, v in r["commands"].items()))
+    return 0
+
+
+def make_store_for_indexes(settings: Any) -> Any:
+    """A store with smsd's indexes ensured (as ``smsd run`` does before any worker)."""
+    from ..worker import make_store
+    store = make_store(settings)
+    store.ensure_indexes()
+    return store
+
+
+if __name__ == "__main__":
+    sys.exit(main())
