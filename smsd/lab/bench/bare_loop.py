@@ -92,7 +92,7 @@ def _loop(uri: str, db_name: str, users: list[str], page_size: int, tmpl: dict[s
     for user in users:
         while True:
             page = list(raw.find({"user_id": user, "isprocessed": PENDING}, {"_id": 1, "body": 1},
-                                 sort=[("_id", 1)], limit=page_size))
+                                 sort=[("_id", 1)], limit=page_size, batch_size=page_size))
             if not page:
                 break
             now = datetime.now(timezone.utc)

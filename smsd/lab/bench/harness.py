@@ -141,6 +141,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value:.0f}"
     if unit == "USD":
         return f"${value:.4f}"
+    if unit == "cmd/SMS":
+        return f"{value:.3f} {unit}"
     return f"{value:.1f} {unit}"
 
 
