@@ -32,17 +32,21 @@ log = logging.getLogger("smsd.supervisor")
 
 @dataclass
 class WorkerProc:
-    """A live worker as the supervisor sees it."""
+    """A live worker as the supervisor sees it: busy with ``user_id``, or idle (``None``)."""
 
     pid: int
-    user_id: str
-    fd: int
+    user_id: str | None
+    fd: int                      # status pipe, read end
+    cmd_fd: int = -1             # command pipe, write end: the next user goes here
     started: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     buf: bytes = b""
     status: dict = field(default_factory=dict)
     term_sent: float | None = None
     recycle_reason: str | None = None
+    turns: int = 0
+    retire: bool = False         # end it once idle (reload: it keeps the settings it was forked with)
+    events: list = field(default_factory=list)   # turn ends read, not yet handled
 
 
 @dataclass
@@ -82,22 +86,49 @@ def close_fds(keep: set[int]) -> None:
     os.closerange(last, 65536)
 
 
-def start_worker(settings: Settings, user_id: str, parent_pid: int, mongo_uri: str | None,
+def start_worker(settings: Settings, parent_pid: int, mongo_uri: str | None,
                  close_inherited: Callable[..., None]) -> WorkerProc:
-    """Fork a worker for ``user_id``; the parent gets its record (the read end of its status pipe)."""
+    """Fork an idle worker; the parent gets its record (status read end, command write end)."""
     r, w = os.pipe()
+    cmd_r, cmd_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the worker
         try:
             os.close(r)
-            close_inherited(keep={w})
+            os.close(cmd_w)
+            close_inherited(keep={w, cmd_r})
             unset_environment(os.environ)
         finally:
-            run_worker(settings, user_id, w, parent_pid, mongo_uri)
+            run_worker(settings, cmd_r, w, parent_pid, mongo_uri)
     os.close(w)
-    os.set_blocking(r, False)
-    os.set_inheritable(r, False)
-    return WorkerProc(pid=pid, user_id=user_id, fd=r)
+    os.close(cmd_r)
+    for fd in (r, cmd_w):
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+    return WorkerProc(pid=pid, user_id=None, fd=r, cmd_fd=cmd_w)
+
+
+def assign(w: WorkerProc, user_id: str) -> bool:
+    """Hand ``user_id``'s turn to an idle worker; False if its pipe is gone (it is dying)."""
+    try:
+        os.write(w.cmd_fd, (json.dumps({"user_id": user_id}) + "\n").encode())
+    except OSError:   # BlockingIOError cannot happen: an idle worker's pipe is empty
+        return False
+    w.user_id = user_id
+    w.turns += 1
+    w.status = {}
+    return True
+
+
+def close_worker_fds(w: WorkerProc) -> None:
+    """The supervisor's ends of a reaped worker's pipes."""
+    for fd in (w.fd, w.cmd_fd):
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    w.fd = w.cmd_fd = -1
 
 
 def start_child(kind: str, fn: Callable[[], dict], parent_pid: int,
@@ -127,7 +158,7 @@ def start_child(kind: str, fn: Callable[[], dict], parent_pid: int,
 
 
 def read_status(w: WorkerProc) -> None:
-    """Read what a worker sent; its newest complete line becomes its status."""
+    """Read what a worker sent: turn ends queue in ``w.events``; the newest heartbeat is its status."""
     try:
         data = os.read(w.fd, 65536)
     except BlockingIOError:
@@ -139,11 +170,16 @@ def read_status(w: WorkerProc) -> None:
     w.last_seen = time.monotonic()
     w.buf += data
     *lines, w.buf = w.buf.split(b"\n")
-    for line in lines[-1:]:
+    for line in lines:
         try:
-            w.status = json.loads(line)
+            msg = json.loads(line)
         except ValueError:
             log.warning("worker %d sent an unreadable status line", w.pid)
+            continue
+        if "turn_over" in msg:
+            w.events.append(msg)   # every turn end counts, not only the newest line
+        elif msg.get("user_id") == w.user_id:
+            w.status = msg         # (an idle line sent just before it took its next user is not news)
 
 
 def read_answer(child: Child, final: bool = False) -> bool:

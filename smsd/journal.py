@@ -257,7 +257,7 @@ class Journal:
             if isinstance(e, sqlite3.DatabaseError):  # "file is not a database", ...
                 raise JournalError(f"{path}: cannot open journal: {e}") from e
             raise
-        log.info("journal opened user=%s path=%s synchronous=%s", user_id, path, synchronous)
+        log.debug("journal opened user=%s path=%s synchronous=%s", user_id, path, synchronous)
         return cls(path, user_id, db, lock_fd)
 
     @staticmethod
@@ -301,7 +301,7 @@ class Journal:
             finally:
                 fd, self._lock_fd = self._lock_fd, None
                 os.close(fd)  # closing the only fd releases the flock
-            log.info("journal closed user=%s", self.user_id)
+            log.debug("journal closed user=%s", self.user_id)
 
     @property
     def closed(self) -> bool:

@@ -120,7 +120,10 @@ class _Collector:
         yield GaugeMetricFamily("smsd_llm_misconfigured", "1 while the LLM refuses the configuration "
                                 "(bad key, unknown model, a rejected request): no workers until a reload.",
                                 value=1 if sup.health.llm_misconfigured else 0)
-        yield GaugeMetricFamily("smsd_workers", "Worker processes running.", value=len(sup.workers))
+        busy = sum(1 for w in sup.workers.values() if w.user_id is not None)
+        yield GaugeMetricFamily("smsd_workers", "Worker processes busy with a user's turn.", value=busy)
+        yield GaugeMetricFamily("smsd_workers_idle", "Pre-forked worker processes waiting for a user.",
+                                value=len(sup.workers) - busy)
         yield GaugeMetricFamily("smsd_max_workers", "supervisor.max_workers.",
                                 value=sup.settings.supervisor.max_workers)
         restarts = CounterMetricFamily("smsd_worker_restarts", "Workers that died and were replaced, by "

@@ -54,7 +54,8 @@ def status_line(sup: SupervisorView) -> str:
     down = sup.health.mongo_down_for()
     if down is not None and sup.mongo.get("ok") is False:
         mongo += f" for {down:.0f} s"
-    line = (f"{sup.state}: {len(sup.workers)} workers, {pending} SMS pending, "
+    busy = sum(1 for w in sup.workers.values() if w.user_id is not None)
+    line = (f"{sup.state}: {busy} workers, {pending} SMS pending, "
             f"journal backlog {backlog}, MongoDB {mongo}")
     if sup.health.llm_misconfigured:
         line += f", llm: misconfigured ({sup.health.llm_error[:160]}); fix it, then smsctl reload"
@@ -194,7 +195,7 @@ def status_reply(sup: SupervisorView, user_id: str | None = None, *,
                 "uptime_s": round(now - w.started, 1), "rss_bytes": rss(w.pid),
                 "restarts": sup.users[w.user_id].restarts if w.user_id in sup.users else 0,
                 "last_heartbeat_s": round(now - w.last_seen, 1)}
-               for w in sup.workers.values()]
+               for w in sup.workers.values() if w.user_id is not None]   # idle workers: no entry
     llm = {"calls": 0, "repeated_calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
     unflushed = 0
     for journal in user_journals(sup).values():
@@ -225,7 +226,8 @@ def status_reply(sup: SupervisorView, user_id: str | None = None, *,
              "paging": {"offset": offset, "limit": limit, "returned": len(page),
                         "next_offset": offset + len(page) if more else None},
              "metrics_url": sup.metrics_url,
-             "max_workers": sup.settings.supervisor.max_workers}
+             "max_workers": sup.settings.supervisor.max_workers,
+             "idle_workers": sum(1 for w in sup.workers.values() if w.user_id is None)}
     if user_id:
         try:
             reply["checkpoint"] = sup.run_admin("checkpoint", {"user_id": user_id}).get("checkpoint")

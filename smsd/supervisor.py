@@ -16,7 +16,8 @@ stuck loop is a dead service.
 
 Around the class: :mod:`smsd.children` forks the children and reads their
 pipes, :mod:`smsd.scheduler` holds the per-user state and decides who gets
-a worker next (fair order, back-off, crash loops), and :mod:`smsd.status`
+a worker next (fair order, back-off, crash loops), :mod:`smsd.workerpool`
+keeps the pre-forked workers and hands them turns, and :mod:`smsd.status`
 builds the ``smsctl status`` reply and systemd's status line.
 """
 from __future__ import annotations
@@ -31,15 +32,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, discovery, failpoints
-from .children import Child, WorkerProc, close_fds, read_answer, read_status, rss, start_child, start_worker
+from .children import Child, WorkerProc, close_fds, close_worker_fds, read_answer, read_status, start_child
 from .config import ConfigError, Settings, load_settings
 from .control import CommandError, ControlServer, Peer, UnknownCommand
 from .journal_schema import journal_path
 from .metrics import CONTENT_TYPE, Figures, Metrics
 from .metrics_http import MetricsServer
 from .health import Health
-from .scheduler import UserState, clear_failures, load_paused, next_turns, record_crash, save_paused
+from .scheduler import UserState, clear_failures, load_paused, record_crash, save_paused
 from .sdnotify import Notifier
+from .workerpool import WorkerPool
 from .status import open_batches, page_args, status_line, status_reply
 from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MISCONFIGURED, EXIT_MORE
 
@@ -59,8 +61,9 @@ STATS_OVERLAP = timedelta(seconds=60)
 STATS_FULL_REFRESH_S = 600.0
 
 
-class Supervisor:
-    """Forks one worker per user with pending work, restarts the dead, serves smsctl."""
+class Supervisor(WorkerPool):
+    """Keeps up to ``max_workers`` pre-forked workers, hands each one user's turn at a time,
+    replaces the dead (back-off on the user whose turn died), serves smsctl."""
 
     SIGNALS = {signal.SIGHUP: "hup", signal.SIGQUIT: "quit", signal.SIGINT: "int",
                signal.SIGTERM: "term", signal.SIGCHLD: "chld"}
@@ -169,6 +172,7 @@ class Supervisor:
         while True:
             self.handle_signals()
             self.reap()
+            self.handle_turns()
             if self.state == RUNNING:
                 self.maybe_discover()
                 self.spawn_workers()
@@ -295,27 +299,13 @@ class Supervisor:
                 setattr(getattr(new, section), key, getattr(getattr(old, section), key))
         self.settings = new
         self.health.reloaded()
+        for w in self.workers.values():
+            self.retire(w)   # a worker keeps the settings it was forked with: replace each one
         logging.getLogger().setLevel(new.supervisor.log_level)
         log.info("reloaded %s: max_workers=%d (new workers get the new LLM settings)",
                  self.config_path or "settings", new.supervisor.max_workers)
         self.discovery_wanted = True
         self.notifier.ready(status_line(self))
-
-    # ------------------------------------------------------------- workers
-    def spawn_workers(self) -> None:
-        room = self.settings.supervisor.max_workers - len(self.workers)
-        if room <= 0 or self.health.llm_misconfigured:
-            return   # misconfigured: a new worker would only fail the same way; wait for a reload
-        running = {w.user_id for w in self.workers.values()}
-        for user in next_turns(self.users.values(), running, self.applied_generation)[:room]:
-            self.spawn_worker(user)
-
-    def spawn_worker(self, user: UserState) -> None:
-        w = start_worker(self.settings, user.user_id, self.pid, self.mongo_uri, self._close_inherited)
-        self.workers[w.pid] = w
-        self.figures.worker_started(w.pid, user.user_id)
-        user.last_served = time.monotonic()
-        log.info("worker %d started for user %s", w.pid, user.user_id)
 
     def _close_inherited(self, keep: set[int]) -> None:
         """In a fresh child: drop the supervisor's socket and embedded server, close its fds."""
@@ -323,40 +313,6 @@ class Supervisor:
         self.metrics = None
         self.embedded = None
         close_fds(keep)
-
-    def check_workers(self) -> None:
-        """Kill the silent (hung) and recycle the fat."""
-        now = time.monotonic()
-        sup = self.settings.supervisor
-        for w in list(self.workers.values()):
-            if now - w.last_seen > sup.worker_timeout:
-                log.error("worker %d (user %s) silent for %.0f s: killing it", w.pid, w.user_id,
-                          now - w.last_seen)
-                w.recycle_reason = "hung"
-                self._kill(w.pid, signal.SIGKILL)
-                w.last_seen = now   # do not kill twice while waiting for the reap
-                continue
-            if w.recycle_reason is None:
-                used = rss(w.pid)
-                if used > sup.worker_rss_limit_mb * 1024 * 1024:
-                    log.warning("worker %d (user %s) RSS %d MiB over the limit: recycling it after "
-                                "its current batch", w.pid, w.user_id, used >> 20)
-                    w.recycle_reason = "rss"
-                    self._kill(w.pid, signal.SIGTERM)
-
-    def kill_all(self, sig: int, why: str) -> None:
-        for w in self.workers.values():
-            if sig == signal.SIGTERM and w.term_sent is not None:
-                continue
-            w.term_sent = time.monotonic()
-            self._kill(w.pid, sig)
-
-    @staticmethod
-    def _kill(pid: int, sig: int) -> None:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
     # ------------------------------------------------------------- reaping
     def reap(self) -> None:
@@ -381,14 +337,26 @@ class Supervisor:
                 os.close(child.fd)
 
     def worker_exited(self, w: WorkerProc, status: int) -> None:
+        """A worker process ended: its turn (if it had one) ends with its exit status."""
         read_status(w)
-        os.close(w.fd)
-        user = self.users.setdefault(w.user_id, UserState(w.user_id))
+        self.turns_over(w)     # the turn ends it reported before it died count first
+        close_worker_fds(w)
         code = os.waitstatus_to_exitcode(status)
-        if w.status:
-            user.info.update({k: w.status[k] for k in ("total_sms", "processed_sms") if k in w.status})
-            if w.status.get("journal"):
-                user.info["journal"] = w.status["journal"]
+        if w.user_id is None:
+            if code not in (EXIT_DONE,) and self.state == RUNNING:
+                log.warning("idle worker %d exited (%s)", w.pid, f"exit {code}" if code >= 0
+                            else f"signal {-code}")
+            return
+        self.turn_ended(w, code, w.status)
+
+    def turn_ended(self, w: WorkerProc, code: int, report: dict) -> None:
+        """Decide about the user of a turn that ended with ``code`` (EXIT_* or -signal)."""
+        assert w.user_id is not None
+        user = self.users.setdefault(w.user_id, UserState(w.user_id))
+        if report:
+            user.info.update({k: report[k] for k in ("total_sms", "processed_sms") if k in report})
+            if report.get("journal"):
+                user.info["journal"] = report["journal"]
         now = time.monotonic()
         restart_reason = "rss" if w.recycle_reason == "rss" else None   # for /metrics
         if code == EXIT_DONE and w.recycle_reason is None:
@@ -446,7 +414,7 @@ class Supervisor:
         started since.  (``smsd once`` beside the daemon is caught by the
         periodic full look.)
         """
-        running = {w.user_id for w in self.workers.values()}
+        running = {w.user_id for w in self.workers.values() if w.user_id is not None}
         started = {u.user_id for u in self.users.values() if u.last_served >= since}
         users = running | started | self.ran_at_last_discovery
         self.ran_at_last_discovery = running
@@ -478,7 +446,7 @@ class Supervisor:
         self.mongo = answer.get("mongo", self.mongo)
         self.health.mongo_seen(self.mongo.get("ok"))
         self.applied_generation = max(self.applied_generation, generation)
-        running = {w.user_id for w in self.workers.values()}
+        running = {w.user_id for w in self.workers.values() if w.user_id is not None}
 
         def fresher_here(user: UserState) -> bool:
             # Our own worker runs, or finished after this look began: its news is fresher.

@@ -1,15 +1,35 @@
-"""A worker process: owns one user for one turn, runs its pipeline, reports.
+"""A worker process: long-lived, takes one user's turn at a time from the supervisor.
 
-The supervisor forks a worker per user.  The worker never returns into the
-supervisor's code: :func:`run_worker` ends with ``os._exit``.  It
+Why pre-forked workers (and not one fork per user turn, as before): most users
+of a 24/7 deployment have a few new SMS at a time, and a turn of a 3-SMS user
+costs one LLM call and a handful of MongoDB commands.  Forking a process for it
+added a fork, a Python start-up of the worker's modules, a new MongoClient
+(connection, handshake, ``hello``, monitor threads) and a new LLM client
+(HTTP connection pool, TLS in production) -- more than the user's own work.  A
+worker that lives across turns keeps its MongoClient and LLM client warm and
+pays only what a turn needs (journal open, checkpoint, the SMS themselves).
 
-* dies with its parent (``PR_SET_PDEATHSIG`` plus a ``getppid`` check on
-  every tick), so an orphan never keeps writing;
-* holds the user's journal lock, so a replacement cannot write beside an
-  orphan that has not died yet (it exits with :data:`EXIT_LOCKED` instead);
-* opens its own MongoDB client and LLM client after the fork;
-* reports a JSON line on its status pipe about once a second: that line is
-  the heartbeat the supervisor's ``worker_timeout`` watches.
+What stays as it was, on purpose:
+
+* one user at a time per worker, and the user's journal ``flock`` taken for the
+  turn and released at its end, so an orphan and its replacement can never
+  write for the same user at once (a busy journal ends the turn with
+  :data:`EXIT_LOCKED`);
+* a crashing user is isolated: an exception in a turn (or a SIGKILL) ends the
+  worker process, never the supervisor; the supervisor starts a fresh worker
+  and applies its back-off to that user, exactly as when workers were per turn;
+* it dies with its parent (``PR_SET_PDEATHSIG`` plus a ``getppid`` check on
+  every tick), and exits when its command pipe reaches EOF;
+* it reports a JSON line on its status pipe about once a second, busy or idle:
+  that line is the heartbeat ``worker_timeout`` watches; RSS recycling is the
+  supervisor's SIGTERM, which drains the current turn and ends the process.
+
+The protocol, one JSON object per line: the supervisor writes ``{"user_id": U}``
+on the worker's command pipe; the worker answers on its status pipe with
+heartbeats (``user_id`` is ``None`` while idle) and, at the end of each turn,
+``{"turn_over": U, "code": EXIT_DONE | EXIT_MORE | EXIT_LOCKED | EXIT_MISCONFIGURED, ...}``.
+SIGTERM drains (the current turn ends, then the process exits), SIGQUIT
+aborts waits too.
 """
 from __future__ import annotations
 
@@ -17,17 +37,18 @@ import ctypes
 import json
 import logging
 import os
+import select
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from .batch import run_phase
 from .config import Settings
 from .extractor import build_extractor, build_rate_limiter
 from .journal import Journal, JournalLocked
 from .logsetup import bind_context
-from .pipeline import Pipeline
+from .pipeline import Extractor, Pipeline
 from .store import Store
 
 log = logging.getLogger("smsd.worker")
@@ -51,13 +72,19 @@ def make_store(settings: Settings, uri: str | None = None) -> Store:
                  max_text_chars=settings.pipeline.max_text_chars)
 
 
+def make_extractor(settings: Settings) -> Extractor:
+    """The extractor (LLM client or rules) with the host-wide rate limit the settings ask for."""
+    return build_extractor(settings, build_rate_limiter(settings))
+
+
 def make_pipeline(settings: Settings, user_id: str, journal: Journal, store: Store, *,
                   stop: threading.Event, abort: threading.Event,
                   on_tick: Callable[[Pipeline], None] | None = None,
-                  owner: str = "", epoch: int = 0) -> Pipeline:
-    """A pipeline for one user with the extractor and rate limit the settings ask for."""
-    extractor = build_extractor(settings, build_rate_limiter(settings))
-    return Pipeline(user_id=user_id, journal=journal, store=store, extractor=extractor,
+                  owner: str = "", epoch: int = 0,
+                  extractor: Extractor | None = None) -> Pipeline:
+    """A pipeline for one user; ``extractor`` lets a long-lived worker reuse its LLM client."""
+    return Pipeline(user_id=user_id, journal=journal, store=store,
+                    extractor=extractor or make_extractor(settings),
                     settings=settings, stop=stop, abort=abort, on_tick=on_tick,
                     owner=owner, epoch=epoch)
 
@@ -74,19 +101,22 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 class _Reporter:
-    """Writes the worker's status line (its heartbeat) to the supervisor's pipe."""
+    """Writes the worker's status lines (its heartbeat, turn ends) to the supervisor's pipe."""
 
-    def __init__(self, fd: int, parent_pid: int, user_id: str) -> None:
+    def __init__(self, fd: int, parent_pid: int) -> None:
         self.fd = fd
         self.parent_pid = parent_pid
-        self.user_id = user_id
+        self.user_id: str | None = None
         self.last = 0.0
         self.last_stats = 0.0
         self.journal_stats: dict = {}
 
-    def tick(self, pipeline: Pipeline, state: str | None = None, force: bool = False) -> None:
+    def check_parent(self) -> None:
         if os.getppid() != self.parent_pid:
             os._exit(EXIT_PARENT_GONE)   # the supervisor is gone: never write as an orphan
+
+    def tick(self, pipeline: Pipeline, state: str | None = None, force: bool = False) -> None:
+        self.check_parent()
         now = time.monotonic()
         if not force and now - self.last < HEARTBEAT_INTERVAL:
             return
@@ -107,34 +137,75 @@ class _Reporter:
             msg.update(state="llm misconfigured", llm_error=str(s.config_error), llm_hint=s.config_error.hint)
         self.send(msg)
 
+    def idle(self) -> None:
+        """Heartbeat while waiting for the next user."""
+        self.check_parent()
+        now = time.monotonic()
+        if now - self.last >= HEARTBEAT_INTERVAL:
+            self.last = now
+            self.send({"user_id": None, "pid": os.getpid(), "t": time.time(), "state": "idle"})
+
     def send(self, msg: dict) -> None:
         data = (json.dumps(msg, default=str) + "\n").encode()
         try:
             os.write(self.fd, data)
         except BlockingIOError:
-            pass   # the supervisor is behind; a dropped heartbeat is harmless
+            if "turn_over" in msg:   # the end of a turn must arrive: wait for room
+                os.set_blocking(self.fd, True)
+                try:
+                    os.write(self.fd, data)
+                except OSError:
+                    os._exit(EXIT_PARENT_GONE)
+                finally:
+                    os.set_blocking(self.fd, False)
+            # a dropped heartbeat is harmless: the supervisor is behind
         except OSError:
             os._exit(EXIT_PARENT_GONE)
 
 
-def run_worker(settings: Settings, user_id: str, status_fd: int, parent_pid: int,
+def run_worker(settings: Settings, cmd_fd: int, status_fd: int, parent_pid: int,
                mongo_uri: str | None = None) -> None:
     """The body of a forked worker.  Never returns: exits the process."""
     code = EXIT_ERROR
     try:
-        code = _work(settings, user_id, status_fd, parent_pid, mongo_uri)
+        code = _serve(settings, cmd_fd, status_fd, parent_pid, mongo_uri)
     except BaseException:  # noqa: BLE001 - a worker must never unwind into the supervisor
-        log.exception("worker for user %s crashed", user_id)
+        log.exception("worker %d crashed", os.getpid())
         code = EXIT_ERROR
     finally:
         logging.shutdown()
         os._exit(code)
 
 
-def _work(settings: Settings, user_id: str, status_fd: int, parent_pid: int,
-          mongo_uri: str | None) -> int:
+class _Commands:
+    """The read side of the command pipe: the next user, or None at EOF."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+        self.eof = False
+
+    def next_user(self, stop: threading.Event, reporter: _Reporter) -> str | None:
+        while not stop.is_set():
+            line, sep, rest = self.buf.partition(b"\n")
+            if sep:
+                self.buf = rest
+                msg: Any = json.loads(line)
+                return str(msg["user_id"])
+            if self.eof:
+                return None
+            reporter.idle()
+            ready, _, _ = select.select([self.fd], [], [], HEARTBEAT_INTERVAL / 2)
+            if ready:
+                data = os.read(self.fd, 4096)
+                self.buf += data
+                self.eof = not data
+        return None
+
+
+def _serve(settings: Settings, cmd_fd: int, status_fd: int, parent_pid: int,
+           mongo_uri: str | None) -> int:
     die_with_parent(parent_pid)
-    bind_context(user_id=user_id)   # every JSON log line of this worker names its user
     stop, abort = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())               # drain
     signal.signal(signal.SIGQUIT, lambda *_: (stop.set(), abort.set()))  # fast stop
@@ -143,33 +214,56 @@ def _work(settings: Settings, user_id: str, status_fd: int, parent_pid: int,
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     os.set_blocking(status_fd, False)
+    # Kept for the worker's whole life: the reason it is pre-forked (module docstring).
+    store = make_store(settings, mongo_uri)
+    extractor = make_extractor(settings)
+    reporter = _Reporter(status_fd, parent_pid)
+    commands = _Commands(cmd_fd)
+    try:
+        while True:
+            user_id = commands.next_user(stop, reporter)
+            if user_id is None:
+                return EXIT_DONE
+            reporter.user_id = user_id
+            bind_context(user_id=user_id)   # every JSON log line of this turn names its user
+            code, info = _turn(settings, user_id, store, extractor, reporter, stop, abort)
+            reporter.send({"turn_over": user_id, "code": code, "pid": os.getpid(), **info})
+            reporter.user_id = None
+            bind_context(user_id=None)
+            reporter.last = 0.0
+    finally:
+        store.close()
+
+
+def _turn(settings: Settings, user_id: str, store: Store, extractor: Extractor,
+          reporter: _Reporter, stop: threading.Event, abort: threading.Event) -> tuple[int, dict]:
+    """One user's turn: lock and open its journal, run its pipeline, close; (code, counts)."""
     try:
         journal = Journal.open(settings.state_dir, user_id, wait=2.0,
                                synchronous=settings.journal.synchronous)
     except JournalLocked as exc:
         log.warning("user %s: journal busy (%s); the supervisor will try again", user_id, exc)
-        return EXIT_LOCKED
-    store = make_store(settings, mongo_uri)
-    reporter = _Reporter(status_fd, parent_pid, user_id)
-    pipeline = make_pipeline(settings, user_id, journal, store, stop=stop, abort=abort,
-                             on_tick=reporter.tick)
+        return EXIT_LOCKED, {}
     try:
+        pipeline = make_pipeline(settings, user_id, journal, store, stop=stop, abort=abort,
+                                 on_tick=reporter.tick, extractor=extractor)
         # Batch mode: one step of the user's Batch API jobs (never a wait), then the
         # pipeline flushes what they answered; in "batch" mode it asks nothing online.
         batched = run_phase(pipeline, wait=False)
         online = 0 if settings.llm.mode == "batch" and batched is not None else settings.pipeline.worker_max_sms
         summary = pipeline.run(resume=True, max_sms=online)
-        reporter.tick(pipeline, state="exiting", force=True)
+        reporter.tick(pipeline, state="exiting", force=True)   # the turn's last figures
+        info = {"total_sms": summary.total_sms, "processed_sms": summary.processed_sms,
+                "journal": journal.stats()}
     finally:
         journal.close()
-        store.close()
     log.info("user %s: turn over: %s, %d/%d processed, %d asked, %d quarantined",
              user_id, summary.status, summary.processed_sms, summary.total_sms,
              summary.asked_sms, summary.quarantined)
     if summary.config_error is not None:
-        return EXIT_MISCONFIGURED
+        return EXIT_MISCONFIGURED, info
     if summary.status == "completed" or summary.stopped:
-        return EXIT_DONE
+        return EXIT_DONE, info
     if batched is not None and batched.open and summary.asked_sms == 0:
-        return EXIT_DONE   # only waiting for a batch: discovery brings the user back, polls are paced
-    return EXIT_MORE
+        return EXIT_DONE, info   # only waiting for a batch: discovery brings the user back, polls are paced
+    return EXIT_MORE, info

@@ -20,6 +20,7 @@ import json
 import sys
 import tempfile
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -135,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
             seed_users(mongo.uri, db_name, args.users, args.sms)
             store = make_store_for_indexes(settings)
             users = [f"user-{u:05d}" for u in range(args.users)]
+            started = time.perf_counter()
             counts = count_turns(settings, users, keep_client=keep)
+            elapsed = time.perf_counter() - started
             total = sum(counts.values())
             out["keep_client" if keep else "client_per_turn"] = {
                 "commands": counts, "total": total,
                 "per_user": round(total / args.users, 2),
-                "per_sms": round(total / (args.users * args.sms), 2)}
+                "per_sms": round(total / (args.users * args.sms), 2),
+                "ms_per_turn": round(1000 * elapsed / args.users, 1)}
             store.close()
     if args.json:
         print(json.dumps(out, indent=2))
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.users} users x {args.sms} SMS, batch {args.batch_size}")
         for mode in ("client_per_turn", "keep_client"):
             r = out[mode]
-            print(f"  {mode}: {r['per_sms']} commands/SMS, {r['per_user']} per user turn: "
+            print(f"  {mode}: {r['per_sms']} commands/SMS, {r['per_user']} per user turn "
+                  f"({r['ms_per_turn']} ms per turn, one process, serial): "
                   + ", ".join(f"{k} {v / args.users:.2f}" for k, v in r["commands"].items()))
     return 0
 
