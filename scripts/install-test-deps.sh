@@ -3,7 +3,8 @@
 #   systemd-nspawn (Debian: systemd-container) for tests/test_nspawn_harness.py
 #   and the smsd-under-systemd test; systemd-analyze (systemd) for
 #   tests/test_systemd_unit.py; nsenter (util-linux); prometheus and promtool
-#   (prometheus) for tests/daemon/test_metrics.py.
+#   (prometheus) for tests/daemon/test_metrics.py; ip (iproute2) for the
+#   network-partition test (tests/daemon/test_partition.py).
 # Idempotent and silent when everything is present. Without root or apt-get
 # it only says what is missing and exits 0: those tests then skip with the
 # reason (pytest -rs).
@@ -14,6 +15,7 @@ command -v systemd-nspawn >/dev/null 2>&1 || missing+=(systemd-container)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -111,12 +111,19 @@ class SupervisorSettings:
 
 
 @dataclass
+class LeaseSettings:
+    ttl: float = 15.0                        # seconds a user's lease lasts unless renewed
+    renew_fraction: float = 0.3              # renewed every ttl * renew_fraction seconds
+
+
+@dataclass
 class Settings:
     mongo: MongoSettings = field(default_factory=MongoSettings)
     llm: LlmSettings = field(default_factory=LlmSettings)
     journal: JournalSettings = field(default_factory=JournalSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
     source: str = ""                         # the config file read, "" if none
 
     @property
@@ -173,7 +180,7 @@ POSITIVE = {("llm", "batch_size"), ("llm", "concurrency"), ("llm", "timeout"),
             ("pipeline", "max_text_chars"), ("pipeline", "worker_max_sms"),
             ("supervisor", "max_workers"), ("supervisor", "worker_timeout"),
             ("supervisor", "discovery_interval"), ("mongo", "timeout_ms"),
-            ("llm", "batch_threshold"), ("llm", "batch_max_sms"), ("llm", "batch_poll_interval")}
+            ("llm", "batch_threshold"), ("llm", "batch_max_sms"), ("llm", "batch_poll_interval"), ("lease", "ttl")}
 
 
 def default_config_path(env: Mapping[str, str]) -> Path | None:
@@ -300,5 +307,7 @@ def _validate(settings: Settings) -> None:
             parse_listen(settings.supervisor.metrics_listen)
         except ListenError as exc:
             raise ConfigError(f"bad value for supervisor.metrics_listen: {exc}") from None
+    if not 0 < settings.lease.renew_fraction < 1:
+        raise ConfigError("bad value for lease.renew_fraction: must be between 0 and 1")
     if not settings.mongo.uri:
         raise ConfigError("mongo.uri is empty")

@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("batch_id", nargs="?", help="the batch to cancel (batch_...)")
     p.add_argument("--user-id")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("release", help="give a user's lease back (its worker drains first); "
+                                       "another host may take the user")
+    p.add_argument("--user-id", required=True)
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -314,6 +319,16 @@ def format_status(reply: Mapping[str, Any]) -> str:
     if reply.get("batches"):
         lines.append("")
         lines.append(format_batches(reply["batches"]).rstrip("\n"))
+    leases = reply.get("leases")
+    if leases is not None:
+        lines.append("")
+        lines.append(f"LEASES of host {_cell(reply.get('host'))} ({len(leases)})")
+        if leases:
+            lines += _table(["USER", "EPOCH", "EXPIRES"],
+                            [[row.get("user_id"), row.get("epoch"), row.get("expires_at")] for row in leases],
+                            right=(1,))
+        else:
+            lines.append("(none)")
 
     if "checkpoint" in reply:
         lines.append("")

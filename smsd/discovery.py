@@ -14,7 +14,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import journal_scan
+from pymongo.errors import PyMongoError
+
 from .config import Settings
+from .lease import Leases
+from .lease import Leases
 from .store import Store, StoreUnavailable
 from .worker import make_store
 
@@ -34,7 +38,8 @@ def _jsonable(value: Any) -> Any:
 def discover(settings: Settings, uri: str | None = None, *,
              journals_seen: Mapping[str, Sequence] | None = None,
              journals_check: Container[str] | None = None,
-             stats_since: datetime | None = None) -> dict:
+             stats_since: datetime | None = None, host: str = "", free_slots: int = 0,
+             lease_users: Sequence[str] = ()) -> dict:
     """Users with pending SMS, changed counters and changed journals: one tick's news.
 
     Nothing here grows with the number of SMS smsd has processed: pending SMS
@@ -49,6 +54,12 @@ def discover(settings: Settings, uri: str | None = None, *,
     Journals are scanned first: a user with unflushed answers is worked on
     even while MongoDB is down (its worker waits, then flushes).
 
+    With a ``host`` id it also says this host is alive (``smsd_hosts``, with
+    its ``free_slots``) and reads the leases (:mod:`smsd.lease`) of the users
+    with pending SMS and of ``lease_users`` (those with unflushed answers):
+    ``"leases": {"by_user": {user_id: lease}, "hosts": live hosts, "held":
+    [this host's unexpired leases]}``.
+
     Returns ``{"pending": {user_id: n} (every user with pending SMS),
     "counters": {user_id: {...}} (changed since ``stats_since``),
     "stats_through": ISO time the counters are complete up to, "counters_all":
@@ -62,18 +73,32 @@ def discover(settings: Settings, uri: str | None = None, *,
     changed = journal_scan.scan_changed(settings.state_dir, journals_seen or {}, journals_check)
     answer.update(journals=changed["journals"], journal_seen=changed["seen"], journal_gone=changed["gone"])
     mongo = {"ok": True, "error": None}
+    leases: dict = {}
     store = make_store(settings, uri)
     try:
         through = datetime.now(timezone.utc)
         counters = store.changed_stats(stats_since)
         answer.update(pending=store.pending_users(), counters=counters, stats_through=through,
                       counters_all=stats_since is None)
-    except StoreUnavailable as exc:
+        if host:
+            answer["leases"] = _leases(store, settings, host, free_slots,
+                                       sorted(set(answer["pending"]) | set(lease_users)))
+    except (StoreUnavailable, PyMongoError) as exc:
         mongo = {"ok": False, "error": f"MongoDB unavailable: {type(exc.__cause__ or exc).__name__}"}
     finally:
         store.close()
     answer.update(mongo=mongo, took_s=time.time() - started)
     return _jsonable(answer)
+
+
+def _leases(store: Store, settings: Settings, host: str, free_slots: int, user_ids: list[str]) -> dict:
+    leases = Leases(store._database(), host, settings.lease.ttl)
+    # A host counts as alive for a few discovery rounds (and at least a lease's TTL).
+    alive_ms = int(max(settings.lease.ttl, 3 * settings.supervisor.discovery_interval) * 1000)
+    hosts = leases.heartbeat(free_slots, alive_ms)
+    by_user = leases.read(user_ids)
+    held = [row for row in leases.read_owned() if not row.pop("free")]
+    return {"by_user": by_user, "hosts": hosts, "held": held, "asked": user_ids}
 
 
 def admin(settings: Settings, cmd: str, args: dict, uri: str | None = None) -> dict:
@@ -89,6 +114,11 @@ def admin(settings: Settings, cmd: str, args: dict, uri: str | None = None) -> d
         if cmd == "retry":
             n = store.unquarantine(user_id)
             return {"requeued": n, "user_id": user_id}
+        if cmd == "release":
+            from .lease import host_id
+            released = Leases(store._database(), host_id(settings.state_dir),
+                              settings.lease.ttl).release(user_id)
+            return {"released": [user_id] if released else [], "user_id": user_id}
         if cmd == "checkpoint":
             return _jsonable({"checkpoint": store.latest_checkpoint(user_id),
                               "summary": store.user_summary(user_id)})

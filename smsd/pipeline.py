@@ -57,6 +57,14 @@ class StaleEpoch(Exception):
     """A flush was refused because another owner holds a newer lease on the user."""
 
 
+class HandoverBox(Protocol):
+    """Answers another host paid for and handed over (:class:`smsd.handover.Handover`)."""
+
+    def adopt(self, keys: list[str]) -> dict[str, SmsResult]: ...
+
+    def forget(self, keys: list[str]) -> None: ...
+
+
 @dataclass
 class RunSummary:
     """What one run did, for the one-line summary and the worker's report."""
@@ -108,7 +116,8 @@ class Pipeline:
                  settings: Settings, owner: str = "", epoch: int = 0,
                  stop: threading.Event | None = None, abort: threading.Event | None = None,
                  on_tick: Callable[["Pipeline"], None] | None = None,
-                 fence: Callable[[list[Answer]], None] | None = None) -> None:
+                 fence: Callable[[list[FlushItem]], list[FlushItem]] | None = None,
+                 handover: HandoverBox | None = None) -> None:
         self.user_id = user_id
         self.journal = journal
         self.store = store
@@ -119,8 +128,10 @@ class Pipeline:
         self.stop = stop or threading.Event()
         self.abort = abort or threading.Event()
         self.on_tick = on_tick
-        # Multi-host fencing hook: raises StaleEpoch when our lease is gone.
+        # Multi-host fencing hook (smsd.fencing.FencedStore.claim): the flush's first write;
+        # raises StaleEpoch when a newer epoch owns the user, drops SMS already processed.
         self.fence = fence
+        self.handover = handover
         self.summary = RunSummary(user_id=user_id)
         # Sent in the worker's status line; the supervisor adds them up for /metrics.
         self.latency = {"llm": Histogram(LLM_BUCKETS), "flush": Histogram(FLUSH_BUCKETS)}
@@ -228,11 +239,33 @@ class Pipeline:
                                          reason=f"malformed: {m.reason}") for m in malformed])
         answered = self.journal.answered_keys(s.key for s in page)
         fresh = [s for s in page if s.key not in answered]
+        if self.handover is not None and fresh:
+            fresh = self._adopt(fresh)
         if len(page) + len(malformed) < self.settings.pipeline.page_size:
             # A short page is the end of the pending set: no second read to find it empty
             # (SMS that arrive later are found by the next discovery).
             self._exhausted = True
         self._buffer.extend(fresh)
+
+    def _adopt(self, page: list[Sms]) -> list[Sms]:
+        """Journal what another host paid for and handed over (no call is bought); return the rest."""
+        try:
+            handed = self.handover.adopt([m.key for m in page])
+        except StoreUnavailable:
+            return page
+        got = [m for m in page if m.key in handed]
+        if not got:
+            return page
+        call_id = self.journal.begin_call([(m.key, m.raw_id) for m in got], owner=self.owner,
+                                          epoch=self.epoch, model="handover")
+        self.journal.record_answer(call_id, [(m.raw_id, handed[m.key]) for m in got], failed={},
+                                   request_id=None, usage=Usage(), model="handover")
+        log.info("user %s: %d SMS answered by another host's handover", self.user_id, len(got))
+        try:
+            self.handover.forget([m.key for m in got])
+        except StoreUnavailable:
+            pass   # left behind, harmless: the SMS is answered in our journal
+        return [m for m in page if m.key not in handed]
 
     # --------------------------------------------------------------- submit
     def _submit(self, pool: ThreadPoolExecutor, budget: int | None) -> None:
@@ -403,11 +436,14 @@ class Pipeline:
         if not answers:
             return 0
         started = time.monotonic()
-        if self.fence is not None:
-            self.fence(answers)      # raises StaleEpoch: a newer owner has the user
         items = [FlushItem(raw_id=raw_id, user_id=self.user_id, result=result,
                            provenance=answer.provenance())
                  for answer in answers for raw_id, result in answer.items]
+        if self.fence is not None:
+            items = self.fence(items)      # raises StaleEpoch: a newer owner has the user
+            if not items:                  # all processed already: invariant 3 holds for them
+                self.journal.mark_flushed([a.call_id for a in answers])
+                return 0
         # Within one journal an SMS has one result (the first answer wins), so an older
         # answer's extra transaction documents can only exist where this pipeline did not
         # see the SMS's whole history: rows journaled before it started (a replay: another

@@ -41,6 +41,7 @@ class UserState:
     done_generation: int = -1
     info: dict = field(default_factory=dict)     # counts from the last discovery
     last_exit: str | None = None
+    handed_epoch: int | None = None              # the other host's lease epoch we handed answers to
 
 
 def unflushed(user: UserState) -> int:

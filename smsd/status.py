@@ -22,6 +22,7 @@ from .config import Settings
 from .control_protocol import CommandError
 from .figures import Figures
 from .health import Health
+from .lease_sched import LeaseView
 from .scheduler import UserState
 from .wireformat import MEMORY_FILE, EndpointMemory
 
@@ -40,6 +41,7 @@ class SupervisorView(Protocol):
     metrics_url: str | None
     applied_generation: int
     health: Health
+    lease: LeaseView
 
     def run_admin(self, cmd: str, args: dict) -> dict: ...
 
@@ -178,6 +180,20 @@ def open_batches(sup: SupervisorView, user_id: str | None = None) -> list[dict]:
     return sorted(out, key=lambda b: -b["age_s"])
 
 
+def status_leases(sup: SupervisorView) -> list[dict]:
+    """The leases this host holds: ``[{user_id, owner, epoch, expires_at}]``.
+
+    From the last discovery, with each live worker's own (fresher) lease over it.
+    """
+    rows = {row["user_id"]: {k: row.get(k) for k in ("user_id", "owner", "epoch", "expires_at")}
+            for row in sup.lease.held if row.get("owner") == sup.lease.host}
+    for w in sup.workers.values():
+        lease = w.status.get("lease") or {}
+        if lease.get("owner") == sup.lease.host:
+            rows[w.user_id] = {k: lease.get(k) for k in ("user_id", "owner", "epoch", "expires_at")}
+    return [rows[k] for k in sorted(rows)]
+
+
 def status_reply(sup: SupervisorView, user_id: str | None = None, *,
                  limit: int | None = None, offset: int = 0) -> dict:
     """The reply of the ``status`` control command.
@@ -227,7 +243,8 @@ def status_reply(sup: SupervisorView, user_id: str | None = None, *,
                         "next_offset": offset + len(page) if more else None},
              "metrics_url": sup.metrics_url,
              "max_workers": sup.settings.supervisor.max_workers,
-             "idle_workers": sum(1 for w in sup.workers.values() if w.user_id is None)}
+             "idle_workers": sum(1 for w in sup.workers.values() if w.user_id is None),
+             "host": sup.lease.host, "leases": status_leases(sup)}
     if user_id:
         try:
             reply["checkpoint"] = sup.run_admin("checkpoint", {"user_id": user_id}).get("checkpoint")

@@ -81,6 +81,9 @@ class Store:
     Datetimes read back are timezone-aware UTC.
     """
 
+    fence_filter: dict[str, Any] = {}   # smsd.fencing.FencedStore: extra filter of a user's writes,
+    fence_fields: dict[str, Any] = {}   # and the fields they stamp (none in a plain Store)
+
     def __init__(
         self,
         uri: str,
@@ -409,7 +412,7 @@ class Store:
             for index, tx in enumerate(item.result.transactions):
                 doc = transaction_doc(item, index, tx, now)
                 new_ids.add(doc["_id"])
-                ops.append(ReplaceOne({"_id": doc["_id"]}, doc, upsert=True))
+                ops.append(ReplaceOne({"_id": doc["_id"], **self.fence_filter}, {**doc, **self.fence_fields}, upsert=True))
         with self._errors("upsert_transactions"):
             if ops:
                 self.transactions.bulk_write(ops, ordered=False)
@@ -430,7 +433,8 @@ class Store:
                     if doc["_id"] not in new_ids:
                         stale.append(doc["_id"])
         if stale:
-            ops = [DeleteMany({"_id": {"$in": stale[i:i + ID_CHUNK]}}) for i in range(0, len(stale), ID_CHUNK)]
+            ops = [DeleteMany({"_id": {"$in": stale[i:i + ID_CHUNK]}, **self.fence_filter})
+                   for i in range(0, len(stale), ID_CHUNK)]
             self.transactions.bulk_write(ops, ordered=False)
             log.info("deleted %d stale transaction documents", len(stale))
 
@@ -451,7 +455,7 @@ class Store:
                 chunk = list(raw_ids[start:start + ID_CHUNK])
                 # `_id` first: SecantusDB serves the clause it can look up first.
                 result = self.raw.update_many(
-                    {"_id": {"$in": chunk}, "user_id": user_id, "isprocessed": {"$ne": True}},
+                    {"_id": {"$in": chunk}, "user_id": user_id, "isprocessed": {"$ne": True}, **self.fence_filter},
                     {"$set": {"isprocessed": True, "processed_at": now, BATCH_FIELD: batch_id},
                      "$unset": {QUARANTINE_FIELD: ""}},
                 )
@@ -473,8 +477,8 @@ class Store:
             mark: dict[str, Any] = {"reason": q.reason, "attempts": int(q.attempts), "at": now}
             if q.extra:
                 mark["extra"] = q.extra
-            ops.append(UpdateOne({"_id": q.raw_id, "user_id": q.user_id, "isprocessed": {"$ne": True}},
-                                 {"$set": {QUARANTINE_FIELD: mark}}))
+            flt = {"_id": q.raw_id, "user_id": q.user_id, "isprocessed": {"$ne": True}, **self.fence_filter}
+            ops.append(UpdateOne(flt, {"$set": {QUARANTINE_FIELD: mark}}))
         with self._errors("quarantine"):
             self.raw.bulk_write(ops, ordered=False)
             store_stats.record_quarantined(self.raw, self.stats, {q.user_id for q in items}, now)
@@ -553,6 +557,7 @@ class Store:
             "checkpoint_timestamp": _utcnow(),
             "status": STATUS_IN_PROGRESS,
             BASE_FIELD: base,
+            **self.fence_fields,
         }
         with self._errors("checkpoint_start"):
             self.checkpoints.insert_one(dict(doc))
@@ -598,6 +603,7 @@ class Store:
             "processed_sms": {"$max": [{"$ifNull": ["$processed_sms", 0]}, lit(int(processed_sms))]},
             "checkpoint_timestamp": {"$max": ["$checkpoint_timestamp", lit(now)]},
             "status": {"$cond": [{"$eq": ["$status", STATUS_COMPLETED]}, STATUS_COMPLETED, lit(status)]},
+            **{k: lit(v) for k, v in self.fence_fields.items()},
         }
         if total_sms is not None:
             fields["total_sms"] = {"$max": [{"$ifNull": ["$total_sms", 0]}, lit(int(total_sms))]}
@@ -610,7 +616,7 @@ class Store:
         self._latest_seen.pop(user_id, None)
         with self._errors("checkpoint_progress"):
             doc = self.checkpoints.find_one_and_update(
-                {"_id": batch_id, "user_id": user_id}, [{"$set": fields}], upsert=True,
+                {"_id": batch_id, "user_id": user_id, **self.fence_filter}, [{"$set": fields}], upsert=True,
                 projection={"user_id": 1, "batch_id": 1, "processed_sms": 1, "status": 1, BASE_FIELD: 1},
                 return_document=ReturnDocument.AFTER)
             if doc.get(BASE_FIELD) is None:   # a run that started before the counters existed

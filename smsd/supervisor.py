@@ -36,6 +36,7 @@ from .children import Child, WorkerProc, close_fds, close_worker_fds, read_answe
 from .config import ConfigError, Settings, load_settings
 from .control import CommandError, ControlServer, Peer, UnknownCommand
 from .journal_schema import journal_path
+from .lease_sched import LeaseView, lease_moved, release_user
 from .metrics import CONTENT_TYPE, Figures, Metrics
 from .metrics_http import MetricsServer
 from .health import Health
@@ -43,7 +44,7 @@ from .scheduler import UserState, clear_failures, load_paused, record_crash, sav
 from .sdnotify import Notifier
 from .workerpool import WorkerPool
 from .status import open_batches, page_args, status_line, status_reply
-from .worker import EXIT_DONE, EXIT_LOCKED, EXIT_MISCONFIGURED, EXIT_MORE
+from .worker import EXIT_DONE, EXIT_LEASED, EXIT_LOCKED, EXIT_MISCONFIGURED, EXIT_MORE, EXIT_STALE
 
 log = logging.getLogger("smsd.supervisor")
 
@@ -101,6 +102,7 @@ class Supervisor(WorkerPool):
         self.figures = Figures()
         self.metrics: MetricsServer | None = None
         self.wake_r = self.wake_w = -1
+        self.lease = LeaseView(settings.state_dir)   # this host's id, the leases as last read
 
     @property
     def metrics_url(self) -> str | None:
@@ -116,8 +118,8 @@ class Supervisor(WorkerPool):
             log.error("start-up failed: %s", exc)
             self.cleanup()
             return EXIT_STARTUP_FAILED
-        log.info("smsd %s supervisor %d up: max_workers=%d, state %s, socket %s", __version__,
-                 self.pid, self.settings.supervisor.max_workers, self.settings.state_dir,
+        log.info("smsd %s supervisor %d up: host %s, max_workers=%d, state %s, socket %s", __version__,
+                 self.pid, self.lease.host, self.settings.supervisor.max_workers, self.settings.state_dir,
                  self.settings.control_socket)
         try:
             self.loop()
@@ -375,6 +377,8 @@ class Supervisor(WorkerPool):
             self.health.misconfigured(w.status.get("llm_error"), w.status.get("llm_hint"), w.user_id)
             if self.ready_sent:
                 self.notifier.status(status_line(self))
+        elif code in (EXIT_LEASED, EXIT_STALE):
+            lease_moved(user, w.pid, stale=code == EXIT_STALE)   # until a discovery says it is free
         elif code == EXIT_LOCKED:
             # An orphan of a previous supervisor still holds the journal; it dies
             # with its parent (PDEATHSIG), so try again shortly.
@@ -403,7 +407,7 @@ class Supervisor(WorkerPool):
         if time.monotonic() - self.stats_full_at >= STATS_FULL_REFRESH_S:
             since = check = None   # now and then everything, in case a change was missed
         child = self.fork_child("discovery", lambda: discovery.discover(
-            settings, uri, journals_seen=seen, journals_check=check, stats_since=since))
+            settings, uri, journals_seen=seen, journals_check=check, stats_since=since, **self.lease.ask(self)))
         child.generation = self.generation
 
     def journals_to_check(self, since: float) -> set[str]:
@@ -482,6 +486,7 @@ class Supervisor(WorkerPool):
         self.stats_since = through - STATS_OVERLAP
         if answer.get("counters_all"):
             self.stats_full_at = time.monotonic()
+        self.lease.seen(self.users, answer.get("leases"), pending)
 
     def run_admin(self, cmd: str, args: dict) -> dict:
         """Ask MongoDB in a child and wait for it (bounded), still pinging the watchdog."""
@@ -569,6 +574,8 @@ class Supervisor(WorkerPool):
                 except RuntimeError as exc:   # the server's refusal, said plainly
                     raise CommandError(str(exc)) from None
             return {"batches": open_batches(self, user_id)}
+        if cmd == "release":
+            return release_user(self, user_id)
         if cmd in ("quarantine", "retry"):
             if cmd == "retry" and not user_id:
                 raise ValueError("retry needs a user_id")

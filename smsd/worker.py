@@ -30,6 +30,11 @@ heartbeats (``user_id`` is ``None`` while idle) and, at the end of each turn,
 ``{"turn_over": U, "code": EXIT_DONE | EXIT_MORE | EXIT_LOCKED | EXIT_MISCONFIGURED, ...}``.
 SIGTERM drains (the current turn ends, then the process exits), SIGQUIT
 aborts waits too.
+
+Several hosts: a turn takes the user's lease before any paid call and keeps it
+while it works (:mod:`smsd.lease_worker`); every write carries the lease's
+epoch, so MongoDB refuses it once a newer owner has the user
+(:mod:`smsd.fencing`).
 """
 from __future__ import annotations
 
@@ -46,9 +51,11 @@ from typing import Any, Callable
 from .batch import run_phase
 from .config import Settings
 from .extractor import build_extractor, build_rate_limiter
+from .fencing import FencedStore
 from .journal import Journal, JournalLocked
+from .lease_worker import WorkerLease
 from .logsetup import bind_context
-from .pipeline import Extractor, Pipeline
+from .pipeline import Extractor, HandoverBox, Pipeline, StaleEpoch
 from .store import Store
 
 log = logging.getLogger("smsd.worker")
@@ -59,17 +66,20 @@ EXIT_MORE = 10           # the turn is over and the user has more: queue again
 EXIT_LOCKED = 75         # another process still holds the user's journal
 EXIT_MISCONFIGURED = 78  # the LLM refuses the setup (key, model, request): no retry until a reload
 EXIT_PARENT_GONE = 76    # the supervisor died
+EXIT_LEASED = 73         # another host holds the user's lease
+EXIT_STALE = 74          # the lease moved to another host; MongoDB refused our flush
 
 PR_SET_PDEATHSIG = 1
 HEARTBEAT_INTERVAL = 1.0
 
 
-def make_store(settings: Settings, uri: str | None = None) -> Store:
-    """A MongoDB store from the settings (call only after any fork)."""
+def make_store(settings: Settings, uri: str | None = None, *, fenced: bool = False) -> Store:
+    """A MongoDB store from the settings (call only after any fork); ``fenced``: epoch-filtered writes."""
     m = settings.mongo
-    return Store(uri or m.uri, m.db, text_field=m.text_field, sender_field=m.sender_field,
-                 time_field=m.time_field, timeout_ms=m.timeout_ms,
-                 max_text_chars=settings.pipeline.max_text_chars)
+    kind = FencedStore if fenced else Store
+    return kind(uri or m.uri, m.db, text_field=m.text_field, sender_field=m.sender_field,
+                time_field=m.time_field, timeout_ms=m.timeout_ms,
+                max_text_chars=settings.pipeline.max_text_chars)
 
 
 def make_extractor(settings: Settings) -> Extractor:
@@ -81,12 +91,16 @@ def make_pipeline(settings: Settings, user_id: str, journal: Journal, store: Sto
                   stop: threading.Event, abort: threading.Event,
                   on_tick: Callable[[Pipeline], None] | None = None,
                   owner: str = "", epoch: int = 0,
-                  extractor: Extractor | None = None) -> Pipeline:
-    """A pipeline for one user; ``extractor`` lets a long-lived worker reuse its LLM client."""
+                  extractor: Extractor | None = None, handover: HandoverBox | None = None) -> Pipeline:
+    """A pipeline for one user; ``extractor`` lets a long-lived worker reuse its LLM client.
+
+    With a :class:`~smsd.fencing.FencedStore` the flush's first write is its claim.
+    """
+    fence = store.claim if isinstance(store, FencedStore) else None
     return Pipeline(user_id=user_id, journal=journal, store=store,
                     extractor=extractor or make_extractor(settings),
                     settings=settings, stop=stop, abort=abort, on_tick=on_tick,
-                    owner=owner, epoch=epoch)
+                    owner=owner, epoch=epoch, fence=fence, handover=handover)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -110,6 +124,7 @@ class _Reporter:
         self.last = 0.0
         self.last_stats = 0.0
         self.journal_stats: dict = {}
+        self.lease: Callable[[], dict] = dict    # the lease for the status line
 
     def check_parent(self) -> None:
         if os.getppid() != self.parent_pid:
@@ -131,7 +146,7 @@ class _Reporter:
                "total_sms": s.total_sms, "processed_sms": s.processed_sms,
                "asked_sms": s.asked_sms, "quarantined": s.quarantined,
                "newly_processed": s.newly_processed,
-               "mongo_ok": pipeline.mongo_ok, "journal": self.journal_stats,
+               "mongo_ok": pipeline.mongo_ok, "journal": self.journal_stats, "lease": self.lease(),
                "latency": {name: h.to_wire() for name, h in pipeline.latency.items()}}
         if s.config_error is not None:   # the supervisor shows it: `llm: misconfigured`
             msg.update(state="llm misconfigured", llm_error=str(s.config_error), llm_hint=s.config_error.hint)
@@ -144,6 +159,14 @@ class _Reporter:
         if now - self.last >= HEARTBEAT_INTERVAL:
             self.last = now
             self.send({"user_id": None, "pid": os.getpid(), "t": time.time(), "state": "idle"})
+
+    def beat(self, state: str) -> None:
+        """A heartbeat of a turn before it has a pipeline (waiting for the lease)."""
+        self.check_parent()
+        now = time.monotonic()
+        if now - self.last >= HEARTBEAT_INTERVAL:
+            self.last = now
+            self.send({"user_id": self.user_id, "pid": os.getpid(), "t": time.time(), "state": state})
 
     def send(self, msg: dict) -> None:
         data = (json.dumps(msg, default=str) + "\n").encode()
@@ -215,7 +238,7 @@ def _serve(settings: Settings, cmd_fd: int, status_fd: int, parent_pid: int,
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     os.set_blocking(status_fd, False)
     # Kept for the worker's whole life: the reason it is pre-forked (module docstring).
-    store = make_store(settings, mongo_uri)
+    store = make_store(settings, mongo_uri, fenced=True)
     extractor = make_extractor(settings)
     reporter = _Reporter(status_fd, parent_pid)
     commands = _Commands(cmd_fd)
@@ -229,6 +252,7 @@ def _serve(settings: Settings, cmd_fd: int, status_fd: int, parent_pid: int,
             code, info = _turn(settings, user_id, store, extractor, reporter, stop, abort)
             reporter.send({"turn_over": user_id, "code": code, "pid": os.getpid(), **info})
             reporter.user_id = None
+            reporter.lease = dict
             bind_context(user_id=None)
             reporter.last = 0.0
     finally:
@@ -244,18 +268,42 @@ def _turn(settings: Settings, user_id: str, store: Store, extractor: Extractor,
     except JournalLocked as exc:
         log.warning("user %s: journal busy (%s); the supervisor will try again", user_id, exc)
         return EXIT_LOCKED, {}
+    lease = WorkerLease(settings, store, user_id)
     try:
+        if not lease.acquire(stop, reporter.beat):
+            if not stop.is_set():
+                lease.hand_over(journal)
+                log.info("user %s: lease held by another host", user_id)
+            return (EXIT_DONE if stop.is_set() else EXIT_LEASED), {"journal": journal.stats()}
+        lease.prepare()
+        lease.keep(on_lost=lambda why: stop.set())   # drain; MongoDB refuses what is stale
+        reporter.lease = lease.status
         pipeline = make_pipeline(settings, user_id, journal, store, stop=stop, abort=abort,
-                                 on_tick=reporter.tick, extractor=extractor)
-        # Batch mode: one step of the user's Batch API jobs (never a wait), then the
-        # pipeline flushes what they answered; in "batch" mode it asks nothing online.
-        batched = run_phase(pipeline, wait=False)
-        online = 0 if settings.llm.mode == "batch" and batched is not None else settings.pipeline.worker_max_sms
-        summary = pipeline.run(resume=True, max_sms=online)
+                                 on_tick=reporter.tick, extractor=extractor, owner=lease.host,
+                                 epoch=lease.lease.epoch, handover=lease.handover())
+        try:
+            # Batch mode: one step of the user's Batch API jobs (never a wait), then the
+            # pipeline flushes what they answered; in "batch" mode it asks nothing online.
+            batched = run_phase(pipeline, wait=False)
+            online = 0 if settings.llm.mode == "batch" and batched is not None \
+                else settings.pipeline.worker_max_sms
+            summary = pipeline.run(resume=True, max_sms=online)
+        except StaleEpoch as exc:
+            log.warning("user %s: stopped, the user moved to another host: %s", user_id, exc)
+            lease.stop()
+            lease.hand_over(journal)
+            return EXIT_STALE, {"journal": journal.stats()}
         reporter.tick(pipeline, state="exiting", force=True)   # the turn's last figures
         info = {"total_sms": summary.total_sms, "processed_sms": summary.processed_sms,
                 "journal": journal.stats()}
+        lease.stop()
+        if lease.lost:
+            lease.hand_over(journal)
+            return EXIT_STALE, info
+        if summary.status == "completed" or summary.stopped:
+            lease.release()
     finally:
+        lease.stop()
         journal.close()
     log.info("user %s: turn over: %s, %d/%d processed, %d asked, %d quarantined",
              user_id, summary.status, summary.processed_sms, summary.total_sms,

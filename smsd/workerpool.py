@@ -35,6 +35,7 @@ class WorkerPool:
     pid: int
     mongo_uri: str | None
     applied_generation: int
+    lease: Any   # smsd.lease_sched.LeaseView
     # Also used, defined by the supervisor: _close_inherited (fork hygiene), turn_ended (policy).
 
     def spawn_workers(self) -> None:
@@ -49,7 +50,8 @@ class WorkerPool:
         room = len(idle) + max(0, self.settings.supervisor.max_workers - len(self.workers))
         if room <= 0 or self.health.llm_misconfigured:
             return   # misconfigured: a new worker would only fail the same way; wait for a reload
-        for user in next_turns(self.users.values(), running, self.applied_generation)[:room]:
+        # Users whose lease another host holds are skipped; free leases up to this host's share.
+        for user in self.lease.turns(next_turns(self.users.values(), running, self.applied_generation), room):
             w = idle.pop() if idle else self.spawn_worker()
             if not assign(w, user.user_id):
                 continue   # it is dying; the reap replaces it and the user waits a loop turn

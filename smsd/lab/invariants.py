@@ -42,6 +42,7 @@ class Report:
     repeats_in_flight: int = 0        # explained by a call cut by a crash ('sent')
     repeats_failed: int = 0           # explained by a call that failed as a whole
     repeats_without_answer: int = 0   # explained by an answer that left the SMS out (fault)
+    repeats_other_host: int = 0       # asked by two hosts: the user moved (freeze, cut, kill)
     asked_after_answer: int = 0
     unflushed_left: int = 0
     checkpoints_incomplete: int = 0
@@ -74,10 +75,12 @@ def journal_facts(state_dir: str | Path) -> dict[str, dict]:
         try:
             answered = dict(conn.execute(
                 "SELECT r.sms_key, c.seq FROM results r JOIN calls c ON c.call_id = r.call_id"))
-            for key, seq, state in conn.execute(
-                    "SELECT cs.sms_key, c.seq, c.state FROM call_sms cs "
+            for key, seq, state, model in conn.execute(
+                    "SELECT cs.sms_key, c.seq, c.state, c.model FROM call_sms cs "
                     "JOIN calls c ON c.call_id = cs.call_id ORDER BY c.seq"):
                 f = facts.setdefault(key, _new_fact())
+                if model == HANDOVER_MODEL:
+                    continue   # another host's paid answer, handed over: not a call
                 f["calls"] += 1
                 answer_seq = answered.get(key)
                 if answer_seq is None or seq < answer_seq:
@@ -95,6 +98,7 @@ def journal_facts(state_dir: str | Path) -> dict[str, dict]:
 
 
 _IN_CHUNK = 100
+HANDOVER_MODEL = "handover"
 _UNANSWERED_BY_STATE = {"sent": "in_flight", "failed": "failed", "answered": "without_answer"}
 
 
@@ -140,7 +144,22 @@ def journal_answers(state_dir: str | Path) -> dict[str, str]:
     return out
 
 
-def verify(db: Any, expected: dict[Any, dict], *, state_dir: str | Path,
+def hosts_facts(state_dirs: list) -> dict[str, dict]:
+    """:func:`journal_facts` of several hosts' state directories, summed per SMS key.
+
+    ``hosts`` counts the hosts whose journals asked the LLM about the key.
+    """
+    merged: dict[str, dict] = {}
+    for state_dir in state_dirs:
+        for key, f in journal_facts(state_dir).items():
+            m = merged.setdefault(key, dict(_new_fact(), hosts=0))
+            for name, value in f.items():
+                m[name] += value
+            m["hosts"] += 1 if f["calls"] else 0
+    return merged
+
+
+def verify(db: Any, expected: dict[Any, dict], *, state_dir: str | Path | list,
            billed: dict[str, int] | None = None, extra_repeats_allowed: int = 0,
            expect_complete: bool = True) -> Report:
     """Check every invariant for the SMS in ``expected`` (raw ``_id`` → expected answer).
@@ -149,9 +168,13 @@ def verify(db: Any, expected: dict[Any, dict], *, state_dir: str | Path,
     asks per SMS key; a key billed more often than the journal has calls for it
     was asked behind the journal's back.  ``extra_repeats_allowed`` covers HTTP
     retries after a server-side timeout fault (billed, but one journal call).
+    ``state_dir`` may be a list (several hosts against one MongoDB): an SMS
+    asked once by each of two hosts is a repeat of the user's move
+    (``repeats_other_host``), which the caller bounds, not a violation.
     """
     r = Report(sms_seeded=len(expected))
-    facts = journal_facts(state_dir)
+    facts = hosts_facts(list(state_dir)) if isinstance(state_dir, (list, tuple)) \
+        else journal_facts(state_dir)
     raw = db["sms_fin_rawdata"]
     # Small $in lists: a server may answer a 10,000-id $in in quadratic time.
     ids = list(expected)
@@ -211,6 +234,9 @@ def verify(db: Any, expected: dict[Any, dict], *, state_dir: str | Path,
         asks = max(billed.get(key, 0), f["calls"])
         if asks > 1:
             r.sms_asked_more_than_once += 1
+            moved = max(0, f.get("hosts", 1) - 1)
+            r.repeats_other_host += min(asks - 1, moved)
+            asks -= min(asks - 1, moved)
             explained = f["unanswered"]
             unexplained = max(0, asks - 1 - explained)
             r.repeats_explained += min(asks - 1, explained)

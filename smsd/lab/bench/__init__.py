@@ -47,6 +47,10 @@ server knows, and measures:
 ``discovery``
     at 10,000 users: the supervisor's discovery tick (steady, first, and as
     it was before issue 12) and a ``status`` call to a real ``smsd run``.
+``hosts``
+    1, 2 and 3 ``smsd run`` hosts against one MongoDB-wire server (SMS/s, the
+    hosts' CPU per SMS), take-over time after a host is SIGKILLed or
+    SIGSTOPped, and the SMS re-bought per freeze (:mod:`.hosts`).
 
 Every figure is a median of ``--runs`` runs (3 by default), taken in the same
 process run so that ratios compare like with like on a shared, noisy host.

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from .batch import bench_batch
 from .discovery import bench_discovery
 from .harness import Bench, BenchResult, Params
+from .hosts import bench_hosts
 from .journal import bench_journal
 from .machine import machine_info
 from .memory import bench_memory
@@ -35,7 +36,7 @@ from .commands import bench_mongoops
 from .versus_bare import bench_bare
 
 BENCHES = ("journal", "overhead", "recovery", "ratelimit", "scaling", "memory", "bare", "commit", "steady",
-           "mongoops", "batch", "discovery")
+           "mongoops", "batch", "discovery", "hosts")
 DEFAULT_OUT = "docs/BENCHMARKS.md"
 DEFAULT_CHART = "docs/scaling.png"
 
@@ -53,6 +54,7 @@ RUNNERS: dict[str, Callable[[Bench], BenchResult]] = {
     "mongoops": bench_mongoops,
     "batch": bench_batch,
     "discovery": bench_discovery,
+    "hosts": bench_hosts,
 }
 
 

@@ -107,7 +107,8 @@ def render_markdown(results: list[BenchResult], machine: dict[str, str], params:
               "bare": "smsd ÷ bare loop (issue 12)", "commit": "Answer → journal commit (issue 12)",
               "steady": "Steady state: SMS keep arriving (issue 12)",
               "mongoops": "MongoDB operations per SMS (issue 12)",
-              "discovery": "Discovery tick and status at 10,000 users (issue 12)"}
+              "discovery": "Discovery tick and status at 10,000 users (issue 12)",
+              "hosts": "Several hosts"}
     for res in results:
         out += ["", f"## {titles.get(res.name, res.name)}", ""]
         if res.error:

@@ -1,0 +1,169 @@
+"""Leases and DB-enforced fencing against the real MongoDB-wire server (no smsd processes)."""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from smsd.fencing import EPOCH_FIELD, FencedStore
+from smsd.journal import Journal
+from smsd.lease import Leases, free_quota, host_id, turn_kind
+from smsd.model import FlushItem, Provenance, SmsResult, Transaction, Usage, sms_key
+from smsd.pipeline import StaleEpoch
+
+
+@pytest.fixture
+def fenced(mongo_server, mongo_db_name):
+    def make(epoch: int) -> FencedStore:
+        s = FencedStore(mongo_server.uri, mongo_db_name, timeout_ms=3000)
+        s.set_epoch(epoch)
+        return s
+    made = []
+    yield lambda epoch: made.append(make(epoch)) or made[-1]
+    for s in made:
+        s.close()
+
+
+def _item(raw_id, user_id, amount="10.00", epoch=1) -> FlushItem:
+    tx = Transaction.from_json({"direction": "debit", "amount": amount, "currency": "INR"})
+    result = SmsResult(key=sms_key(raw_id), kind="transaction", transactions=(tx,))
+    prov = Provenance(call_id="c1", model="m", request_id=None,
+                      answered_at=datetime.now(timezone.utc), owner="h", epoch=epoch)
+    return FlushItem(raw_id=raw_id, user_id=user_id, result=result, provenance=prov)
+
+
+def test_host_id_survives_restarts(tmp_path):
+    first = host_id(tmp_path)
+    assert first and host_id(tmp_path) == first
+    assert host_id(tmp_path / "other") != first
+
+
+def test_take_renew_release_and_epochs(store):
+    db = store._database()
+    a, b = Leases(db, "host-a", ttl=30), Leases(db, "host-b", ttl=30)
+    la = a.take("u1")
+    assert la is not None and la.owner == "host-a" and la.epoch == 1 and not la.stamped
+    assert b.take("u1") is None                       # held: nobody else gets it
+    again = a.take("u1")
+    assert again.epoch == 1                           # the same host keeps its epoch
+    assert a.renew(la) is not None
+    assert b.release("u1") is False                   # only the owner gives it back
+    assert a.release("u1", 1) is True
+    lb = b.take("u1")
+    assert lb is not None and lb.owner == "host-b" and lb.epoch == 2
+    assert a.renew(la) is None                        # a's epoch is gone
+    view = a.read(["u1", "nobody"])
+    assert view["u1"]["owner"] == "host-b" and view["u1"]["free"] is False and "nobody" not in view
+
+
+def test_expired_lease_is_taken_with_a_higher_epoch(store):
+    db = store._database()
+    a, b = Leases(db, "host-a", ttl=0.3), Leases(db, "host-b", ttl=30)
+    assert a.take("u1").epoch == 1
+    assert b.take("u1") is None
+    time.sleep(0.5)
+    assert a.read(["u1"])["u1"]["free"] is True
+    lb = b.take("u1")
+    assert lb.owner == "host-b" and lb.epoch == 2
+
+
+def test_hosts_heartbeat_and_share():
+    assert free_quota(7, 2) == 4 and free_quota(0, 3) == 0 and free_quota(2, 3) == 1
+    assert turn_kind(None, "a", 0, None) == "free"
+    assert turn_kind({"owner": "a", "free": True}, "a", 0, None) == "mine"
+    assert turn_kind({"owner": "b", "free": False, "epoch": 3}, "a", 0, None) is None
+    assert turn_kind({"owner": "b", "free": False, "epoch": 3}, "a", 5, None) == "handover"
+    assert turn_kind({"owner": "b", "free": False, "epoch": 3}, "a", 5, 3) is None
+
+
+def test_heartbeat_counts_live_hosts(store):
+    db = store._database()
+    assert Leases(db, "h1", ttl=30).heartbeat(4) == 1
+    assert Leases(db, "h2", ttl=30).heartbeat(4) == 2
+    assert Leases(db, "h3", ttl=0.2).heartbeat(4, ttl_ms=200) == 3
+    time.sleep(0.4)
+    assert Leases(db, "h1", ttl=30).heartbeat(4) == 2
+
+
+def test_a_stale_epoch_is_refused_by_mongodb(store, seed, fenced):
+    ids = seed("u1", 4)
+    old, new = fenced(1), fenced(2)
+    # The old owner flushed the first SMS, then the new owner took the user and stamped.
+    assert old.claim([_item(ids[0], "u1")])
+    old.upsert_transactions([_item(ids[0], "u1")])
+    assert old.mark_processed("u1", [ids[0]], "b1") == 1
+    assert new.stamp_user("u1") == 3
+    # Every kind of write from the old epoch now matches nothing or collides.
+    with pytest.raises(StaleEpoch):
+        old.claim([_item(ids[1], "u1")])
+    assert store.transactions_for("u1")[0]["sms_id"] == ids[0]
+    new.claim([_item(ids[2], "u1", epoch=2)])
+    new.upsert_transactions([_item(ids[2], "u1", epoch=2)])
+    with pytest.raises(StaleEpoch):
+        old.upsert_transactions([_item(ids[2], "u1", amount="99.00")])
+    with pytest.raises(StaleEpoch):
+        old.mark_processed("u1", [ids[3]], "b1")
+    docs = {d["sms_id"]: d for d in store.transactions_for("u1")}
+    assert docs[ids[2]]["amount"].to_decimal() == 10 and docs[ids[2]][EPOCH_FIELD] == 2
+    raw = store.raw.find_one({"_id": ids[3]})
+    assert raw.get("isprocessed") is not True and raw[EPOCH_FIELD] == 2
+    assert old.refused >= 3
+
+
+def test_checkpoint_of_a_newer_epoch_refuses_the_old(store, seed, fenced):
+    seed("u1", 2)
+    old, new = fenced(1), fenced(2)
+    cp = old.checkpoint_start("u1", 2)
+    new.stamp_user("u1")
+    with pytest.raises(StaleEpoch):
+        old.checkpoint_progress("u1", cp["batch_id"], processed_sms=1, total_sms=None,
+                                last_processed_id=None, status="in_progress")
+    new.checkpoint_progress("u1", cp["batch_id"], processed_sms=1, total_sms=None,
+                            last_processed_id=None, status="in_progress")
+    assert store.latest_checkpoint("u1")["processed_sms"] == 1
+
+
+def test_claim_leaves_out_sms_already_processed(store, seed, fenced):
+    ids = seed("u1", 3)
+    owner = fenced(1)
+    store.mark_processed("u1", [ids[0]], "b0")
+    kept = owner.claim([_item(i, "u1") for i in ids])
+    assert [k.raw_id for k in kept] == ids[1:]
+
+
+def test_handover_round_trip(store, seed, tmp_path):
+    from smsd.handover import Handover, hand_over
+    ids = seed("u1", 2)
+    with Journal.open(tmp_path, "u1") as journal:
+        call = journal.begin_call([(sms_key(i), i) for i in ids], owner="a", epoch=1, model="m")
+        journal.record_answer(call, [(i, _item(i, "u1").result) for i in ids], failed={},
+                              request_id=None, usage=Usage(), model="m")
+        assert hand_over(store._database(), journal, "u1", owner="a", epoch=1) == 2
+    box = Handover(store._database(), "u1")
+    got = box.adopt([sms_key(i) for i in ids] + ["unknown"])
+    assert set(got) == {sms_key(i) for i in ids}
+    assert all(r.transactions[0].amount == _item(ids[0], "u1").result.transactions[0].amount
+               for r in got.values())
+    assert Handover(store._database(), "someone-else").adopt([sms_key(ids[0])]) == {}
+    box.forget([sms_key(ids[0])])
+    assert set(box.adopt([sms_key(i) for i in ids])) == {sms_key(ids[1])}
+
+
+def test_lease_turns_keep_the_fair_order_and_the_share():
+    from types import SimpleNamespace as U
+    from smsd.lease_sched import lease_turns
+    mine = {"owner": "me", "free": False, "epoch": 1}
+    theirs = {"owner": "other", "free": False, "epoch": 4}
+    users = [U(user_id="big", info={"lease": mine}, handed_epoch=None),
+             U(user_id="held", info={"lease": theirs}, handed_epoch=None),
+             U(user_id="new1", info={}, handed_epoch=None),
+             U(user_id="new2", info={}, handed_epoch=None),
+             U(user_id="owed", info={"lease": theirs}, handed_epoch=None)]
+    owed = {"owed": 3}
+    picked, left = lease_turns(users, "me", room=5, quota=1, unflushed=lambda u: owed.get(u.user_id, 0))
+    names = [u.user_id for u in picked]
+    assert names[0] == "big" and "held" not in names and "owed" in names   # handover of paid answers
+    assert len([n for n in names if n.startswith("new")]) == 1 and left == 0
+    picked, _ = lease_turns(users[2:4], "me", room=1, quota=5, unflushed=lambda u: 0)
+    assert len(picked) == 1                                                   # room bounds it
