@@ -160,10 +160,10 @@ def test_lease_turns_keep_the_fair_order_and_the_share():
              U(user_id="new1", info={}, handed_epoch=None),
              U(user_id="new2", info={}, handed_epoch=None),
              U(user_id="owed", info={"lease": theirs}, handed_epoch=None)]
-    owed = {"owed": 3}
-    picked, left = lease_turns(users, "me", room=5, quota=1, unflushed=lambda u: owed.get(u.user_id, 0))
+    owed_n = {"owed": 3}
+    picked, left = lease_turns(users, "me", room=5, quota=1, owed=lambda u: owed_n.get(u.user_id, 0))
     names = [u.user_id for u in picked]
     assert names[0] == "big" and "held" not in names and "owed" in names   # handover of paid answers
     assert len([n for n in names if n.startswith("new")]) == 1 and left == 0
-    picked, _ = lease_turns(users[2:4], "me", room=1, quota=5, unflushed=lambda u: 0)
+    picked, _ = lease_turns(users[2:4], "me", room=1, quota=5, owed=lambda u: 0)
     assert len(picked) == 1                                                   # room bounds it
