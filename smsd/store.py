@@ -54,7 +54,7 @@ from smsd.store_docs import (
     IDX_LATEST_CHECKPOINT, IDX_PENDING, IDX_TX_BY_SMS, MALFORMED_TEXT_EMPTY, MALFORMED_TEXT_MISSING,
     MALFORMED_TEXT_NOT_STRING, MALFORMED_TEXT_TOO_LONG, MALFORMED_USER_ID, QUARANTINE_FIELD,
     RAW_COLLECTION, STATUS_COMPLETED, STATUS_IN_PROGRESS, TRANSACTIONS_COLLECTION, _get_path,
-    transaction_doc,
+    checkpoint_fields, transaction_doc,
 )
 from smsd.store_errors import StoreUnavailable, _is_transient
 from smsd import store_stats
@@ -593,26 +593,10 @@ class Store:
         if status not in CHECKPOINT_STATUSES:
             raise ValueError(f"status must be one of {CHECKPOINT_STATUSES}, not {status!r}")
 
-        def lit(value: Any) -> dict:
-            return {"$literal": value}
-
         now = _utcnow()
-        fields: dict[str, Any] = {
-            "user_id": lit(user_id),
-            "batch_id": lit(batch_id),
-            "processed_sms": {"$max": [{"$ifNull": ["$processed_sms", 0]}, lit(int(processed_sms))]},
-            "checkpoint_timestamp": {"$max": ["$checkpoint_timestamp", lit(now)]},
-            "status": {"$cond": [{"$eq": ["$status", STATUS_COMPLETED]}, STATUS_COMPLETED, lit(status)]},
-            **{k: lit(v) for k, v in self.fence_fields.items()},
-        }
-        if total_sms is not None:
-            fields["total_sms"] = {"$max": [{"$ifNull": ["$total_sms", 0]}, lit(int(total_sms))]}
-        else:
-            fields["total_sms"] = {"$ifNull": ["$total_sms", 0]}
-        if last_processed_id is not None:
-            fields["last_processed_id"] = {"$max": ["$last_processed_id", lit(last_processed_id)]}
-        else:
-            fields["last_processed_id"] = {"$ifNull": ["$last_processed_id", None]}
+        fields = checkpoint_fields(user_id, batch_id, processed_sms=processed_sms, total_sms=total_sms,
+                                   last_processed_id=last_processed_id, status=status, now=now,
+                                   extra=self.fence_fields)
         self._latest_seen.pop(user_id, None)
         with self._errors("checkpoint_progress"):
             doc = self.checkpoints.find_one_and_update(

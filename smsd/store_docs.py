@@ -123,3 +123,32 @@ def transaction_doc(item: FlushItem, index: int, tx: Transaction, now: datetime)
     }
     doc["created_at"] = now
     return doc
+
+
+def checkpoint_fields(user_id: str, batch_id: str, *, processed_sms: int, total_sms: int | None,
+                      last_processed_id: Any, status: str, now: datetime, extra: dict) -> dict:
+    """The ``$set`` stage of a checkpoint's progress update (:meth:`smsd.store.Store.checkpoint_progress`).
+
+    Counters, time and ``last_processed_id`` move with ``$max``; a ``completed``
+    run stays completed; ``extra`` fields (the fencing epoch) are set as given.
+    """
+    def lit(value: Any) -> dict:
+        return {"$literal": value}
+
+    fields: dict[str, Any] = {
+        "user_id": lit(user_id),
+        "batch_id": lit(batch_id),
+        "processed_sms": {"$max": [{"$ifNull": ["$processed_sms", 0]}, lit(int(processed_sms))]},
+        "checkpoint_timestamp": {"$max": ["$checkpoint_timestamp", lit(now)]},
+        "status": {"$cond": [{"$eq": ["$status", STATUS_COMPLETED]}, STATUS_COMPLETED, lit(status)]},
+        **{k: lit(v) for k, v in extra.items()},
+    }
+    if total_sms is not None:
+        fields["total_sms"] = {"$max": [{"$ifNull": ["$total_sms", 0]}, lit(int(total_sms))]}
+    else:
+        fields["total_sms"] = {"$ifNull": ["$total_sms", 0]}
+    if last_processed_id is not None:
+        fields["last_processed_id"] = {"$max": ["$last_processed_id", lit(last_processed_id)]}
+    else:
+        fields["last_processed_id"] = {"$ifNull": ["$last_processed_id", None]}
+    return fields
