@@ -42,6 +42,7 @@ import openai
 from .config import Settings
 from .failpoints import failpoint
 from .journal import Journal
+from .ledger import cost_usd, price_for
 from .llm import LlmClient, validate_answer
 from .model import Quarantine, Sms, Usage, raw_id_from_bytes
 from .store import Store, StoreUnavailable
@@ -359,10 +360,15 @@ class BatchRunner:
                         self.user_id, call_id, len(unknown))
         u = body.get("usage") or {}
         usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0),
-                      completion_tokens=int(u.get("completion_tokens") or 0))
+                      completion_tokens=int(u.get("completion_tokens") or 0),
+                      cached_tokens=int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0))
         items = [(raw_id, results[key]) for key, raw_id in sms if key in results]
+        answered_by = body.get("model") or self.client.model
+        price = price_for(answered_by, self.settings.llm.price_table)
+        # The Batch API bills the same tokens at the model's batch discount.
+        cost = cost_usd(usage, price) * price.batch_discount if price else None
         self.journal.record_answer(call_id, items, failed=failed, request_id=response.get("request_id"),
-                                   usage=usage, model=body.get("model") or self.client.model)
+                                   usage=usage, model=answered_by, cost_usd=cost)
         return len(items)
 
     # ------------------------------------------------------------------ journal helpers

@@ -114,6 +114,7 @@ def cmd_once(args: argparse.Namespace) -> int:
         print(f"user {summary.user_id}: {summary.status}, {summary.processed_sms}/{summary.total_sms} processed "
               f"(batch {summary.batch_id}), {summary.newly_processed} now, {summary.quarantined} quarantined, "
               f"{summary.llm_calls} LLM calls ({summary.failed_calls} failed), "
+              f"{_usd_summary(summary)}, "
               f"{summary.elapsed_s:.1f} s"
               + (f", {summary.pending_left} pending" if summary.pending_left else ""))
     if summary.config_error is not None:
@@ -128,6 +129,15 @@ def cmd_once(args: argparse.Namespace) -> int:
     if summary.status == "completed":
         return EXIT_OK
     return EXIT_INCOMPLETE if summary.stopped or summary.pending_left is None else EXIT_OK
+
+
+def _usd_summary(summary) -> str:
+    """The run's bill for the summary line: cost, repeated and saved USD, cache hits."""
+    from .ledger import usd_text
+    text = (f"USD {usd_text(summary.cost_usd)} (repeated {usd_text(summary.repeated_usd)}, "
+            f"saved {usd_text(summary.saved_usd)}, {summary.cache_hits} cache hits)")
+    return text + (f" [{summary.unpriced_calls} calls of a model without a price]"
+                   if summary.unpriced_calls else "")
 
 
 def _print_resume_point(store, user_id: str) -> None:

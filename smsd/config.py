@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .metrics_http import ListenError, parse_listen
+from .ledger import DEFAULT_PRICES, parse_prices, price_for
 
 
 class ConfigError(Exception):
@@ -44,11 +45,11 @@ class LlmSettings:
     max_retries: int = 4
     backoff_base: float = 0.5
     backoff_max: float = 30.0
-    batch_size: int = 10
+    batch_size: int = 25                     # prompt tokens per SMS fall with it (docs/BENCHMARKS.md, cost)
     concurrency: int = 2
     requests_per_minute: float = 0.0         # 0: no limit
     tokens_per_minute: float = 0.0
-    strict_schema: bool = True
+    strict_schema: bool = False              # non-strict: fewer prompt and completion tokens
     response_format: str = "auto"            # auto | json_schema | json_object | prompt
     token_param: str = "auto"                # auto | max_completion_tokens | max_tokens
     completion_tokens_per_sms: int = 150     # completion-token cap per call: this per SMS ...
@@ -58,16 +59,23 @@ class LlmSettings:
     # smsd_llm_cost_usd_total.
     price_prompt_per_mtok: str = ""
     price_completion_per_mtok: str = ""
+    short_ids: bool = True                   # ids "1".."N" local to a call instead of SMS keys
+    answer_cache: bool = True                # shared answers of identical texts (smsd.answer_cache)
+    key_header: bool = False                 # lab only: SMS keys in an X-Smsd-Keys header
+    # USD per 1M tokens by model ([llm.prices."MODEL"]); defaults: smsd.ledger.DEFAULT_PRICES
+    price_table: dict = field(default_factory=lambda: dict(DEFAULT_PRICES))
     mode: str = "online"                     # online | batch | auto (Batch API for big backlogs)
     batch_threshold: int = 1000              # auto: a backlog of at least this many SMS goes to a batch
     batch_max_sms: int = 50000               # SMS per batch job
     batch_poll_interval: float = 60.0        # longest wait between polls of an open batch, seconds
 
     def prices(self) -> tuple[Decimal, Decimal] | None:
-        """USD per million prompt and completion tokens, or None unless both are set."""
+        """USD per million prompt and completion tokens: ``price_*_per_mtok`` when both are
+        set, else the model's entry in the price table, else None."""
         raw = (self.price_prompt_per_mtok, self.price_completion_per_mtok)
         if not all(raw):
-            return None
+            price = price_for(self.model, self.price_table)
+            return None if price is None else (price.input, price.output)
         try:
             return Decimal(raw[0]), Decimal(raw[1])
         except InvalidOperation:
@@ -142,6 +150,8 @@ class Settings:
         """The settings as a dict, without secrets (for logs and status)."""
         out = dataclasses.asdict(self)
         out["llm"]["api_key"] = "***" if self.llm.api_key else None
+        out["llm"]["price_table"] = {m: {k: str(v) for k, v in dataclasses.asdict(p).items()}
+                                     for m, p in self.llm.price_table.items()}
         return out
 
 
@@ -238,6 +248,12 @@ def _apply_file(settings: Settings, raw: dict, where: str) -> None:
             if key == "api_key":
                 raise ConfigError(f"{where}: [llm] api_key must not be in the config file; "
                                   "use OPENAI_API_KEY or the openai_api_key credential")
+            if (section, key) == ("llm", "prices"):
+                try:
+                    settings.llm.price_table = parse_prices(value, where)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+                continue
             _set(settings, section, key, value, where)
 
 

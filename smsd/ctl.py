@@ -270,6 +270,12 @@ def format_status(reply: Mapping[str, Any]) -> str:
                  f"LLM calls {_cell(llm.get('calls'))} (repeated {_cell(llm.get('repeated_calls'))})  "
                  f"tokens {_cell(llm.get('prompt_tokens'))} prompt / {_cell(llm.get('completion_tokens'))} completion  "
                  f"ungrounded {_cell(reply.get('ungrounded_sms', 0))}")
+    if "cost_usd" in llm:
+        lines.append(f"LLM cost USD {llm.get('cost_usd')}  repeated USD {llm.get('repeated_usd')}  "
+                     f"saved USD {llm.get('saved_usd')}  cache hits {_cell(llm.get('cache_hits'))}  "
+                     f"cached tokens {_cell(llm.get('cached_tokens'))}"
+                     + (f"  ({llm['unpriced_calls']} calls of a model without a price)"
+                        if llm.get("unpriced_calls") else ""))
     if llm.get("response_format"):
         lines.append(f"llm {llm.get('state', 'ok')}  response_format {llm['response_format']}")
     if llm.get("state") == "misconfigured":
@@ -292,11 +298,13 @@ def format_status(reply: Mapping[str, Any]) -> str:
         lines.append(f"USERS ({len(users)})")
     if users:
         lines += _table(
-            ["USER", "TOTAL", "PROCESSED", "PENDING", "QUARANTINED", "UNGROUNDED", "STATUS", "RESTARTS"],
+            ["USER", "TOTAL", "PROCESSED", "PENDING", "QUARANTINED", "UNGROUNDED", "STATUS", "RESTARTS",
+             "COST USD"],
             [[u.get("user_id"), u.get("total_sms"), u.get("processed_sms"), u.get("pending_sms"),
-              u.get("quarantined_sms"), u.get("ungrounded_sms", 0), u.get("status"), u.get("restarts")]
+              u.get("quarantined_sms"), u.get("ungrounded_sms", 0), u.get("status"), u.get("restarts"),
+              u.get("cost_usd")]
              for u in users],
-            right=(1, 2, 3, 4, 5, 7),
+            right=(1, 2, 3, 4, 5, 7, 8),
         )
     else:
         lines.append("(none)")

@@ -21,7 +21,8 @@ class RulesExtractor:
 
     model = "rules"
 
-    def extract(self, sms: list[Sms], *, stop: threading.Event | None = None) -> LlmAnswer:
+    def extract(self, sms: list[Sms], *, stop: threading.Event | None = None,
+                wire_ids: list[str] | None = None) -> LlmAnswer:
         from . import rules
         content = json.dumps({"results": [dict(rules.extract(m.text, m.sender), id=m.key) for m in sms]})
         results, failed, unknown = validate_answer(content, [m.key for m in sms])
@@ -40,7 +41,8 @@ def build_extractor(settings: Settings, rate_limiter: RateLimiter | None = None)
                      strict_schema=llm.strict_schema, response_format=llm.response_format,
                      token_param=llm.token_param, completion_tokens_per_sms=llm.completion_tokens_per_sms,
                      completion_tokens_margin=llm.completion_tokens_margin,
-                     memory=EndpointMemory(settings.state_dir / MEMORY_FILE))
+                     memory=EndpointMemory(settings.state_dir / MEMORY_FILE),
+                     short_ids=llm.short_ids, key_header=llm.key_header)
 
 
 def build_rate_limiter(settings: Settings) -> RateLimiter | None:

@@ -52,6 +52,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -61,6 +62,8 @@ import sqlite_utils
 from smsd.journal_scan import _stats, scan  # noqa: F401
 from smsd.journal_schema import (MIGRATIONS, SCHEMA, SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta,
                                  _scalar, journal_path)
+from smsd.journal_ledger import LedgerRows
+from smsd.ledger import add_to_ledger, usd_text
 from smsd.model import (Provenance, Quarantine, SmsResult, Usage, raw_id_from_bytes,
                         raw_id_to_bytes, sms_key)
 
@@ -184,7 +187,7 @@ def _take_lock(lock_path: Path, user_id: str, wait: float) -> int:
 
 
 
-class Journal:
+class Journal(LedgerRows):
     """One user's journal, opened for writing under the exclusive lock.
 
     Thread-safe: every method runs under one internal lock.  Do not use a
@@ -280,7 +283,8 @@ class Journal:
             if version < 1:
                 raise JournalError(f"{path}: unknown journal schema version {version}")
             while version < SCHEMA_VERSION:   # upgrade in place, in this one transaction
-                db.execute(MIGRATIONS[version])   # one statement: executescript would COMMIT
+                for statement in MIGRATIONS[version]:   # one at a time: executescript would COMMIT
+                    db.execute(statement)
                 version += 1
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
             if meta.get("user_id") != user_id:
@@ -354,18 +358,28 @@ class Journal:
     # -- the call life cycle ---------------------------------------------------------
 
     def begin_call(self, items: list[tuple[str, Any]], *, owner: str, epoch: int,
-                   model: str) -> str:
+                   model: str, wire_ids: list[str] | None = None,
+                   text_hashes: list[str] | None = None) -> str:
         """Commit a 'sent' call for ``items`` = [(sms_key, raw_id)] and return its id.
 
         Call this BEFORE the request is sent: after a crash the call shows
-        which SMS were in flight.  Raises :class:`AlreadyAnswered` if any of
-        the SMS already has a result, so it is never paid for twice.
+        which SMS were in flight.  ``wire_ids`` are the ids the SMS get in the
+        request (local to this call), kept with the call so that its answer
+        maps back exactly; ``text_hashes`` their answer-cache keys, for the
+        flush to fill the cache.  Raises :class:`AlreadyAnswered` if any of the SMS
+        already has a result, so it is never paid for twice.
         """
         keys = [k for k, _ in items]
         if not keys:
             raise ValueError("begin_call needs at least one SMS")
         if len(set(keys)) != len(keys):
             raise ValueError("begin_call got the same SMS twice")
+        wire: list[str | None] = list(wire_ids) if wire_ids is not None else [None] * len(keys)
+        if len(wire) != len(keys) or (wire_ids is not None and len(set(wire)) != len(wire)):
+            raise ValueError("begin_call needs one unique wire id per SMS")
+        hashes: list[str | None] = list(text_hashes) if text_hashes is not None else [None] * len(keys)
+        if len(hashes) != len(keys):
+            raise ValueError("begin_call needs one text hash per SMS")
         for key, raw_id in items:
             if sms_key(raw_id) != key:
                 raise ValueError(f"sms_key {key!r} does not match its raw_id")
@@ -382,15 +396,15 @@ class Journal:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [call_id, owner, epoch, model, len(keys), repeated, _now()])
             db.conn.executemany(
-                "INSERT INTO call_sms (call_id, sms_key, raw_id) VALUES (?, ?, ?)",
-                [(call_id, k, raw_id_to_bytes(r)) for k, r in items])
+                "INSERT INTO call_sms (call_id, sms_key, raw_id, wire_id, text_hash) VALUES (?, ?, ?, ?, ?)",
+                [(call_id, k, raw_id_to_bytes(r), w, h) for (k, r), w, h in zip(items, wire, hashes)])
         if repeated:
             log.info("call %s re-asks %d SMS already sent in an earlier call", call_id, repeated)
         return call_id
 
     def record_answer(self, call_id: str, items: list[tuple[Any, SmsResult]], *,
                       failed: dict[str, str], request_id: str | None, usage: Usage,
-                      model: str | None = None) -> None:
+                      model: str | None = None, cost_usd: Decimal | None = None) -> Decimal:
         """Commit an LLM answer in ONE transaction.
 
         ``items`` = [(raw_id, result)] become result rows (a key that already
@@ -398,7 +412,9 @@ class Journal:
         'answered' with its usage, request id and (if given) the model that
         actually answered; each key of ``failed`` (key -> error) gets one more
         attempt.  A call left with no result row of its own is marked flushed
-        at once, so replay skips it.
+        at once, so replay skips it.  ``cost_usd`` is the call's price (None:
+        the model has no price); the day's ledger row moves in the same commit.
+        Returns the USD of this call that re-bought SMS of earlier calls.
         """
         for raw_id, result in items:
             if sms_key(raw_id) != result.key:
@@ -414,19 +430,30 @@ class Journal:
                   json.dumps([t.to_json() for t in r.transactions], separators=(",", ":")))
                  for raw_id, r in items])
             own = _scalar(db, "SELECT COUNT(*) FROM results WHERE call_id = ?", [call_id])
+            n_sms, repeated = db.execute("SELECT n_sms, repeated_sms FROM calls WHERE call_id = ?",
+                                         [call_id]).fetchone()
+            cost = cost_usd if cost_usd is not None else Decimal(0)
+            repeated_usd = cost * repeated / n_sms if n_sms else Decimal(0)
+            call_model = model or _scalar(db, "SELECT model FROM calls WHERE call_id = ?", [call_id])
+            add_to_ledger(db, _utc(now).date().isoformat(), call_model, n_sms=n_sms,
+                          repeated_sms=repeated, usage=usage, cost=cost,
+                          repeated_usd=repeated_usd, unpriced=cost_usd is None)
             self._count_failures(db, call_id, failed, now)
             # Last statement before COMMIT: committed_at is as close to the commit as
             # the transaction itself can record (see the module docstring).
             db.execute(
                 "UPDATE calls SET state = 'answered', answered_at = ?, request_id = ?,"
                 " prompt_tokens = ?, completion_tokens = ?, model = COALESCE(?, model),"
-                " flushed = ?, flushed_at = ?, committed_at = ? WHERE call_id = ?",
+                " flushed = ?, flushed_at = ?, cached_tokens = ?, cost_usd = ?, repeated_usd = ?,"
+                " committed_at = ? WHERE call_id = ?",
                 [now, request_id, usage.prompt_tokens, usage.completion_tokens, model,
-                 0 if own else 1, None if own else now, _now(), call_id])
+                 0 if own else 1, None if own else now, usage.cached_tokens, usd_text(cost),
+                 usd_text(repeated_usd), _now(), call_id])
         self._timings.append(time.perf_counter() - start)
         if len(items) != own:
             log.info("call %s: %d of %d results were already journaled (first answer wins)",
                      call_id, len(items) - own, len(items))
+        return repeated_usd
 
     def record_failure(self, call_id: str, error: str, keys: list[str] | None = None, *,
                        request_id: str | None = None, usage: Usage | None = None) -> None:
@@ -600,6 +627,8 @@ class Journal:
             quarantined, unflushed_quarantine
             ungrounded        SMS whose answer failed the grounding check and that
                               are being asked again or await their quarantine flush
+            cost_usd, repeated_usd   the bill (Decimal strings; smsd.ledger.ledger_stats)
+            cached_tokens, paid_sms, free_sms, cache_hits, unpriced_calls
         """
         with self._use() as db:
             return _stats(db)

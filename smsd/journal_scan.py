@@ -17,6 +17,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from smsd.ledger import ledger_stats
 from smsd.journal_schema import SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta, _scalar
 
 # The logger keeps the name it had when scan() lived in smsd.journal.
@@ -34,6 +35,14 @@ SCAN_BUSY_TIMEOUT_MS = 200
 
 
 def _stats(db: sqlite_utils.Database) -> dict:
+    out = _call_stats(db)
+    # A journal of schema 1 (not yet opened by this smsd's writer) has no ledger.
+    if "ledger" in db.table_names():
+        out.update(ledger_stats(db.query("SELECT * FROM ledger")))
+    return out
+
+
+def _call_stats(db: sqlite_utils.Database) -> dict:
     calls = db.execute(
         "SELECT COUNT(*), COALESCE(SUM(repeated_sms > 0), 0), COALESCE(SUM(repeated_sms), 0),"
         " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),"

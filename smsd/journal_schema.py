@@ -20,7 +20,7 @@ import sqlite_utils
 
 #: Version of the schema below.  A journal written by a newer smsd is refused;
 #: an older one is upgraded in place by :data:`MIGRATIONS` when a writer opens it.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Longest quoted user id used as a file name; longer ones are hashed.
 MAX_NAME = 150
 
@@ -49,7 +49,10 @@ CREATE TABLE calls (
     error             TEXT,
     flushed           INTEGER NOT NULL DEFAULT 0 CHECK (flushed IN (0, 1)),
     flushed_at        REAL,
-    committed_at      REAL                -- v2: see smsd.journal (answer -> commit latency)
+    committed_at      REAL,               -- v2: see smsd.journal (answer -> commit latency)
+    cached_tokens     INTEGER NOT NULL DEFAULT 0,
+    cost_usd          TEXT NOT NULL DEFAULT '0',   -- Decimal as a string, never a float
+    repeated_usd      TEXT NOT NULL DEFAULT '0'    -- cost_usd x repeated_sms / n_sms
 ) STRICT;
 CREATE INDEX calls_unflushed ON calls (seq) WHERE state = 'answered' AND flushed = 0;
 
@@ -58,6 +61,8 @@ CREATE TABLE call_sms (
     call_id TEXT NOT NULL REFERENCES calls (call_id),
     sms_key TEXT NOT NULL,
     raw_id  BLOB NOT NULL,
+    wire_id TEXT,               -- the SMS's id in that call's request ("1".."N")
+    text_hash TEXT,             -- its answer-cache key (smsd.answer_cache), never the text
     PRIMARY KEY (call_id, sms_key)
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX call_sms_key ON call_sms (sms_key);
@@ -92,12 +97,40 @@ CREATE TABLE quarantine (
     flushed    INTEGER NOT NULL DEFAULT 0 CHECK (flushed IN (0, 1)),
     flushed_at REAL
 ) STRICT;
+""" + """
+-- The bill per UTC day and model, updated in the commit of each answer.  Model
+-- 'rules' and 'cache' rows count SMS answered without a paid call.  rev moves
+-- with each update; synced_rev is the rev last written to MongoDB (smsd_llm_costs).
+CREATE TABLE ledger (
+    day               TEXT NOT NULL,
+    model             TEXT NOT NULL,
+    calls             INTEGER NOT NULL DEFAULT 0,
+    sms               INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+    cached_tokens     INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd          TEXT NOT NULL DEFAULT '0',
+    repeated_calls    INTEGER NOT NULL DEFAULT 0,
+    repeated_sms      INTEGER NOT NULL DEFAULT 0,
+    repeated_usd      TEXT NOT NULL DEFAULT '0',
+    unpriced_calls    INTEGER NOT NULL DEFAULT 0,
+    cache_races       INTEGER NOT NULL DEFAULT 0,   -- SMS paid while another call paid the same text
+    rev               INTEGER NOT NULL DEFAULT 0,
+    synced_rev        INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, model)
+) STRICT;
 """
 
-
-#: ``{from_version: statement}``: what upgrades a journal of ``from_version`` by one.
-MIGRATIONS = {
-    1: "ALTER TABLE calls ADD COLUMN committed_at REAL",
+#: ``{from_version: statements}``: what upgrades a journal of ``from_version`` by one
+#: (run in the writer's one upgrade transaction, one statement at a time).
+MIGRATIONS: dict[int, list[str]] = {
+    1: ["ALTER TABLE calls ADD COLUMN committed_at REAL"],
+    2: ["ALTER TABLE calls ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE calls ADD COLUMN cost_usd TEXT NOT NULL DEFAULT '0'",
+        "ALTER TABLE calls ADD COLUMN repeated_usd TEXT NOT NULL DEFAULT '0'",
+        "ALTER TABLE call_sms ADD COLUMN wire_id TEXT",
+        "ALTER TABLE call_sms ADD COLUMN text_hash TEXT",
+        SCHEMA[SCHEMA.index("CREATE TABLE ledger"):]],
 }
 
 #: SMS results awaiting a flush (walks the partial index calls_unflushed).

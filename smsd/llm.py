@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import quote
 
 import openai
 from openai.types.chat import ChatCompletion
@@ -53,7 +54,7 @@ from .llm_errors import (CONFIG_STATUSES, FailureHistory, LlmBatchError, LlmConf
                          hint_for, read_status_error, scrub)
 from .model import CHANNELS, CURRENCY_RE, DIRECTIONS, KINDS, MONEY_RE, OPTIONAL_FIELDS, SmsResult, Transaction
 from .wireformat import (SCHEMA_NAME, EndpointMemory, WireChoice, load_schema, next_mode,  # noqa: F401
-                         request_options, salvage, schema_response_format, token_cap)
+                         request_options, salvage, schema_response_format, to_keys, token_cap)
 
 log = logging.getLogger("smsd.llm")
 
@@ -333,7 +334,8 @@ class LlmClient:
                  rate_limiter: Any = None, temperature: float = 0.0, strict_schema: bool = True,
                  response_format: str = "json_schema", token_param: str = "auto",
                  completion_tokens_per_sms: int = 0, completion_tokens_margin: int = 0,
-                 memory: EndpointMemory | None = None):
+                 memory: EndpointMemory | None = None, short_ids: bool = True,
+                 key_header: bool = False):
         self.base_url = base_url
         self.model = model
         self.timeout = timeout
@@ -349,6 +351,12 @@ class LlmClient:
                                token_param=token_param)
         self.outage_since: float | None = None
         self.last_error: str | None = None
+        # Short ids ("1".."N", local to one call) instead of SMS keys: a key like
+        # "o:65f1..." costs ~12 tokens in the request and again in the answer.
+        self.short_ids = short_ids
+        # Lab only: the SMS keys of a call in a header, so smsd's local server can
+        # count paid asks per SMS although the wire ids are local to the call.
+        self.key_header = key_header
         self._secret = api_key or None
         self._response_format = schema_response_format(strict_schema)
         self._random = random.Random()
@@ -375,18 +383,29 @@ class LlmClient:
         """The SDK client (batch mode uses its files and batches APIs)."""
         return self._client
 
-    def request_body(self, sms: list[model.Sms]) -> dict:
+    def request_body(self, sms: list[model.Sms], wire_ids: list[str] | None = None) -> dict:
         """The chat-completions request for *sms*, exactly as :meth:`extract` sends it
-        (in the endpoint's current response_format mode, with the token cap)."""
-        return self._request(self._messages(sms), self.wire.mode, self._cap(len(sms)))
+        (in the endpoint's current response_format mode, with the token cap).  The ids
+        are ``wire_ids`` when given, else the SMS keys (batch mode validates by key)."""
+        wire = list(wire_ids) if wire_ids is not None else [s.key for s in sms]
+        return self._request(self._messages(sms, wire), self.wire.mode, self._cap(len(sms)))
+
+    def request(self, sms: list[model.Sms], wire_ids: list[str] | None = None) -> dict:
+        """The request :meth:`extract` sends for *sms* with its default wire ids (token counts)."""
+        return self.request_body(sms, wire_ids if wire_ids is not None else self.wire_ids(sms))
+
+    @property
+    def response_format_sent(self) -> dict:
+        """The json_schema ``response_format`` of this client (part of the byte-stable prefix)."""
+        return self._response_format
+
+    def wire_ids(self, sms: list[model.Sms]) -> list[str]:
+        """The ids the SMS of one call get on the wire: "1".."N", or their keys."""
+        return model.wire_ids(len(sms)) if self.short_ids else [s.key for s in sms]
 
     def _cap(self, n_sms: int) -> int | None:
         """The completion-token cap of a call of *n_sms* SMS (None: no cap)."""
         return token_cap(n_sms, self.tokens_per_sms, self.tokens_margin) if self.tokens_per_sms else None
-
-    def _messages(self, sms: list[model.Sms]) -> list[dict]:
-        user = json.dumps({"sms": [s.wire() for s in sms]}, ensure_ascii=False)
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
     def _request(self, messages: list[dict], mode: str, cap: int | None) -> dict:
         """The ``create()`` arguments for one attempt in ``mode``."""
@@ -412,6 +431,14 @@ class LlmClient:
                 self.outage_since = time.monotonic()
             self.last_error = reason
 
+    def _messages(self, sms: list[model.Sms], wire_ids: list[str]) -> list[dict]:
+        # System prompt first, then (rendered by the provider) the schema, then the
+        # SMS: the first two never change, so providers' prefix caches apply.
+        # Compact separators: ", " and ": " cost tokens and carry nothing.
+        user = json.dumps({"sms": [s.wire(w) for s, w in zip(sms, wire_ids)]},
+                          ensure_ascii=False, separators=(",", ":"))
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
     @staticmethod
     def _sleep(delay: float, stop: threading.Event | None) -> bool:
         """Wait *delay* seconds; False when *stop* was set meanwhile."""
@@ -421,9 +448,13 @@ class LlmClient:
         return not stop.wait(delay)
 
     # -- the call
-    def extract(self, sms: list[model.Sms], *, stop: threading.Event | None = None) -> LlmAnswer:
+    def extract(self, sms: list[model.Sms], *, stop: threading.Event | None = None,
+                wire_ids: list[str] | None = None) -> LlmAnswer:
         """Ask for the results of *sms*; keeps what is valid, reports the rest in ``failed``.
 
+        ``wire_ids`` are the ids the SMS get in the request (the call's journal
+        record holds the same; default :meth:`wire_ids`); the answer's ids are
+        mapped back to SMS keys, and an id outside this call is unknown.
         Raises :class:`LlmConfigError` when asking again cannot help (bad key,
         unknown model, a request the server always refuses), :class:`LlmBatchError`
         when this batch is too long for the model, :class:`LlmError` when no
@@ -435,7 +466,12 @@ class LlmClient:
             raise ValueError("duplicate SMS keys in one batch")
         if not sms:
             return LlmAnswer({}, {}, [], None, self.model, model.Usage(), 0)
-        messages = self._messages(sms)
+        wire = list(wire_ids) if wire_ids is not None else self.wire_ids(sms)
+        if len(wire) != len(sms) or len(set(wire)) != len(wire):
+            raise ValueError("wire ids must be unique, one per SMS")
+        messages = self._messages(sms, wire)
+        extra_headers = {"X-Smsd-Keys": ",".join(quote(k, safe="") for k in keys)} \
+            if self.key_header else None
         est_tokens = sum(len(m["content"]) for m in messages) // 4 + 60 * len(sms)
         cap = self._cap(len(sms))
         attempts = retries = 0
@@ -461,7 +497,8 @@ class LlmClient:
             retry_after: float | None = None
             failure = None
             try:
-                raw = self._client.chat.completions.with_raw_response.create(**self._request(messages, mode, cap))
+                raw = self._client.chat.completions.with_raw_response.create(**self._request(messages, mode, cap),
+                                                                            extra_headers=extra_headers)
                 completion = raw.parse()
                 ms = (time.monotonic() - t0) * 1000.0
                 if isinstance(completion, ChatCompletion):
@@ -489,7 +526,7 @@ class LlmClient:
 
             if last is None:
                 self._note_outage(None)
-                answer = self._answer(raw, completion, keys, attempts, ms, cap, mode)
+                answer = to_keys(self._answer(raw, completion, wire, attempts, ms, cap, mode), wire, keys)
                 if probing:
                     self.wire.settle(mode, probing)
                 adjust = getattr(self.rate_limiter, "adjust_tokens", None)
@@ -556,8 +593,10 @@ class LlmClient:
                 cap: int | None = None, mode: str = "json_schema") -> LlmAnswer:
         request_id = raw.headers.get("x-request-id") or getattr(completion, "id", None)
         u = getattr(completion, "usage", None)
+        details = getattr(u, "prompt_tokens_details", None)
         usage = model.Usage(prompt_tokens=int(getattr(u, "prompt_tokens", 0) or 0),
-                            completion_tokens=int(getattr(u, "completion_tokens", 0) or 0))
+                            completion_tokens=int(getattr(u, "completion_tokens", 0) or 0),
+                            cached_tokens=int(getattr(details, "cached_tokens", 0) or 0))
         choices = getattr(completion, "choices", None) or []
         message = choices[0].message if choices else None
         content = getattr(message, "content", None)
@@ -581,12 +620,13 @@ class LlmClient:
                            model=getattr(completion, "model", None) or self.model, usage=usage,
                            attempts=attempts, completion_id=getattr(completion, "id", None),
                            elapsed_ms=ms, dropped=dropped, truncated=truncated, response_format=mode)
-        log.info("llm call n_sms=%d ms=%.0f prompt_tokens=%d completion_tokens=%d request_id=%s "
-                 "attempts=%d ok=%d failed=%d unknown=%d%s",
-                 len(keys), ms, usage.prompt_tokens, usage.completion_tokens, request_id,
+        log.info("llm call n_sms=%d ms=%.0f prompt_tokens=%d cached_tokens=%d completion_tokens=%d "
+                 "request_id=%s attempts=%d ok=%d failed=%d unknown=%d%s",
+                 len(keys), ms, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, request_id,
                  attempts, len(results), len(failed), len(unknown), " truncated" if truncated else "",
                  extra={"n_sms": len(keys), "ms": round(ms), "prompt_tokens": usage.prompt_tokens,
-                        "completion_tokens": usage.completion_tokens, "request_id": request_id,
+                        "completion_tokens": usage.completion_tokens, "cached_tokens": usage.cached_tokens,
+                        "request_id": request_id,
                         "attempts": attempts, "ok": len(results), "failed": len(failed),
                         "unknown": len(unknown), "truncated": truncated})
         return answer
@@ -599,3 +639,5 @@ def _salvaged(content: str | None) -> str | None:
         return content
     except ValueError:
         return salvage(content) or content
+
+

@@ -47,6 +47,11 @@ def sms_key(raw_id: Any) -> str:
     return "b:" + _encode_any(raw_id)
 
 
+def wire_ids(n: int) -> list[str]:
+    """The ids of the ``n`` SMS of one call on the wire: "1".."n" (local to that call)."""
+    return [str(i) for i in range(1, n + 1)]
+
+
 def _encode_any(value: Any) -> str:
     return base64.urlsafe_b64encode(bson.encode({"v": value})).decode("ascii")
 
@@ -84,10 +89,13 @@ class Sms:
     sender: str | None = None
     received_at: datetime | None = None
 
-    def wire(self) -> dict:
-        """The SMS as the contract's request item: ``{id, text, sender, received_at}``."""
+    def wire(self, wire_id: str | None = None) -> dict:
+        """The SMS as the contract's request item: ``{id, text, sender, received_at}``.
+
+        ``wire_id`` is the id local to one call ("1".."N"); default: the SMS key.
+        """
         return {
-            "id": self.key,
+            "id": self.key if wire_id is None else wire_id,
             "text": self.text,
             "sender": self.sender,
             "received_at": self.received_at.isoformat() if self.received_at else None,
@@ -183,6 +191,7 @@ class Usage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0       # of prompt_tokens, served from the provider's prefix cache
 
 
 @dataclass

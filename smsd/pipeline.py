@@ -19,13 +19,13 @@ The process model (who runs a pipeline, signals, restarts) lives elsewhere:
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Callable, Protocol
 
 from . import grounding
@@ -34,9 +34,13 @@ from .config import Settings
 from .failpoints import failpoint
 from .histogram import FLUSH_BUCKETS, LLM_BUCKETS, Histogram
 from .journal import Answer, Journal
-from .llm import LlmAnswer, LlmError, validate_answer
+from .pipeline_free import FreeAnswers, _as_result  # noqa: F401 - _as_result re-exported
+from . import answer_cache
+from .ledger import FREE_MODELS, cost_usd, price_for, write_costs
+from .llm import LlmAnswer, LlmError
 from .llm_errors import LlmBatchError, LlmConfigError
 from .model import FlushItem, Quarantine, Sms, SmsResult, Usage
+from .model import wire_ids as model_wire_ids
 from .store import Store, StoreUnavailable
 
 log = logging.getLogger("smsd.pipeline")
@@ -50,7 +54,8 @@ class Extractor(Protocol):
 
     model: str
 
-    def extract(self, sms: list[Sms], *, stop: threading.Event | None = None) -> LlmAnswer: ...
+    def extract(self, sms: list[Sms], *, stop: threading.Event | None = None,
+                wire_ids: list[str] | None = None) -> LlmAnswer: ...
 
 
 class StaleEpoch(Exception):
@@ -86,12 +91,27 @@ class RunSummary:
     last_processed_id: Any = None
     resumed_from: dict | None = None
     config_error: LlmConfigError | None = None   # the LLM refuses our setup: asking stopped
+    # The bill of this run (smsd.ledger): USD of the paid calls, of those that
+    # re-bought SMS, and SMS answered without a paid call (rules, cache).
+    cost_usd: Decimal = Decimal(0)
+    repeated_usd: Decimal = Decimal(0)
+    paid_sms: int = 0
+    free_sms: int = 0
+    cache_hits: int = 0
+    cache_races: int = 0          # SMS paid while another call paid for the same text
+    unpriced_calls: int = 0
+
+    @property
+    def saved_usd(self) -> Decimal:
+        """SMS answered without a paid call, at this run's average USD per paid SMS."""
+        return self.cost_usd / self.paid_sms * self.free_sms if self.paid_sms else Decimal(0)
 
 
 @dataclass
 class _Call:
     call_id: str
     sms: list[Sms]
+    wire: list[str] | None = None      # the ids on the wire, as in the call's journal record
     sent_at: float = field(default_factory=time.monotonic)
 
 
@@ -102,9 +122,11 @@ class _Outcome:
     answer: LlmAnswer | None = None
     error: LlmError | None = None
     failed: dict[str, str] = field(default_factory=dict)   # key -> why it has no result
+    cost: Decimal | None = None        # USD of the call (None: its model has no price)
+    repeated_usd: Decimal = Decimal(0)  # of which re-bought SMS of earlier calls
 
 
-class Pipeline:
+class Pipeline(FreeAnswers):
     """Runs one user's SMS through the LLM into MongoDB, journal first.
 
     ``stop`` asks for a drain: no new LLM calls, in-flight calls finish,
@@ -156,6 +178,8 @@ class Pipeline:
         # The checkpoint counters last written, so the run's end does not write them twice.
         self._checkpoint_written: tuple | None = None
         self._none_pending = False      # the last count found nothing pending (reset by a claim)
+        # The shared answer cache (needs an LLM client: its prompt and schema version the key).
+        self.cache = answer_cache.CacheGate.for_pipeline(settings, extractor, store, journal)
 
     # ------------------------------------------------------------------ run
     def run(self, *, limit: int | None = None, resume: bool = True,
@@ -200,7 +224,8 @@ class Pipeline:
             if not draining and room:
                 self._submit(pool, budget)
             if not self._inflight:
-                if draining or not room or (self._exhausted and not self._buffer and not self._retry):
+                if draining or not room or (self._exhausted and not self._buffer and not self._retry
+                                            and not (self.cache and self.cache.held)):
                     return
                 # Nothing in flight but work remains: the store is down, the
                 # backlog is full, or the LLM is backing off.  Flush and wait.
@@ -221,6 +246,8 @@ class Pipeline:
             return
         failpoint("before_claim")
         exclude = {sms.key for call in self._inflight.values() for sms in call.sms}
+        if self.cache:
+            exclude.update(m.key for m in self.cache.held)
         # Answered but not yet flushed (a replay in progress): still pending in MongoDB,
         # so the store skips them and the page holds SMS that still need an answer.
         exclude.update(self.journal.unflushed_keys())
@@ -285,39 +312,21 @@ class Pipeline:
             queue = self._retry if self._retry else self._buffer
             n = size if left is None else min(size, left)
             batch = [queue.popleft() for _ in range(min(n, len(queue)))]
-            batch = self._answer_by_rules(batch)
+            batch = self._answer_by_cache(self._answer_by_rules(batch))
             if not batch:
                 continue
+            # The ids on the wire are the call's own ("1".."N"), kept in its journal record.
+            wire = model_wire_ids(len(batch)) if getattr(self.extractor, "short_ids", False) \
+                else [m.key for m in batch]
             call_id = self.journal.begin_call([(m.key, m.raw_id) for m in batch], owner=self.owner,
-                                              epoch=self.epoch, model=self.extractor.model)
+                                              epoch=self.epoch, model=self.extractor.model,
+                                              wire_ids=wire,
+                                              text_hashes=self.cache.hashes(batch) if self.cache else None)
             failpoint("before_llm_call")
             s.asked_sms += len(batch)
             s.llm_calls += 1
-            call = _Call(call_id, batch)
+            call = _Call(call_id, batch, wire)
             self._inflight[pool.submit(self._ask, call)] = call
-
-    def _answer_by_rules(self, batch: list[Sms]) -> list[Sms]:
-        """With ``rules-then-llm``, journal what the rules are certain of; return the rest."""
-        if self.settings.llm.extractor != "rules-then-llm":
-            return batch
-        from . import rules
-        certain: list[tuple[Any, SmsResult]] = []
-        rest: list[Sms] = []
-        for m in batch:
-            answer = rules.extract_certain(m.text, m.sender)
-            result = _as_result(m.key, answer) if answer is not None else None
-            if result is None or grounding.problem(result, m.text):
-                rest.append(m)
-            else:
-                certain.append((m.raw_id, result))
-        if certain:
-            call_id = self.journal.begin_call([(r.key, raw) for raw, r in certain],
-                                              owner=self.owner, epoch=self.epoch, model="rules")
-            self.journal.record_answer(call_id, certain, failed={}, request_id=None,
-                                       usage=Usage(), model="rules")
-            self._fresh_calls.add(call_id)
-            self.summary.asked_sms += len(certain)
-        return rest
 
     # --------------------------------------------------------------- answer
     def _ask(self, call: _Call) -> _Outcome:
@@ -330,7 +339,7 @@ class Pipeline:
         follows (:meth:`_on_answer`).
         """
         try:
-            answer = self.extractor.extract(call.sms, stop=self.abort)
+            answer = self.extractor.extract(call.sms, stop=self.abort, wire_ids=call.wire)
         except LlmBatchError as exc:
             # Too long for the model: the SMS's fault, each of them counts an attempt.
             self.journal.record_failure(call.call_id, str(exc))
@@ -346,11 +355,14 @@ class Pipeline:
         keys = [m.key for m in call.sms]
         items = [(m.raw_id, answer.results[m.key]) for m in call.sms if m.key in answer.results]
         failed = {k: answer.failed.get(k, "missing from answer") for k in keys if k not in answer.results}
-        self.journal.record_answer(call.call_id, items, failed=failed, request_id=answer.request_id,
-                                   usage=answer.usage, model=answer.model)
+        price = price_for(answer.model, self.settings.llm.price_table)
+        cost = cost_usd(answer.usage, price) if price else None
+        repeated = self.journal.record_answer(call.call_id, items, failed=failed,
+                                              request_id=answer.request_id, usage=answer.usage,
+                                              model=answer.model, cost_usd=cost)
         self._fresh_calls.add(call.call_id)
         failpoint("after_commit")
-        return _Outcome(answer=answer, failed=failed)
+        return _Outcome(answer=answer, failed=failed, cost=cost, repeated_usd=repeated)
 
     def _on_answer(self, call: _Call, fut: Future) -> None:
         """In the main loop, for a call whose outcome is journaled: retries, back-off, quarantine."""
@@ -366,10 +378,12 @@ class Pipeline:
                           self.user_id, exc, exc.hint)
             s.config_error = exc
             self._buffer.extendleft(reversed(call.sms))
+            self._release(call.sms)
             return
         if isinstance(exc, LlmBatchError):
             # Each SMS is asked alone next (the retry queue), then quarantined at the cap.
             s.failed_calls += 1
+            self._release(call.sms)   # no answer: they no longer pay for their texts
             self._note_failures(call.sms, dict.fromkeys((m.key for m in call.sms),
                                                         "batch refused as too long"))
             return
@@ -383,18 +397,27 @@ class Pipeline:
                         extra={"user_id": self.user_id, "call_id": call.call_id, "n_sms": len(call.sms),
                                "retry_in_s": delay})
             self._buffer.extendleft(reversed(call.sms))
+            self._release(call.sms)
             return
         self._llm_failures = 0
         answer, failed = outcome.answer, outcome.failed
         assert answer is not None
         if answer.elapsed_ms:
             self.latency["llm"].observe(answer.elapsed_ms / 1000.0)
+        if answer.model in FREE_MODELS:
+            s.free_sms += len(answer.results)
+        else:
+            s.cost_usd += outcome.cost or 0
+            s.repeated_usd += outcome.repeated_usd
+            s.paid_sms += len(call.sms)
+            s.unpriced_calls += int(outcome.cost is None)
         if answer.unknown_ids:
             log.warning("user %s: answer %s named %d unknown ids (ignored)",
                         self.user_id, call.call_id, len(answer.unknown_ids),
                         extra={"user_id": self.user_id, "call_id": call.call_id,
                                "unknown_ids": len(answer.unknown_ids)})
         if failed:
+            self._release([m for m in call.sms if m.key in failed])
             self._note_failures([m for m in call.sms if m.key in failed], failed)
 
     def _note_failures(self, sms: list[Sms], reasons: dict[str, str]) -> None:
@@ -467,6 +490,10 @@ class Pipeline:
             and self._count_pending() == 0
         self._write_checkpoint(total_sms=s.total_sms if done else None,
                                status="completed" if done else "in_progress")
+        if self.cache is not None:   # only flushed answers: their SMS are stored and processed
+            races, back = self.cache.fill(answers)
+            self.summary.cache_races += races
+            self._buffer.extendleft(reversed(back))
         failpoint("after_flush")
         self.journal.mark_flushed([a.call_id for a in answers])
         failpoint("after_mark_flushed")
@@ -485,6 +512,7 @@ class Pipeline:
                 break
             self.flush(answers)
             flushed += len(answers)
+        self._sync_costs()
         pending = self.journal.unflushed_quarantine()
         if pending:
             self.store.quarantine(pending)
@@ -512,6 +540,13 @@ class Pipeline:
                                        total_sms=total_sms, last_processed_id=s.last_processed_id,
                                        status=status)
         self._checkpoint_written = state
+
+    def _sync_costs(self) -> None:
+        """Copy the journal's changed ledger rows to MongoDB (``$max``: a replay cannot count twice)."""
+        rows = self.journal.unsynced_ledger()
+        if rows:
+            write_costs(self.store, self.user_id, rows)
+            self.journal.mark_ledger_synced(rows)
 
     def _flush_backlog_quietly(self, max_answers: int | None = None) -> None:
         if time.monotonic() < self._next_store_try:
@@ -605,7 +640,3 @@ class Pipeline:
         self.abort.wait(seconds)
 
 
-def _as_result(key: str, answer: dict) -> SmsResult | None:
-    """Validate a rules answer exactly like an LLM answer (one validator for both)."""
-    results, _, _ = validate_answer(json.dumps({"results": [dict(answer, id=key)]}), [key])
-    return results.get(key)

@@ -16,7 +16,7 @@ import json
 import time
 from typing import Protocol
 
-from . import __version__
+from . import __version__, ledger
 from .children import WorkerProc, rss
 from .config import Settings
 from .control_protocol import CommandError
@@ -212,18 +212,24 @@ def status_reply(sup: SupervisorView, user_id: str | None = None, *,
                 "restarts": sup.users[w.user_id].restarts if w.user_id in sup.users else 0,
                 "last_heartbeat_s": round(now - w.last_seen, 1)}
                for w in sup.workers.values() if w.user_id is not None]   # idle workers: no entry
-    llm = {"calls": 0, "repeated_calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    llm: dict = {"calls": 0, "repeated_calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
     unflushed = 0
-    for journal in user_journals(sup).values():
+    journals = user_journals(sup)
+    for journal in journals.values():
         unflushed += int(journal.get("unflushed") or 0)
-        for key in llm:
+        for key in ("calls", "repeated_calls", "prompt_tokens", "completion_tokens"):
             llm[key] += int(journal.get(key) or 0)
+    # The bill: cost_usd, repeated_usd, saved_usd (money as Decimal strings), cache_hits.
+    bill, user_bills = ledger.totals(journals)
+    llm.update(bill)
     mongo_ok = mongo_health(sup)
     llm.update(sup.health.llm_view(), response_format=llm_format(sup.settings))
     down = sup.health.mongo_down_for()
     users = status_users(sup)
     totals = status_totals(users)
     totals["processed_sms"] = max(totals["processed_sms"], sup.figures.user_total("processed"))
+    for u in users:
+        u.update(user_bills.get(u["user_id"]) or {})
     if user_id:
         page = [u for u in users if u["user_id"] == user_id]
         offset, limit = 0, None

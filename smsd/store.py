@@ -35,8 +35,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Collection as AbcCollection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection as AbcCollection
 from datetime import datetime, timezone
 from typing import Any
 
@@ -56,7 +55,7 @@ from smsd.store_docs import (
     RAW_COLLECTION, STATUS_COMPLETED, STATUS_IN_PROGRESS, TRANSACTIONS_COLLECTION, _get_path,
     checkpoint_fields, transaction_doc,
 )
-from smsd.store_errors import StoreUnavailable, _is_transient
+from smsd.store_errors import StoreUnavailable, _is_transient, guarded  # noqa: F401 - re-exported
 from smsd import store_stats
 from smsd.store_stats import BASE_FIELD, STATS_COLLECTION
 
@@ -129,16 +128,8 @@ class Store:
         self._latest_seen: dict[str, tuple[float, dict | None]] = {}
 
     # ------------------------------------------------------------------ plumbing
-    @contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except StoreUnavailable:
-            raise
-        except PyMongoError as exc:
-            if _is_transient(exc):
-                raise StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
-            raise
+    #: ``with store.errors("what"):``: pymongo's transient errors as :class:`StoreUnavailable`.
+    _errors = errors = staticmethod(guarded)
 
     def _database(self) -> Database:
         """The database handle with smsd's write concern; connects on first use."""
@@ -613,6 +604,10 @@ class Store:
         """Number of ``user_id``'s SMS marked processed by run ``batch_id``."""
         with self._errors("count_processed_in_batch"):
             return int(self.raw.count_documents({"user_id": user_id, BATCH_FIELD: batch_id}))
+
+    def collection(self, name: str) -> Collection:
+        """Another collection of smsd's database (the ledger, the answer cache), same write concern."""
+        return self._database()[name]
 
     # ------------------------------------------------------------------ status / tests
     def user_summaries(self, user_ids: list[str] | None = None) -> dict[str, dict]:

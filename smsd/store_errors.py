@@ -8,7 +8,11 @@ so that the policy sits in one short place.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from pymongo.errors import (
+    PyMongoError,
     BulkWriteError,
     ConnectionFailure,
     OperationFailure,
@@ -59,3 +63,16 @@ def _is_transient(exc: BaseException) -> bool:
             return True
         return exc.has_error_label("RetryableWriteError") or exc.has_error_label("TransientTransactionError")
     return False
+
+
+@contextmanager
+def guarded(what: str) -> Iterator[None]:
+    """Run a MongoDB operation: pymongo's transient errors come out as :class:`StoreUnavailable`."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except PyMongoError as exc:
+        if _is_transient(exc):
+            raise StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+        raise

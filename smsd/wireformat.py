@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .model import SmsResult
+
 log = logging.getLogger("smsd.wireformat")
 
 SCHEMA_NAME = "smsd_transactions"
@@ -98,18 +100,35 @@ def _nullable(node: dict) -> dict:
     return node
 
 
+#: Annotations: they tell a reader what a field means and cost prompt tokens on every call.
+_ANNOTATIONS = ("$schema", "title", "description", "$id", "examples", "default")
+
+
+def _lean(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_lean(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    return {key: ({name: _lean(sub) for name, sub in value.items()}
+                  if key in ("properties", "$defs", "definitions") and isinstance(value, dict)
+                  else _lean(value))
+            for key, value in node.items() if key not in _ANNOTATIONS}
+
+
 def schema_response_format(strict: bool) -> dict:
     """The ``response_format`` argument.
 
     Strict: the contract schema as OpenAI's strict mode wants it (every property
     required, optional ones nullable, ``additionalProperties: false``, no
-    ``pattern``/annotations).  Non-strict: the schema as in the file.
+    ``pattern``/annotations).  Non-strict: the schema as in the file without its
+    annotations (the same constraints); the model may leave absent fields out,
+    which costs fewer completion tokens (docs/BENCHMARKS.md, "LLM cost").
     """
     if strict:
         return {"type": "json_schema",
                 "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": _strictify(_SCHEMA)}}
     return {"type": "json_schema",
-            "json_schema": {"name": SCHEMA_NAME, "strict": False, "schema": copy.deepcopy(_SCHEMA)}}
+            "json_schema": {"name": SCHEMA_NAME, "strict": False, "schema": _lean(copy.deepcopy(_SCHEMA))}}
 
 
 def grammar_schema(node: Any) -> Any:
@@ -303,3 +322,15 @@ def salvage(content: str | None) -> str | None:
             break   # the cut: everything before it is kept
         items.append(item)
     return json.dumps({"results": items}, ensure_ascii=False) if items else None
+
+
+def to_keys(answer: Any, wire: list[str], keys: list[str]) -> Any:
+    """An :class:`~smsd.llm.LlmAnswer` with the call's wire ids ("1".."N") mapped back to SMS keys."""
+    if wire == keys:
+        return answer
+    to_key = dict(zip(wire, keys))
+    answer.results = {to_key[w]: SmsResult(key=to_key[w], kind=r.kind, transactions=r.transactions)
+                      for w, r in answer.results.items()}
+    answer.failed = {to_key[w]: reason for w, reason in answer.failed.items()}
+    answer.dropped = {to_key[w]: n for w, n in answer.dropped.items()}
+    return answer      # unknown_ids stay as sent: they name nothing of this call

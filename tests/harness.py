@@ -55,8 +55,11 @@ def write_config(tmp_path: Path, *, mongo_uri: str, db: str, llm_url: str, **sec
     """A config.toml for a test: small batches, fast retries, state under tmp_path."""
     conf = {
         "mongo": {"uri": mongo_uri, "db": db, "timeout_ms": 2000},
+        # key_header: the local server's per-SMS counters (billed, asked) name SMS keys
+        # although the ids on the wire are "1".."N" (checked by invariants.verify).
         "llm": {"base_url": llm_url, "model": "smsd-test", "batch_size": 5, "concurrency": 2,
-                "timeout": 10.0, "max_retries": 3, "backoff_base": 0.05, "backoff_max": 0.5},
+                "timeout": 10.0, "max_retries": 3, "backoff_base": 0.05, "backoff_max": 0.5,
+                "key_header": True},
         "journal": {"state_dir": str(tmp_path / "state")},
         "pipeline": {"page_size": 50},
         "supervisor": {"runtime_dir": str(tmp_path / "run"), "discovery_interval": 1.0,

@@ -31,13 +31,16 @@ def journal_answers(state_dir: Path) -> dict[str, dict]:
     return answers
 
 
-def journal_totals(state_dir: Path) -> dict[str, int]:
+def journal_totals(state_dir: Path) -> dict[str, Any]:
     """Call counters summed over every user's journal (see :meth:`smsd.journal.Journal.stats`)."""
     from ..journal import scan
     totals: dict[str, int] = {}
-    for stats in scan(state_dir).values():
+    from ..ledger import totals as bill_totals
+    journals = scan(state_dir)
+    for stats in journals.values():
         for key in ("calls", "repeated_calls", "repeated_sms", "sent_calls", "failed_calls"):
             totals[key] = totals.get(key, 0) + int(stats.get(key) or 0)
+    totals["bill"] = bill_totals(journals)[0]   # cost_usd, repeated_usd, saved_usd: Decimal strings
     return totals
 
 
@@ -137,7 +140,13 @@ def metrics_glance(url: str) -> str:
     return ", ".join(f"{k} {v}" for k, v in found.items()) or "no smsd figures"
 
 
-def print_summary(plan: Plan, out: Out, seeded: Seeded, outcome: Outcome, totals: dict[str, int],
+def _bill_text(plan: Plan, bill: dict) -> str:
+    text = (f"USD {bill.get('cost_usd', '0')} (repeated by the kill USD {bill.get('repeated_usd', '0')}, "
+            f"{bill.get('cached_tokens', 0)} cached tokens)")
+    return text + ("" if plan.real_llm else " at gpt-4o-mini's list prices")
+
+
+def print_summary(plan: Plan, out: Out, seeded: Seeded, outcome: Outcome, totals: dict[str, Any],
                   server_calls: int | None, stop_code: int | None) -> None:
     """The closing table: what was done, what the crash cost, and the invariants."""
     r = outcome.report
@@ -165,6 +174,7 @@ def print_summary(plan: Plan, out: Out, seeded: Seeded, outcome: Outcome, totals
         ("LLM calls", str(calls) + (f" (the local server counted {server_calls})"
                                     if server_calls is not None else "")),
         ("repeated calls", repeat_text),
+        ("LLM bill", _bill_text(plan, totals.get("bill") or {})),
         ("drain exit code", str(stop_code)),
     ]
     if plan.real_llm:

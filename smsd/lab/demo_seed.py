@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from ..ledger import DEFAULT_PRICES
 from .demo_plan import DB_NAME, DemoFailed, Plan, Seeded
 
 MARKER = ".smsd-demo"
@@ -55,6 +56,7 @@ def write_config(plan: Plan, mongo_port: int) -> None:
         "mongo": {"uri": "embedded", "db": DB_NAME, "embedded_path": str(plan.mongo_path),
                   "embedded_port": mongo_port, "timeout_ms": 2000},
         "llm": {"extractor": "llm", "base_url": plan.base_url, "model": plan.model,
+                "key_header": not plan.real_llm,   # lab server only: per-SMS counters
                 "batch_size": plan.batch_size, "concurrency": plan.concurrency,
                 "timeout": 60.0 if plan.real_llm else 10.0, "max_retries": 3,
                 "backoff_base": 0.2, "backoff_max": 2.0},
@@ -64,6 +66,12 @@ def write_config(plan: Plan, mongo_port: int) -> None:
                        "discovery_interval": 1.0, "restart_backoff": 0.2, "drain_timeout": 20.0,
                        "log_level": "INFO", "metrics_listen": f"127.0.0.1:{plan.metrics_port}"},
     }
+    if not plan.real_llm:
+        # The local server's answers are billed at gpt-4o-mini's list prices, so the
+        # demo's summary shows what the same tokens would cost there.
+        mini = DEFAULT_PRICES["gpt-4o-mini"]
+        conf[f'llm.prices."{plan.model}"'] = {"input": str(mini.input), "cached_input": str(mini.cached_input),
+                                              "output": str(mini.output)}
     lines = ["# Written by `smsd demo`; wiped with the work directory at the next demo.",
              "# The API key is never in this file (OPENAI_API_KEY)."]
     for section, values in conf.items():

@@ -174,7 +174,7 @@ class Drill(KillsMixin, ReportMixin):
             self.rpm = float(o.pace)
         conf = {
             "mongo": {"uri": uri, "db": DB_NAME, "timeout_ms": 2000},
-            "llm": {"base_url": self.llm.url, "model": "smsd-drill", "batch_size": BATCH_SIZE,
+            "llm": {"base_url": self.llm.url, "model": "smsd-drill", "key_header": True, "batch_size": BATCH_SIZE,
                     "concurrency": CONCURRENCY, "timeout": 30.0, "max_retries": 3,
                     "backoff_base": 0.05, "backoff_max": 0.5,
                     "requests_per_minute": self.rpm},

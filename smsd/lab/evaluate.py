@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         client = LlmClient(base_url=llm.base_url, api_key=llm.api_key, model=llm.model,
                            timeout=llm.timeout, max_retries=llm.max_retries,
                            backoff_base=llm.backoff_base, backoff_max=llm.backoff_max,
-                           strict_schema=llm.strict_schema)
+                           strict_schema=llm.strict_schema, short_ids=llm.short_ids,
+                           key_header=llm.key_header)
     answers = evaluate_llm.Answers(args.extractor, settings, client)
     try:
         result = evaluate(path, answer_all=answers,

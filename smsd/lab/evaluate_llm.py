@@ -67,7 +67,8 @@ class Cost:
 
 
 def prices(settings: Settings) -> tuple[Decimal, Decimal] | None:
-    """USD per million prompt and completion tokens from the config, or None."""
+    """USD per million prompt and completion tokens from the config (``price_*_per_mtok``,
+    else the model's ``[llm.prices]`` entry), or None."""
     return settings.llm.prices()
 
 
@@ -96,8 +97,8 @@ class Answers:
         self.client = client
         self.cost = Cost(prices=prices(settings))
         if extractor != "rules" and self.cost.prices is None:
-            self.cost.notes.append("USD not computed: set [llm] price_prompt_per_mtok and "
-                                   "price_completion_per_mtok in config.toml")
+            self.cost.notes.append(f"USD not computed: no price for model {settings.llm.model!r}; add "
+                                   f"[llm.prices.\"{settings.llm.model}\"] to config.toml")
 
     def __call__(self, rows: list[dict]) -> list[dict]:
         self.cost.sms = len(rows)

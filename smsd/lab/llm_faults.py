@@ -60,8 +60,11 @@ class State:
     """Counters, fault settings and the script; shared by all handler threads."""
 
     def __init__(self, extractor: Extractor, faults: dict | None = None,
-                 api_key: str | None = None, model: str = "smsd-local"):
+                 api_key: str | None = None, model: str = "smsd-local", tokens: str = "bpe",
+                 prefix_cache: bool = False):
         self.extractor = extractor
+        self.tokens = tokens                  # "bpe" (smsd.tokens) or "estimate" (chars/4)
+        self.prefix_cache = prefix_cache
         self.api_key = api_key
         self.model = model
         self.lock = threading.Lock()
@@ -127,6 +130,9 @@ class State:
         self.responses: list[dict] = []
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.usage_log: list[dict] = []       # per answered call: SMS keys and tokens billed
+        self.prefixes: set = set()            # prompt prefixes seen (prefix_cache)
         self.rejected_429 = 0
         self.window: collections.deque = collections.deque()  # accepted call times for rpm_limit
         self.script: collections.deque = collections.deque()
@@ -150,6 +156,8 @@ class State:
                 "responses": list(self.responses),
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
+                "cached_tokens": self.cached_tokens,
+                "usage_log": [dict(u) for u in self.usage_log],
                 "rejected_429": self.rejected_429,
                 "script_left": len(self.script),
             }
@@ -205,12 +213,16 @@ class State:
             self.fault_counts[kind] += 1
             self.last_request = shape
 
-    def add_tokens(self, prompt: int, completion: int, generation: int) -> None:
+    def add_tokens(self, prompt: int, completion: int, generation: int, *, cached: int = 0,
+                   keys: list[str] | None = None) -> None:
         with self.lock:
             if generation != self.generation:
                 return
             self.prompt_tokens += prompt
             self.completion_tokens += completion
+            self.cached_tokens += cached
+            self.usage_log.append({"keys": list(keys or ()), "prompt_tokens": prompt,
+                                   "cached_tokens": cached, "completion_tokens": completion})
 
     def dice(self) -> random.Random:
         """A private RNG for one call, seeded from the shared one (reproducible under a seed)."""
@@ -260,4 +272,5 @@ def _mangle(fault: str, results: list[dict], rng: random.Random) -> tuple[str, l
                 txn["amount"] = 1234.5
         else:
             victim.pop("kind", None)
-    return json.dumps({"results": results}, ensure_ascii=False), touched
+    # Compact, as models write structured output: no spaces after separators.
+    return json.dumps({"results": results}, ensure_ascii=False, separators=(",", ":")), touched

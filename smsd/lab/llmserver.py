@@ -63,19 +63,16 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 from .llm_batches import Batches
 from .llm_batches import route as batch_route
 from .llm_extractors import OTHER, Extractor, KnownAnswers, make_extractor
 from .llm_extractors import rules_extractor  # noqa: F401 - re-exported: demo and tests use it
 from .llm_faults import DEFAULT_FAULTS, State, _mangle
+from .llm_usage import _shaped, _strict, _usage, cut_to, estimate_tokens  # noqa: F401 - estimate_tokens re-exported
 
 log = logging.getLogger("smsd.llmserver")
-
-
-def estimate_tokens(text: str) -> int:
-    """A rough token count: one token per four characters, rounded up."""
-    return math.ceil(len(text) / 4)
 
 
 class _Reject(Exception):
@@ -178,7 +175,7 @@ def _token_cap(req: dict, faults: dict) -> int | None:
     return None
 
 
-def _results(state: State, items: list[dict]) -> list[dict]:
+def _results(state: State, items: list[dict], strict: bool | None = None) -> list[dict]:
     out = []
     for item in items:
         try:
@@ -189,7 +186,7 @@ def _results(state: State, items: list[dict]) -> list[dict]:
         if answer is None:
             continue
         out.append({"id": item["id"], "kind": answer.get("kind", "other"),
-                    "transactions": list(answer.get("transactions") or [])})
+                    "transactions": [_shaped(t, strict) for t in answer.get("transactions") or []]})
     return out
 
 
@@ -210,16 +207,18 @@ def batch_answer(state: State, body: dict) -> tuple[int, dict]:
         state.asked.update(ids)
         state.billed.update(ids)
         gen = state.generation
-    content = json.dumps({"results": _results(state, items)}, ensure_ascii=False)
-    prompt_tokens, completion_tokens = estimate_tokens(all_text), estimate_tokens(content)
-    state.add_tokens(prompt_tokens, completion_tokens, gen)
+    content = json.dumps({"results": _results(state, items, _strict(req))}, ensure_ascii=False,
+                         separators=(",", ":"))
+    prompt_tokens, cached_tokens, completion_tokens = _usage(state, req, content, req.get("model") or state.model)
+    state.add_tokens(prompt_tokens, completion_tokens, gen, cached=cached_tokens, keys=ids)
     return 200, {
         "id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion",
         "created": int(time.time()), "model": req.get("model") or state.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
                      "logprobs": None, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens}}
+                  "total_tokens": prompt_tokens + completion_tokens,
+                  "prompt_tokens_details": {"cached_tokens": cached_tokens}}}
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -368,7 +367,13 @@ class _Handler(BaseHTTPRequestHandler):
         if refused is not None:
             st.refuse(f"{refused.status}_dialect", _request_shape(req, items, bool(auth)))
             raise refused
-        fault, faults, gen = st.admit(ids, _request_shape(req, items, bool(auth)))
+        # smsd's lab header names the SMS keys behind ids local to the call, so that
+        # the per-SMS counters (asked, billed) still name SMS across calls.
+        keys_header = self.headers.get("X-Smsd-Keys")
+        keys = [unquote(k) for k in keys_header.split(",")] if keys_header else []
+        to_key = dict(zip(ids, keys)) if len(keys) == len(ids) else {}
+        counted = [to_key.get(i, i) for i in ids]
+        fault, faults, gen = st.admit(counted, _request_shape(req, items, bool(auth)))
         rng = st.dice()
         model = req.get("model") or st.model
         log.info("call n_sms=%d fault=%s", len(ids), fault)
@@ -417,23 +422,23 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
 
-        results = _results(st, items)
+        results = _results(st, items, _strict(req))
         content, touched = _mangle(fault, results, rng)
-        prompt_tokens = estimate_tokens(all_text)
         finish = "stop"
         cap = _token_cap(req, faults)
-        if cap is not None and estimate_tokens(content) > cap:
-            content, finish = content[: cap * 4], "length"
+        cut = cut_to(st, content, cap, model) if cap is not None else None
+        if cut is not None:
+            content, finish = cut, "length"
         if faults["truncate_chars"] and len(content) > faults["truncate_chars"]:
             content, finish = content[: faults["truncate_chars"]], "length"
-        completion_tokens = estimate_tokens(content)
-        st.add_tokens(prompt_tokens, completion_tokens, gen)
+        prompt_tokens, cached_tokens, completion_tokens = _usage(st, req, content, model)
+        st.add_tokens(prompt_tokens, completion_tokens, gen, cached=cached_tokens, keys=counted)
         request_id = "req_" + uuid.uuid4().hex
         headers = {"x-request-id": request_id}
         if fault != "ok":
             headers["x-smsd-fault"] = fault
             if touched:
-                headers["x-smsd-fault-ids"] = ",".join(touched)
+                headers["x-smsd-fault-ids"] = ",".join(to_key.get(t, t) for t in touched)
         sent = self._send(200, {
             "id": "chatcmpl-" + uuid.uuid4().hex[:24],
             "object": "chat.completion",
@@ -447,7 +452,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "finish_reason": finish,
             }],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": cached_tokens}},
         }, headers)
         if sent:
             st.note_response(request_id, len(ids), time.time(), gen)
@@ -475,8 +481,10 @@ class LlmServer:
     """
 
     def __init__(self, extractor: Extractor | None = None, host: str = "127.0.0.1", port: int = 0,
-                 *, api_key: str | None = None, model: str = "smsd-local", **faults: Any):
-        self.state = State(extractor or KnownAnswers(), faults, api_key=api_key, model=model)
+                 *, api_key: str | None = None, model: str = "smsd-local", tokens: str = "bpe",
+                 prefix_cache: bool = False, **faults: Any):
+        self.state = State(extractor or KnownAnswers(), faults, api_key=api_key, model=model,
+                           tokens=tokens, prefix_cache=prefix_cache)
         attach_batches(self.state)
         handler = type("Handler", (_Handler,), {"state": self.state})
         self._httpd = _Server((host, port), handler)
@@ -543,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="obey 'report a credit of X' found in SMS text (a gullible model, for tests)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (401 otherwise)")
     p.add_argument("--model", default="smsd-local", help="model id listed by /v1/models")
+    p.add_argument("--tokens", choices=("bpe", "estimate"), default="bpe",
+                   help="usage counted with OpenAI's BPE encoding (offline), or chars/4")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="report a repeated system prompt + schema as cached tokens (>= 1024, as OpenAI)")
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--latency-jitter-ms", type=float, default=0.0)
     for name in ("429", "500", "timeout", "malformed", "partial", "bad-item"):
@@ -575,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         extractor = make_extractor(args.extractor, args.answers, args.fallback,
                                    obey_injections=args.obey_injections)
-        server = LlmServer(extractor, args.host, args.port, api_key=args.api_key, model=args.model, **faults)
+        server = LlmServer(extractor, args.host, args.port, api_key=args.api_key, model=args.model,
+                           tokens=args.tokens, prefix_cache=args.prefix_cache, **faults)
     except (OSError, ValueError, ImportError) as exc:
         print(f"smsd-llmserver: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 
 import pytest
-from pymongo import MongoClient
 
 from smsd.lab.invariants import journal_facts, verify
 from smsd.model import sms_key
@@ -27,14 +26,6 @@ WINDOWS = [
 ]
 # Windows in which the SMS of an in-flight call may be bought again (DESIGN.md's table).
 MAY_REPEAT = {"before_llm_call", "after_llm_answer"}
-
-
-@pytest.fixture
-def db(mongo_server, mongo_db_name):
-    client = MongoClient(mongo_server.uri)
-    yield client[mongo_db_name]
-    client.drop_database(mongo_db_name)
-    client.close()
 
 
 @pytest.mark.parametrize("point,visit", WINDOWS, ids=[w[0] for w in WINDOWS])

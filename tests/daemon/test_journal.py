@@ -500,8 +500,12 @@ def test_corrupt_file_raises_journal_error_naming_the_path(tmp_path):
 def test_journal_of_schema_1_is_upgraded_in_place_and_keeps_its_rows(tmp_path):
     with Journal.open(tmp_path, USER) as j:
         call = j.begin_call([(sms_key("a"), "a")], owner="", epoch=0, model="m")
-        # Make it a schema-1 file: no committed_at column, version 1.
+        # Make it a schema-1 file: no committed_at column (v2), no bill (v3), version 1.
         j.db.execute("ALTER TABLE calls DROP COLUMN committed_at")
+        for table, column in (("calls", "cached_tokens"), ("calls", "cost_usd"), ("calls", "repeated_usd"),
+                              ("call_sms", "wire_id"), ("call_sms", "text_hash")):
+            j.db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        j.db.execute("DROP TABLE ledger")
         j.db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     with Journal.open(tmp_path, USER) as j:
         assert j.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] \

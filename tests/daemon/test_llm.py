@@ -26,8 +26,9 @@ def to_sms(line: dict, user: str = "u1") -> model.Sms:
 
 
 def client_for(server, **kw) -> LlmClient:
+    # key_header: the local server counts asks per SMS key although the wire ids are "1".."N".
     opts = dict(base_url=server.url, api_key=None, model="test-model", timeout=5.0,
-                max_retries=3, backoff_base=0.01, backoff_max=0.05)
+                max_retries=3, backoff_base=0.01, backoff_max=0.05, key_header=True)
     opts.update(kw)
     return LlmClient(**opts)
 
@@ -93,7 +94,7 @@ def test_request_carries_strict_schema_temperature_and_the_contract_user_documen
     assert req["model"] == "test-model" and req["temperature"] == 0.0
     assert req["roles"] == ["system", "user"]
     assert req["system_prompt_chars"] == len(llm.SYSTEM_PROMPT)
-    assert req["ids"] == [model.sms_key(sms_fixtures[0]["id"])]
+    assert req["ids"] == ["1"]    # short ids, local to the call
     assert req["response_format"] == response_format(True)
     assert req["authorization"] is True  # the placeholder key is sent: local servers ignore it
 
@@ -473,11 +474,26 @@ def test_strict_response_format_requires_every_property_and_makes_optional_ones_
         assert "null" not in json.dumps(txn[name].get("type")), name
 
 
-def test_non_strict_response_format_is_the_contract_schema():
+def test_non_strict_response_format_is_the_contract_schema_without_its_annotations():
     with open(llm.__file__.replace("llm.py", "llm_response.schema.json")) as fh:
         contract = json.load(fh)
     rf = response_format(False)
-    assert rf["json_schema"]["schema"] == contract and rf["json_schema"]["strict"] is False
+    schema = rf["json_schema"]["schema"]
+    assert rf["json_schema"]["strict"] is False
+    text = json.dumps(schema)
+    for keyword in ('"$schema"', '"title"', '"description"'):
+        assert keyword not in text
+    assert '"pattern"' in text and text.count('"pattern"') == json.dumps(contract).count('"pattern"')
+
+    def constraints(node):   # the contract minus its annotations: the same rules for the model
+        if isinstance(node, list):
+            return [constraints(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        return {k: ({n: constraints(v) for n, v in val.items()} if k == "properties" else constraints(val))
+                for k, val in node.items() if k not in ("$schema", "title", "description", "$id",
+                                                        "examples", "default")}
+    assert schema == constraints(contract)
 
 
 def test_retry_after_header_forms():

@@ -16,13 +16,6 @@ from smsd.journal import Journal
 from ..harness import run_smsd, seed, start_smsd, write_config
 
 
-@pytest.fixture
-def db(mongo_server, mongo_db_name):
-    client = MongoClient(mongo_server.uri)
-    yield client[mongo_db_name]
-    client.close()
-
-
 def _config(tmp_path, mongo_uri, db_name, llm_server, **sections):
     return write_config(tmp_path, mongo_uri=mongo_uri, db=db_name, llm_url=llm_server.url, **sections)
 

@@ -8,19 +8,10 @@ import struct
 import time
 
 import psutil
-import pytest
-from pymongo import MongoClient
 
 from smsd.lab.invariants import verify
 
 from ..harness import Daemon, seed, wait_for, write_config
-
-
-@pytest.fixture
-def db(mongo_server, mongo_db_name):
-    client = MongoClient(mongo_server.uri)
-    yield client[mongo_db_name]
-    client.close()
 
 
 def processed(db):

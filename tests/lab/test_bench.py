@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -35,3 +37,22 @@ def test_unknown_benchmark_name_is_a_usage_error():
                           capture_output=True, text=True, timeout=60, cwd=str(REPO))
     assert done.returncode == 2
     assert "unknown benchmark" in done.stderr
+
+
+@pytest.mark.slow
+def test_quick_cost_bench_end_to_end_ledger_matches_the_requests_as_built(tmp_path):
+    """The cost bench's two halves agree: what the journal's ledger billed for a backfill through
+    `smsd once` is what the requests built by LlmClient cost (same tokens, same prices)."""
+    out_json = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "smsd.cli", "bench", "--quick", "--only", "cost",
+         "--json", str(out_json), "--tmp", str(tmp_path), "--quiet"],
+        capture_output=True, text=True, timeout=600, cwd=str(REPO))
+    assert done.returncode == 0, done.stderr[-3000:]
+    [cost] = json.loads(out_json.read_text())["results"]
+    assert cost["error"] is None
+    values = {f["name"]: f["value"] for f in cost["figures"]}
+    assert values["USD per 1,000 SMS end to end, backfill"] == values["USD per 1,000 SMS, backfill, after"] > 0
+    assert values["backfill prompt tokens per SMS, after"] < values["backfill prompt tokens per SMS, before"]
+    cache_run = next(v for k, v in values.items() if "answer cache on" in k)
+    assert 0 < cache_run < values["USD per 1,000 SMS end to end, backfill"]

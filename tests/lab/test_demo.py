@@ -82,6 +82,8 @@ def test_demo_processes_everything_survives_a_kill_and_leaves_nothing_running(tm
     assert _number(r"users\s+(\d+)", output) == 5
     assert re.search(r"repeated calls\s+(0 \(no call was in flight|\d+ \(\d+ calls were in flight)", output), output
     assert "demo passed" in output
+    bill = re.search(r"LLM bill\s+USD ([0-9.]+) \(repeated by the kill USD ([0-9.]+)", output)
+    assert bill and float(bill.group(1)) > 0, output          # a figure to read, not money arithmetic
     # The crash happened, its children died with the supervisor, the second run finished.
     assert re.search(r"kill -9 \d+ \(the supervisor", output), output
     assert "are gone too" in output

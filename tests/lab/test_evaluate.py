@@ -15,7 +15,7 @@ FIXTURES = REPO / "tests" / "data" / "sms_fixtures.jsonl"
 
 
 def _config(tmp_path: Path, url: str, **llm: str) -> Path:
-    lines = ["[llm]", f'base_url = "{url}"', 'model = "smsd-test"', "max_retries = 1",
+    lines = ["[llm]", f'base_url = "{url}"', 'model = "smsd-test"', "max_retries = 1", "key_header = true",
              "backoff_base = 0.05", "batch_size = 10"]
     lines += [f'{k} = "{v}"' for k, v in llm.items()]
     path = tmp_path / "config.toml"

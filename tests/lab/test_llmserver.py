@@ -17,6 +17,7 @@ import urllib.request
 import openai
 import pytest
 
+from smsd import tokens
 from smsd.lab import llmserver
 from tests.fixtures_llm import READY_PREFIX, REPO, fixtures_path
 
@@ -59,10 +60,13 @@ def test_server_answers_known_fixtures_in_the_chat_completion_shape(llm_server, 
     assert [r["id"] for r in results] == [line["id"] for line in lines]
     for r, line in zip(results, lines):
         assert {"kind": r["kind"], "transactions": r["transactions"]} == line["expected"]
-    all_text = "".join(m["content"] for m in body["messages"])
-    assert answer["usage"] == {"prompt_tokens": math.ceil(len(all_text) / 4),
-                               "completion_tokens": math.ceil(len(content) / 4),
-                               "total_tokens": math.ceil(len(all_text) / 4) + math.ceil(len(content) / 4)}
+    # Usage is counted with OpenAI's BPE encoding over the whole request (smsd.tokens).
+    prompt = tokens.request_tokens(body["messages"], body.get("response_format"), "test-model")
+    completion = tokens.count(content)
+    assert prompt > 3 * len(lines) and completion > 0
+    assert answer["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion,
+                               "total_tokens": prompt + completion,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
     stats = llm_server.stats()
     assert stats["calls"] == 1
     assert stats["prompt_tokens"] == answer["usage"]["prompt_tokens"]

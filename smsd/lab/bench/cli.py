@@ -22,6 +22,7 @@ from .batch import bench_batch
 from .discovery import bench_discovery
 from .harness import Bench, BenchResult, Params
 from .hosts import bench_hosts
+from .cost import bench_cost
 from .journal import bench_journal
 from .machine import machine_info
 from .memory import bench_memory
@@ -36,7 +37,7 @@ from .commands import bench_mongoops
 from .versus_bare import bench_bare
 
 BENCHES = ("journal", "overhead", "recovery", "ratelimit", "scaling", "memory", "bare", "commit", "steady",
-           "mongoops", "batch", "discovery", "hosts")
+           "mongoops", "batch", "discovery", "hosts", "cost")
 DEFAULT_OUT = "docs/BENCHMARKS.md"
 DEFAULT_CHART = "docs/scaling.png"
 
@@ -55,6 +56,7 @@ RUNNERS: dict[str, Callable[[Bench], BenchResult]] = {
     "batch": bench_batch,
     "discovery": bench_discovery,
     "hosts": bench_hosts,
+    "cost": bench_cost,
 }
 
 

@@ -79,6 +79,9 @@ class Params:
     ops_shapes: tuple[tuple[int, int], ...] = ((100, 4), (4, 500))
     discovery_users: int = 10_000
     discovery_processed_each: int = 5
+    cost_sms: int = 1000                # SMS of the cost bench's backfill corpus and runs
+    cost_trickle_users: int = 20        # users with 2 new SMS each in its trickle run
+    cost_cache_users: int = 4           # users sharing 30% of their texts in its cache run
     run_timeout: float = 600.0
 
     @classmethod
@@ -91,7 +94,8 @@ class Params:
                    commit_users=2, commit_sms_each=80, commit_down_s=3.0, steady_users=30,
                    steady_history=3, steady_rate=6.0, steady_seconds=10.0, steady_drain_s=30.0,
                    ops_shapes=((10, 4), (2, 60)), discovery_users=500,
-                   discovery_processed_each=2, run_timeout=120.0)
+                   discovery_processed_each=2, cost_sms=200, cost_trickle_users=4,
+                   cost_cache_users=2, run_timeout=120.0)
 
 
 # --------------------------------------------------------------------------- results
@@ -259,7 +263,8 @@ class LlmProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smsd.lab.llmserver", "--host", "127.0.0.1", "--port", "0",
-             "--answers", str(self.answers), "--model", BENCH_MODEL, "--log-level", "WARNING"],
+             "--answers", str(self.answers), "--model", BENCH_MODEL, "--log-level", "WARNING",
+             "--prefix-cache"],
             stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True,
             preexec_fn=_die_with_parent)
         url = ready_line(self.proc, READY_PREFIX, timeout)
@@ -412,7 +417,7 @@ class Bench:
         p = self.params
         conf: dict[str, dict] = {
             "mongo": {"uri": self.mongo_uri, "db": db_name, "timeout_ms": 5000},
-            "llm": {"base_url": self.llm.url, "model": BENCH_MODEL, "batch_size": p.batch_size,
+            "llm": {"base_url": self.llm.url, "model": BENCH_MODEL, "key_header": True, "batch_size": p.batch_size,
                     "concurrency": p.llm_concurrency, "timeout": 30.0, "max_retries": 4,
                     "backoff_base": 0.05, "backoff_max": 1.0},
             "journal": {"state_dir": str(directory / "state")},

@@ -29,7 +29,8 @@ class TableExtractor:
     def __init__(self, corpus: Corpus) -> None:
         self.corpus = corpus
 
-    def extract(self, sms: list[Any], *, stop: threading.Event | None = None) -> Any:
+    def extract(self, sms: list[Any], *, stop: threading.Event | None = None,
+                wire_ids: list[str] | None = None) -> Any:
         """The known results of ``sms`` as an :class:`~smsd.llm.LlmAnswer`."""
         from ...llm import LlmAnswer
         from ...model import Usage

@@ -108,7 +108,8 @@ def render_markdown(results: list[BenchResult], machine: dict[str, str], params:
               "steady": "Steady state: SMS keep arriving (issue 12)",
               "mongoops": "MongoDB operations per SMS (issue 12)",
               "discovery": "Discovery tick and status at 10,000 users (issue 12)",
-              "hosts": "Several hosts"}
+              "hosts": "Several hosts",
+              "cost": "LLM cost (issue 14)"}
     for res in results:
         out += ["", f"## {titles.get(res.name, res.name)}", ""]
         if res.error:
