@@ -52,6 +52,8 @@ class Figures:
     def worker_started(self, pid: int, user_id: str) -> None:
         """Remember the user's counts as known now: the worker's figures add to them."""
         self.spawn_base[pid] = {k: self.user_floor[k].get(user_id, 0) for k in USER_COUNTERS}
+        # A turn's pipeline counts its latencies from zero: its first line is all news.
+        self.last_latency.pop(pid, None)
 
     def worker_status(self, w: WorkerProc) -> None:
         """Take in a worker's newest status line (called after every read of its pipe)."""

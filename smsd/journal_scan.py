@@ -47,7 +47,7 @@ def _call_stats(db: sqlite_utils.Database) -> dict:
         "SELECT COUNT(*), COALESCE(SUM(repeated_sms > 0), 0), COALESCE(SUM(repeated_sms), 0),"
         " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),"
         " COALESCE(SUM(state = 'sent'), 0), COALESCE(SUM(state = 'failed'), 0),"
-        " COALESCE(SUM(state = 'answered' AND model != 'rules'), 0),"
+        " COALESCE(SUM(state = 'answered' AND model NOT IN ('rules', 'cache')), 0),"
         " COALESCE(SUM(model = 'rules'), 0) FROM calls"
     ).fetchone()
     return {
@@ -59,7 +59,7 @@ def _call_stats(db: sqlite_utils.Database) -> dict:
         "completion_tokens": calls[4],
         "sent_calls": calls[5],  # never answered nor failed: in flight or cut by a crash
         "failed_calls": calls[6],
-        "answered_calls": calls[7],  # paid calls answered (the rules' own rows are not calls)
+        "answered_calls": calls[7],  # paid calls answered (the rules' and the answer cache's rows are not)
         "rules_calls": calls[8],     # rows of answers the offline rules were certain of
         "answered_sms": _scalar(db, "SELECT COUNT(*) FROM results"),
         "quarantined": _scalar(db, "SELECT COUNT(*) FROM quarantine"),

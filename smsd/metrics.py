@@ -91,8 +91,7 @@ class _Collector:
         tokens = CounterMetricFamily("smsd_llm_tokens", "LLM tokens billed, by type (from the journals).",
                                      labels=["type"])
         tokens.add_metric(["prompt"], fig.journal_total("prompt_tokens"))
-        if fig.has_journal_key("cached_tokens"):
-            tokens.add_metric(["cached"], fig.journal_total("cached_tokens"))
+        tokens.add_metric(["cached"], fig.journal_total("cached_tokens"))   # prompt tokens the server had cached
         tokens.add_metric(["completion"], fig.journal_total("completion_tokens"))
         yield tokens
         prices = sup.settings.llm.prices()

@@ -106,7 +106,9 @@ def test_prometheus_scrapes_smsd_and_its_processed_total_matches_mongodb(tmp_pat
     for user in ("ann", "ben", "cat"):
         seed(db, user, 20)
     port = free_port()
-    prices = {"price_prompt_per_mtok": "0.15", "price_completion_per_mtok": "0.60"}
+    # The three users share their texts: without the answer cache every SMS is a paid call,
+    # so calls, tokens and latency observations all count the same 12 calls.
+    prices = {"price_prompt_per_mtok": "0.15", "price_completion_per_mtok": "0.60", "answer_cache": False}
     d = Daemon(_config(tmp_path, mongo_server, mongo_db_name, llm_server, port, **prices), tmp_path)
     prom = Prometheus(tmp_path, port)
     try:
