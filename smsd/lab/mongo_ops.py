@@ -32,17 +32,29 @@ HOUSEKEEPING = {"endSessions"}
 
 
 class CommandCounter(monitoring.CommandListener):
-    """Counts started commands by name while :attr:`active` is set (thread-safe)."""
+    """Counts started commands while :attr:`active` is set (thread-safe): by name in
+    :attr:`counts`, by name and collection (``"update smsd_llm_costs"``) in :attr:`by_collection`."""
 
     def __init__(self) -> None:
         self.counts: collections.Counter = collections.Counter()
+        self.by_collection: collections.Counter = collections.Counter()
         self.active = threading.Event()
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        """Forget every count."""
+        with self._lock:
+            self.counts.clear()
+            self.by_collection.clear()
+
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if self.active.is_set():
+            # A collection command names its collection as the command's value; hello has 1.
+            target = event.command.get(event.command_name)
+            where = f"{event.command_name} {target}" if isinstance(target, str) else event.command_name
             with self._lock:
                 self.counts[event.command_name] += 1
+                self.by_collection[where] += 1
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -78,14 +90,16 @@ def seed_users(uri: str, db_name: str, users: int, sms_each: int) -> None:
         client.close()
 
 
-def count_turns(settings: Any, users: list[str], *, keep_client: bool) -> dict[str, int]:
-    """Run one turn per user (replay, claim, LLM, flush, finish); commands by name."""
+def count_turns(settings: Any, users: list[str], *, keep_client: bool,
+                by_collection: bool = False) -> dict[str, int]:
+    """Run one turn per user (replay, claim, LLM, flush, finish); commands by name
+    (``by_collection``: by name and collection, ``"find smsd_answer_cache"``)."""
     from ..journal import Journal
     from ..store import Store
     from ..worker import make_pipeline, make_store
 
     c = counter()
-    c.counts.clear()
+    c.clear()
     shared: Store | None = None
     c.active.set()
     try:
@@ -105,18 +119,24 @@ def count_turns(settings: Any, users: list[str], *, keep_client: bool) -> dict[s
         c.active.clear()
         if shared is not None:
             shared.close()
-    return {k: v for k, v in sorted(c.counts.items()) if k not in HOUSEKEEPING}
+    counts = c.by_collection if by_collection else c.counts
+    return {k: v for k, v in sorted(counts.items()) if k.split()[0] not in HOUSEKEEPING}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smsd.lab.mongo_ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=50)
     p.add_argument("--sms", type=int, default=3, help="pending SMS per user")
-    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="SMS per LLM call (default: the shipped llm.batch_size)")
+    p.add_argument("--by-collection", action="store_true",
+                   help="count commands by name and collection (\"update smsd_llm_costs\")")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
     from ..config import Settings
+    if args.batch_size is None:
+        args.batch_size = Settings().llm.batch_size
     from ..embedded import EmbeddedMongo
     from .llmserver import LlmServer
     from .llm_extractors import make_extractor
@@ -137,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             store = make_store_for_indexes(settings)
             users = [f"user-{u:05d}" for u in range(args.users)]
             started = time.perf_counter()
-            counts = count_turns(settings, users, keep_client=keep)
+            counts = count_turns(settings, users, keep_client=keep, by_collection=args.by_collection)
             elapsed = time.perf_counter() - started
             total = sum(counts.values())
             out["keep_client" if keep else "client_per_turn"] = {
