@@ -11,7 +11,11 @@ checkpoint, no discovery.
 The transaction documents are the ones smsd writes for the same SMS: the answers
 the local LLM server gives (the bench corpus) are turned into documents once per
 text with :func:`smsd.store.transaction_doc`, and each SMS gets its own ids and
-provenance from that template.  The users are dealt round-robin to the processes
+provenance from that template.  ``smsd run`` also stamps each document with its
+lease's fencing epoch (:mod:`smsd.fencing`), so the template carries the epoch a
+single host writes (:data:`SINGLE_HOST_EPOCH`): the same documents, the same
+bytes, without the lease's commands (those are smsd's cost, measured against
+this loop).  The users are dealt round-robin to the processes
 (every user of one shape has the same number of SMS).
 
 Timing is from the start of the processes (``spawn``, as ``smsd run`` starts an
@@ -32,6 +36,9 @@ from .harness import Bench
 BARE_INDEX = [("user_id", 1), ("isprocessed", 1), ("_id", 1)]
 #: Raw SMS pending per the contract: ``isprocessed`` false or missing.
 PENDING = {"$in": [False, None]}
+#: The lease epoch of every user of a single host (smsd.lease: the first owner has
+#: epoch 1 and a single host keeps it), stamped by smsd run on what it writes.
+SINGLE_HOST_EPOCH = 1
 
 
 @dataclass
@@ -61,6 +68,7 @@ def templates(bench: Bench) -> dict[str, list[dict]]:
     :func:`~smsd.store.transaction_doc` from the answers the LLM server gives."""
     from bson import ObjectId
 
+    from ...fencing import EPOCH_FIELD
     from ...model import FlushItem, Provenance, sms_key
     from ...store_docs import transaction_doc
     prov = Provenance(call_id="bare", model="bare", request_id=None,
@@ -71,7 +79,8 @@ def templates(bench: Bench) -> dict[str, list[dict]]:
         raw = ObjectId()
         result = bench.corpus.result(sms_key(raw), text)
         item = FlushItem(raw_id=raw, user_id="", result=result, provenance=prov)
-        out[text] = [transaction_doc(item, i, tx, now) for i, tx in enumerate(result.transactions)]
+        out[text] = [dict(transaction_doc(item, i, tx, now), **{EPOCH_FIELD: SINGLE_HOST_EPOCH})
+                     for i, tx in enumerate(result.transactions)]
     return out
 
 
