@@ -19,6 +19,12 @@ delay), *slow* (every client→server MongoDB message delayed 200 ms) and *down*
 LLM calls are in flight, then comes back).  For *down* the figure is over the
 answers whose last byte was written while MongoDB was down.  Answers never
 committed are counted, never dropped from the figures silently.
+
+The data is sized in LLM calls of the shipped ``llm.batch_size`` (SMS per call):
+MongoDB goes down once each worker's first wave of calls (``llm.concurrency``) is
+in, so every user needs more calls than one wave, or no answer would arrive while
+it is down; the bench refuses a smaller size rather than report figures over
+nothing, and counts the answers the *down* window holds.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import time
 from pathlib import Path
 
 from ..mongoproxy import ProxyProcess
-from .contract_run import ContractRun, seed_users
+from .contract_run import ContractRun, seed_users, shipped_settings
 from .harness import Bench, BenchResult, Figure, percentile
 
 TARGET_P99_MS = 50.0
@@ -61,7 +67,12 @@ def _wait_calls(bench: Bench, n: int, run: ContractRun, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def _trial(bench: Bench, proxy: ProxyProcess, condition: str) -> dict:
+def calls_per_user(sms_each: int, batch_size: int) -> int:
+    """LLM calls a user of ``sms_each`` SMS needs at ``batch_size`` SMS per call."""
+    return -(-sms_each // batch_size)
+
+
+def _trial(bench: Bench, proxy: ProxyProcess, condition: str, first_wave: int) -> dict:
     p = bench.params
     db_name, directory = bench.fresh(f"commit_{condition}")
     total = p.commit_users * p.commit_sms_each
@@ -72,7 +83,7 @@ def _trial(bench: Bench, proxy: ProxyProcess, condition: str) -> dict:
     window = None
     try:
         if condition == "down":
-            _wait_calls(bench, 2 * p.commit_users, run, p.run_timeout)
+            _wait_calls(bench, first_wave, run, p.run_timeout)
             down_at = time.time()
             proxy.configure(down=True)
             time.sleep(p.commit_down_s)
@@ -97,12 +108,20 @@ def bench_commit(bench: Bench) -> BenchResult:
     """p50/p99 of answer → journal commit, normal, MongoDB slow and MongoDB down."""
     p = bench.params
     res = BenchResult("commit")
+    llm = shipped_settings().llm
+    calls = calls_per_user(p.commit_sms_each, llm.batch_size)
+    if calls <= llm.concurrency:
+        res.error = (f"commit_sms_each={p.commit_sms_each} is {calls} LLM call(s) per user at "
+                     f"llm.batch_size={llm.batch_size}: MongoDB would go down after the last answer; "
+                     f"give each user more than llm.concurrency={llm.concurrency} calls")
+        return res
+    first_wave = p.commit_users * llm.concurrency
     bench.llm.set_faults(latency_ms=p.commit_latency_ms, latency_jitter_ms=0, rpm_limit=0)
     proxy = ProxyProcess(bench.mongo_uri, bench.root / "mongoproxy-commit.log").start()
     got: dict[str, dict] = {}
     try:
         for condition in CONDITIONS:
-            got[condition] = t = _trial(bench, proxy, condition)
+            got[condition] = t = _trial(bench, proxy, condition, first_wave)
             bench.say(f"    {condition}: {len(t['latencies_ms'])} answers joined, "
                       f"{t['not_committed']} not committed, column {t['column']}")
     finally:
@@ -110,8 +129,9 @@ def bench_commit(bench: Bench) -> BenchResult:
         bench.llm.set_faults(latency_ms=0)
     column = next(iter(got.values()))["column"]
     res.details.append(
-        f"{p.commit_users} users × {p.commit_sms_each} SMS per condition, `smsd run` with the shipped "
-        f"defaults, LLM server latency {p.commit_latency_ms:.0f} ms, MongoDB through the proxy "
+        f"{p.commit_users} users × {p.commit_sms_each} SMS per condition ({calls} LLM calls per user at "
+        f"{llm.batch_size} SMS per call), `smsd run` with the shipped defaults, LLM server latency "
+        f"{p.commit_latency_ms:.0f} ms, MongoDB through the proxy "
         f"(`smsd.lab.mongoproxy`): *normal* no delay, *slow* {p.commit_slow_ms:.0f} ms added to every "
         f"MongoDB command, *down* connections cut and refused for {p.commit_down_s:.0f} s once LLM calls "
         "are in flight (figures over the answers written while it was down).  Latency = journal time "
@@ -134,5 +154,8 @@ def bench_commit(bench: Bench) -> BenchResult:
                    p99 is not None and p99 <= TARGET_P99_MS and t["not_committed"] == 0),
             Figure("commit", f"{condition}: answers never committed", float(t["not_committed"]), "count"),
         ]
+        if condition == "down":
+            res.figures.append(Figure("commit", "down: answers written while MongoDB was down",
+                                      float(t["answers"]), "count"))
     res.extra["latencies_ms"] = {c: t["latencies_ms"] for c, t in got.items()}
     return res

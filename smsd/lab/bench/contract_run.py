@@ -25,6 +25,13 @@ SHIPPED_CONFIG = Path(__file__).resolve().parents[3] / "config.toml"
 PENDING = {"smsd_quarantine": None, "isprocessed": {"$in": [False, None]}}
 
 
+def shipped_settings() -> Any:
+    """The settings of the shipped ``config.toml`` alone (no environment): what a run uses,
+    for a bench that sizes its data by them (SMS per LLM call, calls in flight)."""
+    from ...config import load_settings
+    return load_settings(SHIPPED_CONFIG, env={})
+
+
 class ContractRun:
     """One ``smsd run`` with the shipped ``config.toml``, only URIs and directories set."""
 
