@@ -61,7 +61,7 @@ import sqlite_utils
 # scan() lives in journal_scan; it is re-exported here for callers of journal.scan.
 from smsd.journal_scan import _stats, scan  # noqa: F401
 from smsd.journal_schema import (MIGRATIONS, SCHEMA, SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta,
-                                 _scalar, journal_path)
+                                 _scalar, journal_path, statements)
 from smsd.journal_ledger import LedgerRows
 from smsd.ledger import add_to_ledger, usd_text
 from smsd.model import (Provenance, Quarantine, SmsResult, Usage, raw_id_from_bytes,
@@ -268,7 +268,8 @@ class Journal(LedgerRows):
         db.execute("BEGIN IMMEDIATE")
         try:
             if "meta" not in db.table_names():
-                db.executescript(SCHEMA)
+                for statement in statements(SCHEMA):   # in this one transaction: one fsync
+                    db.execute(statement)
                 db.table("meta").insert_all([
                     {"key": "schema_version", "value": str(SCHEMA_VERSION)},
                     {"key": "user_id", "value": user_id},

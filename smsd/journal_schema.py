@@ -133,6 +133,24 @@ MIGRATIONS: dict[int, list[str]] = {
         SCHEMA[SCHEMA.index("CREATE TABLE ledger"):]],
 }
 
+def statements(script: str) -> list[str]:
+    """The SQL statements of ``script``, one each, so they can run inside one transaction.
+
+    ``executescript`` would COMMIT first and then run each statement in autocommit
+    mode: one WAL commit (an fsync with ``synchronous=FULL``) per table, on every
+    new user's first turn.
+    """
+    out, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip():
+        out.append(current.strip())
+    return out
+
+
 #: SMS results awaiting a flush (walks the partial index calls_unflushed).
 UNFLUSHED_COUNT = ("SELECT COUNT(*) FROM results WHERE call_id IN"
                    " (SELECT call_id FROM calls WHERE state = 'answered' AND flushed = 0)")

@@ -26,7 +26,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from . import grounding
 from . import batch
@@ -39,72 +39,15 @@ from . import answer_cache
 from .ledger import FREE_MODELS, cost_usd, price_for, write_costs
 from .llm import LlmAnswer, LlmError
 from .llm_errors import LlmBatchError, LlmConfigError
-from .model import FlushItem, Quarantine, Sms, SmsResult, Usage
+from .model import FlushItem, Quarantine, Sms, Usage
 from .model import wire_ids as model_wire_ids
 from .store import Store, StoreUnavailable
+from .pipeline_types import Extractor, HandoverBox, RunSummary, StaleEpoch  # noqa: F401 - re-exported
 
 log = logging.getLogger("smsd.pipeline")
 
 #: Journal answers replayed per loop turn, between new LLM calls.
 REPLAY_CHUNK = 64
-
-
-class Extractor(Protocol):
-    """What the pipeline asks: the LLM client, or anything answering like it."""
-
-    model: str
-
-    def extract(self, sms: list[Sms], *, stop: threading.Event | None = None,
-                wire_ids: list[str] | None = None) -> LlmAnswer: ...
-
-
-class StaleEpoch(Exception):
-    """A flush was refused because another owner holds a newer lease on the user."""
-
-
-class HandoverBox(Protocol):
-    """Answers another host paid for and handed over (:class:`smsd.handover.Handover`)."""
-
-    def adopt(self, keys: list[str]) -> dict[str, SmsResult]: ...
-
-    def forget(self, keys: list[str]) -> None: ...
-
-
-@dataclass
-class RunSummary:
-    """What one run did, for the one-line summary and the worker's report."""
-
-    user_id: str
-    batch_id: str = ""
-    total_sms: int = 0
-    processed_sms: int = 0        # the checkpoint's counter (whole batch, across resumes)
-    newly_processed: int = 0      # marked processed by this process
-    asked_sms: int = 0
-    llm_calls: int = 0
-    failed_calls: int = 0
-    quarantined: int = 0
-    replayed_answers: int = 0
-    status: str = "in_progress"
-    stopped: bool = False
-    elapsed_s: float = 0.0
-    pending_left: int | None = None
-    last_processed_id: Any = None
-    resumed_from: dict | None = None
-    config_error: LlmConfigError | None = None   # the LLM refuses our setup: asking stopped
-    # The bill of this run (smsd.ledger): USD of the paid calls, of those that
-    # re-bought SMS, and SMS answered without a paid call (rules, cache).
-    cost_usd: Decimal = Decimal(0)
-    repeated_usd: Decimal = Decimal(0)
-    paid_sms: int = 0
-    free_sms: int = 0
-    cache_hits: int = 0
-    cache_races: int = 0          # SMS paid while another call paid for the same text
-    unpriced_calls: int = 0
-
-    @property
-    def saved_usd(self) -> Decimal:
-        """SMS answered without a paid call, at this run's average USD per paid SMS."""
-        return self.cost_usd / self.paid_sms * self.free_sms if self.paid_sms else Decimal(0)
 
 
 @dataclass
@@ -487,7 +430,7 @@ class Pipeline(FreeAnswers):
         # the same update: a kill before _finish_run must not leave the run in_progress
         # for ever (no pending SMS, no journal backlog: no worker would ever resume it).
         done = bool(s.total_sms) and s.processed_sms >= s.total_sms \
-            and self._count_pending() == 0
+            and (self._nothing_left_in_hand() or self._count_pending() == 0)
         self._write_checkpoint(total_sms=s.total_sms if done else None,
                                status="completed" if done else "in_progress")
         if self.cache is not None:   # only flushed answers: their SMS are stored and processed
@@ -524,6 +467,15 @@ class Pipeline(FreeAnswers):
                 # last flush does, so a kill before _finish_run cannot leave it in_progress.
                 self._write_checkpoint(total_sms=None, status="completed")
         return True
+
+    def _nothing_left_in_hand(self) -> bool:
+        """The last page was short and all it held is flushed: no count needed to complete.
+
+        An SMS that arrived since is a new run's (the next discovery finds it).
+        """
+        held = self._buffer or self._retry or self._inflight or (self.cache and self.cache.held)
+        self._none_pending = self._exhausted and not held
+        return self._none_pending
 
     def _count_pending(self) -> int:
         left = self.store.count_pending(self.user_id)

@@ -43,7 +43,8 @@ def test_take_renew_release_and_epochs(store):
     db = store._database()
     a, b = Leases(db, "host-a", ttl=30), Leases(db, "host-b", ttl=30)
     la = a.take("u1")
-    assert la is not None and la.owner == "host-a" and la.epoch == 1 and not la.stamped
+    # The first epoch is born stamped: nobody held the user before, nothing carries a lower epoch.
+    assert la is not None and la.owner == "host-a" and la.epoch == 1 and la.stamped
     assert b.take("u1") is None                       # held: nobody else gets it
     again = a.take("u1")
     assert again.epoch == 1                           # the same host keeps its epoch
@@ -52,6 +53,7 @@ def test_take_renew_release_and_epochs(store):
     assert a.release("u1", 1) is True
     lb = b.take("u1")
     assert lb is not None and lb.owner == "host-b" and lb.epoch == 2
+    assert not lb.stamped                             # a new owner must stamp its epoch first
     assert a.renew(la) is None                        # a's epoch is gone
     view = a.read(["u1", "nobody"])
     assert view["u1"]["owner"] == "host-b" and view["u1"]["free"] is False and "nobody" not in view
