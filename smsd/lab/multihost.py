@@ -45,7 +45,10 @@ class HostProcess:
         conf: dict[str, dict[str, Any]] = {
             "mongo": {"uri": mongo_uri, "db": db, "timeout_ms": 2000},
             "llm": {"base_url": llm_url, "model": "smsd-test", "batch_size": 5, "concurrency": 2,
-                    "timeout": 10.0, "max_retries": 3, "backoff_base": 0.05, "backoff_max": 0.5},
+                    "timeout": 10.0, "max_retries": 3, "backoff_base": 0.05, "backoff_max": 0.5,
+                    # the local server's per-SMS counters (billed, asked) name SMS keys, not
+                    # the ids "1".."N" local to a call (token diet)
+                    "key_header": True},
             "journal": {"state_dir": str(self.state_dir)},
             "pipeline": {"page_size": 50},
             "supervisor": {"runtime_dir": str(self.root / "run"), "discovery_interval": 1.0,
