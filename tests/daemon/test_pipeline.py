@@ -154,26 +154,32 @@ def test_bad_config_value_stops_start_up_naming_the_key(tmp_path):
     assert "llm.batch_size" in out.stderr
 
 
-@pytest.mark.xfail(reason="integration defect found at the end of the session (after the cost-ledger, lease and pre-forked-worker branches met on main); open, see the closing note", strict=False)
 def test_mongodb_down_mid_run_keeps_journaling_then_flushes(tmp_path, own_mongo, llm_server):
     client = MongoClient(own_mongo.uri)
     db = client["smsd_down"]
-    expected = seed(db, "ivy", 60)
-    llm_server.set_faults(latency_ms=150)
+    expected = seed(db, "ivy", 40)
+    # Small, slow calls, one at a time: 20 calls of about 0.3 s, so most of them are still
+    # to come when MongoDB goes down (with the default 25 SMS per call the run's few calls
+    # could all be answered before the kill).  A short MongoDB timeout: each flush attempt
+    # against the dead server holds the loop that long.
+    llm_server.set_faults(latency_ms=300)
+    backlog, batch, concurrency = 10, 2, 1
     config = write_config(tmp_path, mongo_uri=own_mongo.uri, db="smsd_down", llm_url=llm_server.url,
-                          pipeline={"page_size": 60}, journal={"max_backlog": 30})
+                          mongo={"timeout_ms": 500}, llm={"batch_size": batch, "concurrency": concurrency},
+                          pipeline={"page_size": 40}, journal={"max_backlog": backlog})
     proc = start_smsd(config, "once", "--user-id", "ivy")
     _wait_for(lambda: db.sms_fin_rawdata.count_documents({"user_id": "ivy", "isprocessed": True}) >= 10)
     own_mongo.kill()
-    time.sleep(3.0)
+    assert llm_server.stats()["calls"] < 40 // batch, "calls must remain for the outage"
+    # Answers keep coming into the journal while MongoDB is down, up to the backlog bound.
+    _wait_for(lambda: journal_mod.scan(tmp_path / "state")["ivy"]["unflushed"] >= backlog)
     assert proc.poll() is None, "smsd must keep running while MongoDB is down"
-    stats = journal_mod.scan(tmp_path / "state")["ivy"]
-    assert stats["unflushed"] > 0                      # answers kept coming into the journal
-    assert stats["unflushed"] <= 30 + 10               # ... up to the backlog bound (+ in flight)
     calls_while_down = llm_server.stats()["calls"]
     time.sleep(1.5)
-    if stats["unflushed"] >= 30:
-        assert llm_server.stats()["calls"] <= calls_while_down + 2   # paused at the bound
+    stats = journal_mod.scan(tmp_path / "state")["ivy"]
+    assert stats["unflushed"] <= backlog + batch * concurrency       # the bound (+ what was in flight)
+    assert llm_server.stats()["calls"] <= calls_while_down + concurrency   # paid calls paused at the bound
+    assert proc.poll() is None
     own_mongo.restart()
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
