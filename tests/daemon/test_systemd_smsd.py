@@ -76,6 +76,12 @@ def _restarts(c):
     return int(c.show("smsd.service", "NRestarts") or 0)
 
 
+def _wait_idle(c):
+    """Until no worker has a turn (pre-forked workers may stay up, idle)."""
+    c.wait_for(lambda: not json.loads(c.run([SMSCTL, "--socket", "/run/smsd/control.sock", "status",
+                                             "--json"]).stdout)["workers"], timeout=30, what="idle")
+
+
 def _state_dir(c, tmp_path):
     """A host copy of the service's StateDirectory (journals with their WAL files).
 
@@ -119,8 +125,7 @@ def test_sigkilled_main_pid_is_restarted_and_the_job_completes(smsd_service, llm
     c.wait_prop("smsd.service", "ActiveState", "active", timeout=30)
     c.wait_for(lambda: db.sms_fin_rawdata.count_documents({"isprocessed": True}) == 80, timeout=120,
                what="all processed after the restart")
-    c.wait_for(lambda: not json.loads(c.run([SMSCTL, "--socket", "/run/smsd/control.sock", "status",
-                                             "--json"]).stdout)["workers"], timeout=30, what="idle")
+    _wait_idle(c)
     assert _restarts(c) == 1
     report = verify(db, expected, state_dir=_state_dir(c, tmp_path), billed=llm.stats()["billed"])
     assert report.ok, report.to_dict()
@@ -138,7 +143,6 @@ def test_watchdog_kills_and_restarts_a_supervisor_that_stops_pinging(smsd_servic
     assert "Watchdog timeout" in log or "watchdog timeout" in log.lower()
 
 
-@pytest.mark.xfail(reason="integration defect found at the end of the session (after the cost-ledger, lease and pre-forked-worker branches met on main); open, see the closing note", strict=False)
 def test_systemctl_stop_drains_and_exits_cleanly(smsd_service, llm, tmp_path):
     c, db = smsd_service
     expected = seed(db, "d1", 40)
@@ -156,5 +160,8 @@ def test_systemctl_stop_drains_and_exits_cleanly(smsd_service, llm, tmp_path):
     c.systemctl("start", "smsd.service")
     c.wait_for(lambda: db.sms_fin_rawdata.count_documents({"isprocessed": True}) == 40, timeout=60,
                what="finished after the restart")
+    # The last flush sets isprocessed before it marks its journal rows flushed: copy the
+    # journals once the turn is over, or the copy can catch that flush half-way.
+    _wait_idle(c)
     report = verify(db, expected, state_dir=_state_dir(c, tmp_path), billed=llm.stats()["billed"])
     assert report.ok and report.sms_asked_more_than_once == 0, report.to_dict()
