@@ -25,8 +25,11 @@ test-llamacpp: install
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[llamacpp]' \
 	  || echo "make: llama-cpp-python could not be installed: tests/daemon/test_llamacpp.py will be skipped"
 
+# In parallel (TEST_JOBS processes, pytest-xdist): tests that use host-wide systemd or
+# network-namespace state share one process (xdist_group "host"); the longest start first.
+TEST_JOBS ?= 3
 test: install test-deps test-llamacpp
-	$(PY) -m pytest -q -rs --durations=25
+	$(PY) -m pytest -q -rs --durations=25 -n $(TEST_JOBS) --dist loadgroup
 
 test-fast: install
 	$(PY) -m pytest -q -rs -m "not slow"
