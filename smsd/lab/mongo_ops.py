@@ -27,6 +27,10 @@ from typing import Any
 
 from pymongo import MongoClient, monitoring
 
+#: What is counted: the pipeline with a client per turn, with a kept client, and a
+#: pre-forked worker's whole turn (lease and fencing included).
+MODES = ("client_per_turn", "keep_client", "worker_turn")
+
 #: Commands that are the driver's own housekeeping, not smsd's work.
 HOUSEKEEPING = {"endSessions"}
 
@@ -123,6 +127,39 @@ def count_turns(settings: Any, users: list[str], *, keep_client: bool,
     return {k: v for k, v in sorted(counts.items()) if k.split()[0] not in HOUSEKEEPING}
 
 
+def count_worker_turns(settings: Any, users: list[str], *, by_collection: bool = False) -> dict[str, int]:
+    """One whole turn per user as a pre-forked worker runs it (:func:`smsd.worker._turn`):
+    lease take and release, the fenced store, journal, pipeline; commands by name."""
+    import os
+
+    from .. import worker
+
+    store = worker.make_store(settings, fenced=True)
+    extractor = worker.make_extractor(settings)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    reporter = worker._Reporter(write_fd, os.getppid())
+    reporter.check_parent = lambda: None     # no supervisor here: nothing to die with
+    drain = threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(read_fd, 65536), b"")],
+                             daemon=True)
+    drain.start()
+    c = counter()
+    c.clear()
+    c.active.set()
+    try:
+        for user_id in users:
+            code, _ = worker._turn(settings, user_id, store, extractor, reporter,
+                                   threading.Event(), threading.Event())
+            if code != worker.EXIT_DONE:
+                raise RuntimeError(f"user {user_id}: worker turn ended with code {code}")
+    finally:
+        c.active.clear()
+        store.close()
+        os.close(write_fd)
+    counts = c.by_collection if by_collection else c.counts
+    return {k: v for k, v in sorted(counts.items()) if k.split()[0] not in HOUSEKEEPING}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smsd.lab.mongo_ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=50)
@@ -145,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             EmbeddedMongo(Path(tmp) / "mongo", log_path=Path(tmp) / "mongo.log") as mongo, \
             LlmServer(make_extractor("rules")) as llm:
         out: dict[str, Any] = {"users": args.users, "sms_per_user": args.sms}
-        for keep in (False, True):
-            db_name = f"ops_{'keep' if keep else 'new'}"
+        for mode in MODES:
+            keep = mode != "client_per_turn"
+            db_name = f"ops_{mode}"
             settings = Settings()
             settings.mongo.uri, settings.mongo.db = mongo.uri, db_name
             settings.llm.base_url, settings.llm.model = llm.url, "smsd-local"
@@ -157,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             store = make_store_for_indexes(settings)
             users = [f"user-{u:05d}" for u in range(args.users)]
             started = time.perf_counter()
-            counts = count_turns(settings, users, keep_client=keep, by_collection=args.by_collection)
+            counts = count_worker_turns(settings, users, by_collection=args.by_collection) \
+                if mode == "worker_turn" else \
+                count_turns(settings, users, keep_client=keep, by_collection=args.by_collection)
             elapsed = time.perf_counter() - started
             total = sum(counts.values())
-            out["keep_client" if keep else "client_per_turn"] = {
+            out[mode] = {
                 "commands": counts, "total": total,
                 "per_user": round(total / args.users, 2),
                 "per_sms": round(total / (args.users * args.sms), 2),
@@ -170,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(f"{args.users} users x {args.sms} SMS, batch {args.batch_size}")
-        for mode in ("client_per_turn", "keep_client"):
+        for mode in MODES:
             r = out[mode]
             print(f"  {mode}: {r['per_sms']} commands/SMS, {r['per_user']} per user turn "
                   f"({r['ms_per_turn']} ms per turn, one process, serial): "

@@ -17,7 +17,7 @@ import pytest
 
 from smsd.config import Settings
 from smsd.journal import Journal
-from smsd.lab.mongo_ops import count_turns, seed_users
+from smsd.lab.mongo_ops import count_turns, count_worker_turns, seed_users
 from smsd.model import SmsResult, Transaction, Usage, sms_key
 from smsd.store import Store
 
@@ -44,9 +44,10 @@ def test_a_turn_of_three_sms_flushes_once_with_no_extra_reads(settings):
     counts = count_turns(settings, users(), keep_client=True, by_collection=True)
     per_turn = {k: v / USERS for k, v in counts.items()}
     assert per_turn == {
-        # The pending counts at the start and at the last flush, and the counters' base
-        # (a user's first run counts its processed SMS once: smsd.store_stats).
-        "aggregate sms_fin_rawdata": 3,
+        # The pending count at the start and the counters' base (a user's first run
+        # counts its processed SMS once: smsd.store_stats).  None at the last flush: its
+        # page was short and everything in it is flushed, so nothing was left pending.
+        "aggregate sms_fin_rawdata": 2,
         "find processing_checkpoints": 1,       # the latest checkpoint
         "find sms_fin_rawdata": 1,              # one (short) page: no empty page, no stale find
         "find smsd_answer_cache": 1,            # the page's texts looked up before the one call
@@ -77,7 +78,7 @@ def test_a_replay_of_several_answers_is_one_flush_with_the_stale_find(settings):
                                   failed={}, request_id=None, usage=Usage())
     counts = count_turns(settings, [user], keep_client=True, by_collection=True)
     assert counts == {
-        "aggregate sms_fin_rawdata": 3,
+        "aggregate sms_fin_rawdata": 2,         # as above: the empty page ends the count
         "find processing_checkpoints": 1,
         # One stale-document find for the three replayed answers, then one page, empty:
         # every SMS is answered, so no LLM call and no answer-cache lookup.
@@ -95,3 +96,29 @@ def test_a_replay_of_several_answers_is_one_flush_with_the_stale_find(settings):
     with Journal.open(settings.state_dir, user) as journal:
         assert journal.unflushed_count() == 0
     assert Path(settings.state_dir).is_dir()
+
+
+def test_a_new_users_worker_turn_takes_its_lease_in_one_command_and_stamps_nothing(settings):
+    # A pre-forked worker's whole turn: the lease and the fenced store on top of the
+    # pipeline's commands above.  A user nobody held before gets epoch 1 from one
+    # findAndModify (upsert) and needs no stamp: no writer can carry a lower epoch.
+    seed_users(settings.mongo.uri, settings.mongo.db, USERS, 3)
+    counts = count_worker_turns(settings, users(), by_collection=True)
+    per_turn = {k: v / USERS for k, v in counts.items() if k != "hello"}
+    assert per_turn == {
+        "findAndModify smsd_leases": 1,          # the take (epoch 1, born stamped)
+        "update smsd_leases": 1,                 # the release at the turn's end
+        "update sms_fin_rawdata": 2,             # the flush's claim, then isprocessed
+        "aggregate sms_fin_rawdata": 2,
+        "find processing_checkpoints": 1,
+        "find sms_fin_rawdata": 1,
+        "find smsd_handover": 1,                 # answers another host handed over, if any
+        "find smsd_answer_cache": 1,
+        "insert processing_checkpoints": 1,
+        "update financial_transactions": 1,
+        "findAndModify processing_checkpoints": 1,
+        "update smsd_user_stats": 1,
+        "update smsd_answer_cache": 1,
+        "update smsd_llm_costs": 1}
+    # The server's clock offset is measured once per client, not once per turn.
+    assert counts.get("hello", 0) <= 2
