@@ -430,7 +430,7 @@ class Pipeline(FreeAnswers):
         # the same update: a kill before _finish_run must not leave the run in_progress
         # for ever (no pending SMS, no journal backlog: no worker would ever resume it).
         done = bool(s.total_sms) and s.processed_sms >= s.total_sms \
-            and (self._nothing_left_in_hand() or self._count_pending() == 0)
+            and (self._nothing_left_in_hand(answers) or self._count_pending() == 0)
         self._write_checkpoint(total_sms=s.total_sms if done else None,
                                status="completed" if done else "in_progress")
         if self.cache is not None:   # only flushed answers: their SMS are stored and processed
@@ -468,12 +468,18 @@ class Pipeline(FreeAnswers):
                 self._write_checkpoint(total_sms=None, status="completed")
         return True
 
-    def _nothing_left_in_hand(self) -> bool:
+    def _nothing_left_in_hand(self, flushing: list[Answer]) -> bool:
         """The last page was short and all it held is flushed: no count needed to complete.
 
         An SMS that arrived since is a new run's (the next discovery finds it).
         """
-        held = self._buffer or self._retry or self._inflight or (self.cache and self.cache.held)
+        # A call whose whole answer is in this flush is not in hand any more, even if the
+        # main loop has not collected its future yet: the LLM thread journals the answer
+        # before the future completes, and a flush after a timed-out wait can take it.
+        flushed = {(a.call_id, r.key) for a in flushing for _, r in a.items}
+        inflight = any(any((call.call_id, m.key) not in flushed for m in call.sms)
+                       for call in self._inflight.values())
+        held = self._buffer or self._retry or inflight or (self.cache and self.cache.held)
         self._none_pending = self._exhausted and not held
         return self._none_pending
 

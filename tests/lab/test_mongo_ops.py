@@ -46,7 +46,8 @@ def test_a_turn_of_three_sms_flushes_once_with_no_extra_reads(settings):
     assert per_turn == {
         # The pending count at the start and the counters' base (a user's first run
         # counts its processed SMS once: smsd.store_stats).  None at the last flush: its
-        # page was short and everything in it is flushed, so nothing was left pending.
+        # page was short and everything in it is flushed, so nothing was left pending (also
+        # when that flush took the answer before the main loop collected the call's future).
         "aggregate sms_fin_rawdata": 2,
         "find processing_checkpoints": 1,       # the latest checkpoint
         "find sms_fin_rawdata": 1,              # one (short) page: no empty page, no stale find
