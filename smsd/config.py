@@ -103,7 +103,7 @@ class SupervisorSettings:
     max_workers: int = 4
     discovery_interval: float = 5.0
     worker_timeout: float = 120.0
-    worker_rss_limit_mb: int = 512
+    worker_rss_limit_mb: int = 512           # recycled after its current turn
     drain_timeout: float = 30.0
     restart_backoff: float = 1.0
     restart_backoff_max: float = 60.0

@@ -361,7 +361,9 @@ class Supervisor(WorkerPool):
                 user.info["journal"] = report["journal"]
         now = time.monotonic()
         restart_reason = "rss" if w.recycle_reason == "rss" else None   # for /metrics
-        if code == EXIT_DONE and w.recycle_reason is None:
+        # An RSS recycle retires the worker after its turn (workerpool): the turn was whole.
+        cut_short = w.recycle_reason not in (None, "rss")
+        if code == EXIT_DONE and not cut_short:
             user.last_exit = "done"
             user.consecutive_crashes = 0
             user.done_generation = self.generation

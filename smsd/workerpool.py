@@ -101,13 +101,16 @@ class WorkerPool:
                 self._kill(w.pid, signal.SIGKILL)
                 w.last_seen = now   # do not kill twice while waiting for the reap
                 continue
-            if w.recycle_reason is None:
+            if w.recycle_reason is None and not w.retire:
                 used = rss(w.pid)
                 if used > sup.worker_rss_limit_mb * 1024 * 1024:
+                    # Between turns, like a reload: a SIGTERM now would drain a turn that may
+                    # not have asked anything yet (a worker can be over the limit from its
+                    # fork on), and its replacement would be cut the same way, for ever.
                     log.warning("worker %d (user %s) RSS %d MiB over the limit: recycling it after "
-                                "its current batch", w.pid, w.user_id, used >> 20)
+                                "its current turn", w.pid, w.user_id, used >> 20)
                     w.recycle_reason = "rss"
-                    self._kill(w.pid, signal.SIGTERM)
+                    self.retire(w)
 
     def kill_all(self, sig: int, why: str) -> None:
         for w in self.workers.values():
