@@ -25,7 +25,7 @@ import psutil
 
 from .config import Settings
 from .sdnotify import unset_environment
-from .worker import die_with_parent, run_worker
+from .worker import WORKER_SIGNALS, die_with_parent, run_worker
 
 log = logging.getLogger("smsd.supervisor")
 
@@ -91,7 +91,16 @@ def start_worker(settings: Settings, parent_pid: int, mongo_uri: str | None,
     """Fork an idle worker; the parent gets its record (status read end, command write end)."""
     r, w = os.pipe()
     cmd_r, cmd_w = os.pipe()
-    pid = os.fork()
+    # Until the worker has its own handlers, a SIGTERM (a drain starting right now)
+    # would run the supervisor's inherited handler in the child and be lost: the
+    # worker would then ignore the drain.  Blocked across the fork, it stays pending
+    # and reaches the worker's handler once _serve unblocks it (WORKER_SIGNALS).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
     if pid == 0:  # the worker
         try:
             os.close(r)
@@ -100,6 +109,7 @@ def start_worker(settings: Settings, parent_pid: int, mongo_uri: str | None,
             unset_environment(os.environ)
         finally:
             run_worker(settings, cmd_r, w, parent_pid, mongo_uri)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(w)
     os.close(cmd_r)
     for fd in (r, cmd_w):

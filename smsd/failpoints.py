@@ -3,7 +3,9 @@
 ``SMSD_FAILPOINT=after_commit`` kills the process the first time it reaches
 ``failpoint("after_commit")``.  ``SMSD_FAILPOINT=after_commit@3`` kills it the
 third time.  ``SMSD_FAILPOINT=before_claim:hang`` makes the process hang there
-(no heartbeat) instead of dying, to test hang detection.  Several points may
+(no heartbeat) instead of dying, to test hang detection;
+``SMSD_FAILPOINT=worker_forked:pause=2`` makes it sleep 2 s there and go on, to
+hold a race window open (a signal arriving inside it).  Several points may
 be given, separated by commas.  Crash tests
 and drills use this to hit each window of DESIGN.md's table
 deterministically; with the variable unset a failpoint costs one dict lookup.
@@ -30,6 +32,7 @@ POINTS = {
     "batch_polling": "batch mode: before a poll of an open batch",
     "batch_mid_download": "batch mode: some output lines are journaled, not all",
     "batch_after_download": "batch mode: every output line is journaled, before the job is marked done",
+    "worker_forked": "in a new worker, before it installs its signal handlers",
     "supervisor_no_watchdog": "the supervisor stops pinging the systemd watchdog (not a kill)",
 }
 
@@ -65,4 +68,7 @@ def failpoint(name: str) -> None:
     if action == "hang":
         while True:
             time.sleep(3600)
+    if action.startswith("pause="):
+        time.sleep(float(action.partition("=")[2]))
+        return
     os.kill(os.getpid(), signal.SIGKILL)

@@ -21,8 +21,12 @@ What stays as it was, on purpose:
 * it dies with its parent (``PR_SET_PDEATHSIG`` plus a ``getppid`` check on
   every tick), and exits when its command pipe reaches EOF;
 * it reports a JSON line on its status pipe about once a second, busy or idle:
-  that line is the heartbeat ``worker_timeout`` watches; RSS recycling is the
-  supervisor's SIGTERM, which drains the current turn and ends the process.
+  that line is the heartbeat ``worker_timeout`` watches; RSS recycling retires
+  the worker: the supervisor lets its current turn end, then sends the SIGTERM
+  that ends an idle worker;
+* a SIGTERM never gets lost, even one sent while the worker is being forked:
+  the supervisor blocks :data:`WORKER_SIGNALS` across the fork and the worker
+  unblocks them once its own handlers are in place.
 
 The protocol, one JSON object per line: the supervisor writes ``{"user_id": U}``
 on the worker's command pipe; the worker answers on its status pipe with
@@ -51,6 +55,7 @@ from typing import Any, Callable
 from .batch import run_phase
 from .config import Settings
 from .extractor import build_extractor, build_rate_limiter
+from .failpoints import failpoint
 from .fencing import FencedStore
 from .journal import Journal, JournalLocked
 from .lease_worker import WorkerLease
@@ -71,6 +76,9 @@ EXIT_STALE = 74          # the lease moved to another host; MongoDB refused our 
 
 PR_SET_PDEATHSIG = 1
 HEARTBEAT_INTERVAL = 1.0
+#: Blocked by the supervisor across the fork (smsd.children.start_worker) and
+#: unblocked once the worker's own handlers are in place, so none is lost.
+WORKER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP})
 
 
 def make_store(settings: Settings, uri: str | None = None, *, fenced: bool = False) -> Store:
@@ -229,6 +237,7 @@ class _Commands:
 def _serve(settings: Settings, cmd_fd: int, status_fd: int, parent_pid: int,
            mongo_uri: str | None) -> int:
     die_with_parent(parent_pid)
+    failpoint("worker_forked")
     stop, abort = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())               # drain
     signal.signal(signal.SIGQUIT, lambda *_: (stop.set(), abort.set()))  # fast stop
@@ -236,6 +245,8 @@ def _serve(settings: Settings, cmd_fd: int, status_fd: int, parent_pid: int,
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    # A drain that began while we were being forked is pending: it sets ``stop`` now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
     os.set_blocking(status_fd, False)
     # Kept for the worker's whole life: the reason it is pre-forked (module docstring).
     store = make_store(settings, mongo_uri, fenced=True)

@@ -141,6 +141,22 @@ def test_sigterm_drains_calls_in_flight_then_exits_zero(tmp_path, db, mongo_serv
     assert report.ok and report.sms_asked_more_than_once == 0, report.to_dict()
 
 
+def test_sigterm_while_a_worker_is_being_forked_drains_that_worker_too(tmp_path, db, mongo_server,
+                                                                       mongo_db_name, llm_server):
+    # The failpoint holds a new worker for a while before it installs its own signal
+    # handlers: the drain's SIGTERM lands in that window, where the supervisor's inherited
+    # handler would swallow it and the worker would go on to ask the LLM for its user.
+    seed(db, "kim", 40)
+    config = _config(tmp_path, mongo_server, mongo_db_name, llm_server)
+    d = Daemon(config, tmp_path, SMSD_FAILPOINT="worker_forked:pause=5")
+    wait_for(lambda: "kim" in d.worker_pids().values(), what="kim's turn handed to a new worker")
+    code, out = d.stop(signal.SIGTERM)
+    assert code == 0, out[-3000:]
+    assert "draining" in out
+    assert llm_server.stats()["calls"] == 0, "the worker ignored the drain"
+    assert processed(db) == 0
+
+
 def test_sighup_reloads_config_and_a_bad_one_is_refused(tmp_path, db, mongo_server, mongo_db_name, llm_server):
     config = _config(tmp_path, mongo_server, mongo_db_name, llm_server, supervisor={"max_workers": 3})
     d = Daemon(config, tmp_path)
