@@ -105,7 +105,9 @@ class LeaseView:
 
     def ask(self, sup: Any) -> dict:
         """What a discovery of supervisor ``sup`` needs to read the leases (``discover``'s arguments)."""
-        free_slots = max(0, sup.settings.supervisor.max_workers - len(sup.workers))
+        # Pre-forked workers stay up between turns: an idle one is a free slot.
+        busy = sum(1 for w in sup.workers.values() if w.user_id is not None)
+        free_slots = max(0, sup.settings.supervisor.max_workers - busy)
         return {"host": self.host, "free_slots": free_slots, "lease_users": self.owed(sup.users.values())}
 
     def turns(self, candidates: list, room: int) -> list:

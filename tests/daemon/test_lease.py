@@ -169,3 +169,13 @@ def test_lease_turns_keep_the_fair_order_and_the_share():
     assert len([n for n in names if n.startswith("new")]) == 1 and left == 0
     picked, _ = lease_turns(users[2:4], "me", room=1, quota=5, owed=lambda u: 0)
     assert len(picked) == 1                                                   # room bounds it
+
+
+def test_idle_prefork_workers_count_as_free_slots_in_the_heartbeat(tmp_path):
+    from types import SimpleNamespace as NS
+    from smsd.lease_sched import LeaseView
+    sup = NS(settings=NS(supervisor=NS(max_workers=3)), users={},
+             workers={1: NS(user_id="u1"), 2: NS(user_id=None), 3: NS(user_id=None)})
+    assert LeaseView(tmp_path).ask(sup)["free_slots"] == 2
+    sup.workers = {i: NS(user_id=f"u{i}") for i in range(3)}
+    assert LeaseView(tmp_path).ask(sup)["free_slots"] == 0
