@@ -32,7 +32,11 @@ log = logging.getLogger("smsd.supervisor")
 
 @dataclass
 class WorkerProc:
-    """A live worker as the supervisor sees it: busy with ``user_id``, or idle (``None``)."""
+    """A live worker as the supervisor sees it: busy with ``user_id``, or idle (``None``).
+
+    In a group turn (trickle batching) ``user_id`` is the first of its users whose
+    turn has not ended (the one its heartbeats describe) and ``group`` the others.
+    """
 
     pid: int
     user_id: str | None
@@ -47,6 +51,25 @@ class WorkerProc:
     turns: int = 0
     retire: bool = False         # end it once idle (reload: it keeps the settings it was forked with)
     events: list = field(default_factory=list)   # turn ends read, not yet handled
+    group: list = field(default_factory=list)    # the other users of a group turn, not yet ended
+
+    def users(self) -> list[str]:
+        """Every user whose turn this worker has not ended yet."""
+        return ([self.user_id] if self.user_id is not None else []) + list(self.group)
+
+    def end_turn(self, user_id: str) -> bool:
+        """``user_id``'s turn ended; True when the worker has no user left (idle)."""
+        if user_id == self.user_id:
+            self.user_id = self.group.pop(0) if self.group else None
+            self.status = {}   # the heartbeats describe the new first user from now on
+        elif user_id in self.group:
+            self.group.remove(user_id)
+        return self.user_id is None
+
+
+def running_users(workers: Iterable[WorkerProc]) -> dict[str, WorkerProc]:
+    """Each user in a turn now, with the worker serving it."""
+    return {u: w for w in workers for u in w.users()}
 
 
 @dataclass
@@ -118,13 +141,15 @@ def start_worker(settings: Settings, parent_pid: int, mongo_uri: str | None,
     return WorkerProc(pid=pid, user_id=None, fd=r, cmd_fd=cmd_w)
 
 
-def assign(w: WorkerProc, user_id: str) -> bool:
-    """Hand ``user_id``'s turn to an idle worker; False if its pipe is gone (it is dying)."""
+def assign(w: WorkerProc, user_ids: list[str]) -> bool:
+    """Hand a turn (one user, or a group) to an idle worker; False if its pipe is gone (it is dying)."""
+    msg = {"user_id": user_ids[0]} if len(user_ids) == 1 else {"user_ids": list(user_ids)}
     try:
-        os.write(w.cmd_fd, (json.dumps({"user_id": user_id}) + "\n").encode())
+        os.write(w.cmd_fd, (json.dumps(msg) + "\n").encode())
     except OSError:   # BlockingIOError cannot happen: an idle worker's pipe is empty
         return False
-    w.user_id = user_id
+    w.user_id = user_ids[0]
+    w.group = list(user_ids[1:])
     w.turns += 1
     w.status = {}
     return True

@@ -95,6 +95,8 @@ class PipelineSettings:
     max_text_chars: int = 2000
     page_size: int = 200
     worker_max_sms: int = 500                # per worker turn, for fairness between users
+    trickle_group_max_users: int = 12        # small users one worker serves at once, calls filled across them; 1 = off
+    trickle_wait_ms: int = 100               # how long a group turn's call waits for the other users' SMS
 
 
 @dataclass
@@ -188,6 +190,7 @@ CHOICES = {
 POSITIVE = {("llm", "batch_size"), ("llm", "concurrency"), ("llm", "timeout"),
             ("journal", "max_backlog"), ("pipeline", "max_attempts"), ("pipeline", "page_size"),
             ("pipeline", "max_text_chars"), ("pipeline", "worker_max_sms"),
+            ("pipeline", "trickle_group_max_users"),
             ("supervisor", "max_workers"), ("supervisor", "worker_timeout"),
             ("supervisor", "discovery_interval"), ("mongo", "timeout_ms"),
             ("llm", "batch_threshold"), ("llm", "batch_max_sms"), ("llm", "batch_poll_interval"), ("lease", "ttl")}
@@ -323,6 +326,8 @@ def _validate(settings: Settings) -> None:
             parse_listen(settings.supervisor.metrics_listen)
         except ListenError as exc:
             raise ConfigError(f"bad value for supervisor.metrics_listen: {exc}") from None
+    if settings.pipeline.trickle_wait_ms < 0:
+        raise ConfigError("bad value for pipeline.trickle_wait_ms: must be >= 0")
     if not 0 < settings.lease.renew_fraction < 1:
         raise ConfigError("bad value for lease.renew_fraction: must be between 0 and 1")
     if not settings.mongo.uri:

@@ -23,6 +23,7 @@ POINTS = {
     "before_llm_call": "after the call is journaled as sent, before the HTTP request",
     "after_llm_answer": "after the LLM answered, before the journal commit",
     "after_commit": "after the journal commit, before any Mongo write",
+    "group_between_commits": "a group turn's combined call answered: the first user committed, the others not",
     "mid_flush": "after the transactions are upserted, before isprocessed is set",
     "after_flush": "after the Mongo writes, before the journal row is marked flushed",
     "after_mark_flushed": "after the journal row is marked flushed",

@@ -75,7 +75,7 @@ def release_user(sup: Any, user_id: str | None) -> dict:
     sup.users.setdefault(user_id, UserState(user_id)).next_start = time.monotonic() + sup.settings.lease.ttl
     sup.lease.forget(user_id)
     for w in sup.workers.values():
-        if w.user_id == user_id:
+        if user_id in w.users():   # a group turn drains all its users
             w.recycle_reason = "released"
             sup._kill(w.pid, signal.SIGTERM)   # its in-flight calls finish and flush first
             log.info("user %s: lease given back once its worker drains", user_id)

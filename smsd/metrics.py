@@ -35,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from . import __version__
 from .figures import Figures
 from .histogram import Histogram
-from .status import SupervisorView, mongo_health, user_status
+from .status import SupervisorView, live_journal, mongo_health, running_users, user_status
 
 #: The content type of the text format (prometheus_client's CONTENT_TYPE_LATEST).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -138,14 +138,14 @@ def _user_sums(sup: SupervisorView) -> dict:
     One pass with no per-user rows (what ``smsctl status`` builds): a scrape
     with 10,000 users must not hold up the loop.
     """
-    running = {w.user_id: w for w in sup.workers.values()}
+    running = running_users(sup.workers.values())
     now = time.monotonic()
     sums = {"pending": 0, "quarantined": 0, "ungrounded": 0, "unflushed": 0}
     by_status: Counter[str] = Counter()
     for user in sup.users.values():
         info = user.info
         live = running.get(user.user_id)
-        journal = (live.status.get("journal") if live and live.status else None) or info.get("journal") or {}
+        journal = live_journal(live, user.user_id) or info.get("journal") or {}
         counters = info.get("counters") or {}   # the user's smsd_user_stats, as discovery read them
         pending = int(info.get("pending_sms") or 0)
         quarantined = int(counters.get("quarantined_sms") or 0)

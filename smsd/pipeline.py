@@ -304,6 +304,9 @@ class Pipeline(FreeAnswers):
                                               request_id=answer.request_id, usage=answer.usage,
                                               model=answer.model, cost_usd=cost)
         self._fresh_calls.add(call.call_id)
+        committed = getattr(self.extractor, "committed", None)
+        if committed is not None:   # a group turn's combiner (smsd.combiner): its crash window
+            committed()
         failpoint("after_commit")
         return _Outcome(answer=answer, failed=failed, cost=cost, repeated_usd=repeated)
 

@@ -68,6 +68,32 @@ def next_turns(users: Iterable[UserState], running: set[str], applied_generation
     return candidates
 
 
+def group_turns(candidates: Iterable[UserState], room: int, most: int, call_sms: int) -> list[list[UserState]]:
+    """The next turns (fairest first, at most ``room``): one user each, or a group of small users.
+
+    Trickle batching (:mod:`smsd.combiner`): users with fewer pending SMS than one
+    call holds (``call_sms``) share a turn, up to ``most`` users and ``call_sms``
+    pending SMS in all, so that their SMS fill LLM calls together.  A user with a
+    full call's worth of SMS keeps a turn of its own, as before.
+    """
+    turns: list[list[UserState]] = []
+    load: list[int] = []
+    for user in candidates:
+        n = max(1, int(user.info.get("pending_sms") or 0))
+        if most > 1 and n < call_sms:
+            fit = next((i for i, t in enumerate(turns) if load[i] and len(t) < most
+                        and load[i] + n <= call_sms), None)
+            if fit is not None:
+                turns[fit].append(user)
+                load[fit] += n
+                continue
+        if len(turns) >= room:
+            continue   # a small user may still fit an open group further down
+        turns.append([user])
+        load.append(n if most > 1 and n < call_sms else 0)   # 0: a turn of its own, nobody joins
+    return turns
+
+
 def record_crash(user: UserState, sup: SupervisorSettings, pid: int, why: str) -> None:
     """A worker died: back off its restart, or mark the user failed if it crash-loops."""
     now = time.monotonic()

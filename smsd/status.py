@@ -17,7 +17,7 @@ import time
 from typing import Protocol
 
 from . import __version__, ledger
-from .children import WorkerProc, rss
+from .children import WorkerProc, rss, running_users
 from .config import Settings
 from .control_protocol import CommandError
 from .figures import Figures
@@ -97,13 +97,13 @@ def status_users(sup: SupervisorView) -> list[dict]:
     costs no MongoDB read whatever the number of users: ``total_sms`` is
     processed + quarantined + pending.
     """
-    running = {w.user_id: w for w in sup.workers.values()}
+    running = running_users(sup.workers.values())
     now = time.monotonic()
     out = []
     for user in sup.users.values():
         info = user.info
         live = running.get(user.user_id)
-        journal = (live.status.get("journal") if live and live.status else None) or info.get("journal") or {}
+        journal = live_journal(live, user.user_id) or info.get("journal") or {}
         counters = info.get("counters") or {}
         pending = int(info.get("pending_sms") or 0)
         processed = int(counters.get("processed_sms") or 0)
@@ -144,15 +144,23 @@ def page_args(args: dict) -> tuple[int | None, int]:
     return limit, int(offset or 0)
 
 
+def live_journal(live: WorkerProc | None, user_id: str) -> dict | None:
+    """The journal counters of ``user_id`` in its worker's newest heartbeat, if it describes that user.
+
+    A group turn's heartbeats describe its first user only; the others keep their last report.
+    """
+    if live is None or live.user_id != user_id or not live.status:
+        return None
+    return live.status.get("journal") or None
+
+
 def user_journals(sup: SupervisorView) -> dict[str, dict]:
     """Each user's journal counters: the live worker's newest, else the last discovery's."""
-    running = {w.user_id: w for w in sup.workers.values()}
+    running = running_users(sup.workers.values())
     out = {}
     for user in sup.users.values():
         journal = user.info.get("journal") or {}
-        live = running.get(user.user_id)
-        if live and live.status.get("journal"):
-            journal = live.status["journal"]
+        journal = live_journal(running.get(user.user_id), user.user_id) or journal
         out[user.user_id] = journal
     return out
 
@@ -205,7 +213,7 @@ def status_reply(sup: SupervisorView, user_id: str | None = None, *,
     live workers' reports), ``paging`` says where the page is.
     """
     now = time.monotonic()
-    workers = [{"user_id": w.user_id, "pid": w.pid,
+    workers = [{"user_id": w.user_id, "pid": w.pid, "group": list(w.group),
                 "state": w.recycle_reason and f"stopping ({w.recycle_reason})" or
                 w.status.get("state", "starting"),
                 "uptime_s": round(now - w.started, 1), "rss_bytes": rss(w.pid),

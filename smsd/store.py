@@ -30,6 +30,7 @@ forks its workers before any of them creates a :class:`Store`.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -202,6 +203,20 @@ class Store:
             pid, self._client_pid = self._client_pid, None
         if client is not None and pid == os.getpid():
             client.close()
+
+    def sibling(self) -> "Store":
+        """A copy sharing this store's client (one user's fenced writes of a group turn).
+
+        Connects first so the copies share one client, and closing a copy closes
+        nothing; with MongoDB away the copy connects (and closes) a client of its own.
+        """
+        try:
+            self._database()
+        except StoreUnavailable:
+            return copy.copy(self)
+        twin = copy.copy(self)
+        twin.close = lambda: None   # type: ignore[method-assign] - the client is the original's
+        return twin
 
     def __enter__(self) -> "Store":
         return self

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, discovery, failpoints
-from .children import Child, WorkerProc, close_fds, close_worker_fds, read_answer, read_status, start_child
+from .children import (Child, WorkerProc, close_fds, close_worker_fds, read_answer, read_status,
+                       running_users, start_child)
 from .config import ConfigError, Settings, load_settings
 from .control import CommandError, ControlServer, Peer, UnknownCommand
 from .journal_schema import journal_path
@@ -349,12 +350,17 @@ class Supervisor(WorkerPool):
                 log.warning("idle worker %d exited (%s)", w.pid, f"exit {code}" if code >= 0
                             else f"signal {-code}")
             return
-        self.turn_ended(w, code, w.status)
+        # A group turn's death ends (and backs off) every user whose turn had not ended.
+        reasons = [self.turn_ended(w, code, w.status if u == w.user_id else {}, u) for u in w.users()]
+        self.figures.worker_exited(w, reasons[0])
 
-    def turn_ended(self, w: WorkerProc, code: int, report: dict) -> None:
-        """Decide about the user of a turn that ended with ``code`` (EXIT_* or -signal)."""
-        assert w.user_id is not None
-        user = self.users.setdefault(w.user_id, UserState(w.user_id))
+    def turn_ended(self, w: WorkerProc, code: int, report: dict, user_id: str) -> str | None:
+        """Decide about ``user_id``, whose turn on ``w`` ended with ``code`` (EXIT_* or -signal).
+
+        Returns the restart reason /metrics counts (None: no restart); the caller
+        tells the figures once per worker turn.
+        """
+        user = self.users.setdefault(user_id, UserState(user_id))
         if report:
             user.info.update({k: report[k] for k in ("total_sms", "processed_sms") if k in report})
             if report.get("journal"):
@@ -367,7 +373,7 @@ class Supervisor(WorkerPool):
             user.last_exit = "done"
             user.consecutive_crashes = 0
             user.done_generation = self.generation
-            log.info("worker %d (user %s) finished", w.pid, w.user_id)
+            log.info("worker %d (user %s) finished", w.pid, user_id)
         elif code in (EXIT_MORE, EXIT_DONE):
             user.last_exit = "turn over" if code == EXIT_MORE else f"recycled ({w.recycle_reason})"
             user.consecutive_crashes = 0
@@ -376,7 +382,7 @@ class Supervisor(WorkerPool):
             # Not the user's fault and not a crash: the LLM refuses our setup.
             user.last_exit = "LLM misconfigured"
             user.info["pending_sms"] = max(1, int(user.info.get("pending_sms") or 1))
-            self.health.misconfigured(w.status.get("llm_error"), w.status.get("llm_hint"), w.user_id)
+            self.health.misconfigured(w.status.get("llm_error"), w.status.get("llm_hint"), user_id)
             if self.ready_sent:
                 self.notifier.status(status_line(self))
         elif code in (EXIT_LEASED, EXIT_STALE):
@@ -392,7 +398,7 @@ class Supervisor(WorkerPool):
             if w.recycle_reason == "hung":
                 why, restart_reason = "hung, killed", "hung"
             record_crash(user, self.settings.supervisor, w.pid, why)
-        self.figures.worker_exited(w, restart_reason)
+        return restart_reason
 
     # -------------------------------------------------- discovery / admin
     def maybe_discover(self) -> None:
@@ -420,7 +426,7 @@ class Supervisor(WorkerPool):
         started since.  (``smsd once`` beside the daemon is caught by the
         periodic full look.)
         """
-        running = {w.user_id for w in self.workers.values() if w.user_id is not None}
+        running = set(running_users(self.workers.values()))
         started = {u.user_id for u in self.users.values() if u.last_served >= since}
         users = running | started | self.ran_at_last_discovery
         self.ran_at_last_discovery = running
@@ -452,7 +458,7 @@ class Supervisor(WorkerPool):
         self.mongo = answer.get("mongo", self.mongo)
         self.health.mongo_seen(self.mongo.get("ok"))
         self.applied_generation = max(self.applied_generation, generation)
-        running = {w.user_id for w in self.workers.values() if w.user_id is not None}
+        running = set(running_users(self.workers.values()))
 
         def fresher_here(user: UserState) -> bool:
             # Our own worker runs, or finished after this look began: its news is fresher.
@@ -591,7 +597,7 @@ class Supervisor(WorkerPool):
         user = self.users.setdefault(user_id, UserState(user_id))
         user.paused = True
         for w in self.workers.values():
-            if w.user_id == user_id:
+            if user_id in w.users():   # a group turn drains all its users
                 w.recycle_reason = "paused"
                 self._kill(w.pid, signal.SIGTERM)   # drain: its in-flight calls finish and flush
         self._save_paused()

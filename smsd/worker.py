@@ -29,8 +29,10 @@ What stays as it was, on purpose:
   unblocks them once its own handlers are in place.
 
 The protocol, one JSON object per line: the supervisor writes ``{"user_id": U}``
-on the worker's command pipe; the worker answers on its status pipe with
-heartbeats (``user_id`` is ``None`` while idle) and, at the end of each turn,
+on the worker's command pipe, or ``{"user_ids": [U1, ..., Uk]}`` for a group
+turn of small users (trickle batching, :mod:`smsd.worker_group`); the worker
+answers on its status pipe with heartbeats (``user_id`` is ``None`` while idle)
+and, at the end of each user's turn (every user of a group has its own),
 ``{"turn_over": U, "code": EXIT_DONE | EXIT_MORE | EXIT_LOCKED | EXIT_MISCONFIGURED, ...}``.
 SIGTERM drains (the current turn ends, then the process exits), SIGQUIT
 aborts waits too.
@@ -62,6 +64,7 @@ from .lease_worker import WorkerLease
 from .logsetup import bind_context
 from .pipeline import Extractor, HandoverBox, Pipeline, StaleEpoch
 from .store import Store
+from .worker_group import run_group
 
 log = logging.getLogger("smsd.worker")
 
@@ -133,6 +136,14 @@ class _Reporter:
         self.last_stats = 0.0
         self.journal_stats: dict = {}
         self.lease: Callable[[], dict] = dict    # the lease for the status line
+        self._lock = threading.Lock()            # a group turn's pipelines report from their threads
+
+    def for_member(self, user_id: str) -> "_Reporter":
+        """A reporter for one pipeline of a group turn: same pipe and lock, its own user."""
+        r = _Reporter(self.fd, self.parent_pid)
+        r._lock = self._lock
+        r.user_id = user_id
+        return r
 
     def check_parent(self) -> None:
         if os.getppid() != self.parent_pid:
@@ -178,10 +189,14 @@ class _Reporter:
 
     def send(self, msg: dict) -> None:
         data = (json.dumps(msg, default=str) + "\n").encode()
+        with self._lock:   # one whole line at a time, whichever thread writes
+            self._write(data, "turn_over" in msg)
+
+    def _write(self, data: bytes, must_arrive: bool) -> None:
         try:
             os.write(self.fd, data)
         except BlockingIOError:
-            if "turn_over" in msg:   # the end of a turn must arrive: wait for room
+            if must_arrive:   # the end of a turn must arrive: wait for room
                 os.set_blocking(self.fd, True)
                 try:
                     os.write(self.fd, data)
@@ -216,13 +231,16 @@ class _Commands:
         self.buf = b""
         self.eof = False
 
-    def next_user(self, stop: threading.Event, reporter: _Reporter) -> str | None:
+    def next_turn(self, stop: threading.Event, reporter: _Reporter) -> list[str] | None:
+        """The users of the next turn (one, or a group), or None at EOF or a drain."""
         while not stop.is_set():
             line, sep, rest = self.buf.partition(b"\n")
             if sep:
                 self.buf = rest
                 msg: Any = json.loads(line)
-                return str(msg["user_id"])
+                if "user_ids" in msg:
+                    return [str(u) for u in msg["user_ids"]]
+                return [str(msg["user_id"])]
             if self.eof:
                 return None
             reporter.idle()
@@ -255,9 +273,14 @@ def _serve(settings: Settings, cmd_fd: int, status_fd: int, parent_pid: int,
     commands = _Commands(cmd_fd)
     try:
         while True:
-            user_id = commands.next_user(stop, reporter)
-            if user_id is None:
+            users = commands.next_turn(stop, reporter)
+            if users is None:
                 return EXIT_DONE
+            if len(users) > 1:
+                run_group(settings, users, store, extractor, reporter, stop, abort, _turn)
+                reporter.last = 0.0
+                continue
+            user_id = users[0]
             reporter.user_id = user_id
             bind_context(user_id=user_id)   # every JSON log line of this turn names its user
             code, info = _turn(settings, user_id, store, extractor, reporter, stop, abort)

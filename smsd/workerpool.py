@@ -17,8 +17,8 @@ import signal
 import time
 from typing import Any
 
-from .children import WorkerProc, assign, rss, start_worker
-from .scheduler import next_turns
+from .children import WorkerProc, assign, rss, running_users, start_worker
+from .scheduler import group_turns, next_turns
 from .worker import EXIT_DONE
 
 log = logging.getLogger("smsd.supervisor")
@@ -40,7 +40,7 @@ class WorkerPool:
 
     def spawn_workers(self) -> None:
         """Give waiting users a turn: on an idle worker, or on a new one up to ``max_workers``."""
-        running = {w.user_id for w in self.workers.values() if w.user_id is not None}
+        running = set(running_users(self.workers.values()))
         idle = [w for w in self.workers.values()
                 if w.user_id is None and not w.retire and w.recycle_reason is None and w.term_sent is None]
         excess = len(self.workers) - self.settings.supervisor.max_workers
@@ -51,13 +51,24 @@ class WorkerPool:
         if room <= 0 or self.health.llm_misconfigured:
             return   # misconfigured: a new worker would only fail the same way; wait for a reload
         # Users whose lease another host holds are skipped; free leases up to this host's share.
-        for user in self.lease.turns(next_turns(self.users.values(), running, self.applied_generation), room):
+        most = self.group_size()
+        candidates = self.lease.turns(next_turns(self.users.values(), running, self.applied_generation),
+                                      room * most)
+        for turn in group_turns(candidates, room, most, self.settings.llm.batch_size):
             w = idle.pop() if idle else self.spawn_worker()
-            if not assign(w, user.user_id):
-                continue   # it is dying; the reap replaces it and the user waits a loop turn
-            self.figures.worker_started(w.pid, user.user_id)
-            user.last_served = time.monotonic()
-            log.info("worker %d took user %s (turn %d of this worker)", w.pid, user.user_id, w.turns)
+            if not assign(w, [u.user_id for u in turn]):
+                continue   # it is dying; the reap replaces it and the users wait a loop turn
+            self.figures.worker_started(w.pid, turn[0].user_id)
+            for user in turn:
+                user.last_served = time.monotonic()
+            log.info("worker %d took user%s %s (turn %d of this worker)", w.pid, "s" if len(turn) > 1 else "",
+                     ", ".join(u.user_id for u in turn), w.turns)
+
+    def group_size(self) -> int:
+        """How many small users one turn may serve (trickle batching; 1 = one user per turn)."""
+        if self.settings.llm.mode != "online" or self.settings.llm.extractor == "rules":
+            return 1   # batch jobs and the offline rules pay no prefix per call: nothing to fill
+        return max(1, self.settings.pipeline.trickle_group_max_users)
 
     def spawn_worker(self) -> WorkerProc:
         """Fork an idle worker (it keeps its MongoDB and LLM clients across turns)."""
@@ -74,10 +85,13 @@ class WorkerPool:
     def turns_over(self, w: WorkerProc) -> None:
         while w.events:
             event = w.events.pop(0)
-            if event.get("turn_over") != w.user_id:
+            user_id = event.get("turn_over")
+            if user_id not in w.users():
                 continue
-            self.turn_ended(w, int(event.get("code", EXIT_DONE)), event)
-            w.user_id = None
+            reason = self.turn_ended(w, int(event.get("code", EXIT_DONE)), event, user_id)
+            if not w.end_turn(user_id):
+                continue   # a group turn: its other users are still at work
+            self.figures.worker_exited(w, reason)
             w.status = {}
             if w.retire:
                 self.retire(w)

@@ -1,0 +1,68 @@
+"""A worker's group turn: several small users at once, their LLM calls filled together.
+
+The supervisor hands a worker ``{"user_ids": [U1..Uk]}`` when several waiting
+users each have a few pending SMS (trickle batching, see :mod:`smsd.combiner`
+for why).  Each user runs the ordinary one-user turn of :mod:`smsd.worker` in a
+thread of its own -- its journal ``flock``, its lease and epoch, its fenced
+writes (a copy of the worker's store that shares the MongoDB client but carries
+its own epoch), its pipeline and flush -- so a group turn changes nothing a
+single turn guarantees.  Only the LLM client is shared, behind a
+:class:`~smsd.combiner.CallCombiner`, and every user's turn end is reported on
+its own ``turn_over`` line the moment that user is done.
+
+A crash (exception or SIGKILL) in a group turn ends the worker process like a
+single turn's crash; the supervisor applies its back-off to each user of the
+group (:meth:`smsd.supervisor.Supervisor.worker_exited`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Callable
+
+from .combiner import CallCombiner
+from .config import Settings
+from .logsetup import bind_context
+
+log = logging.getLogger("smsd.worker")
+
+
+def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, reporter: Any,
+              stop: threading.Event, abort: threading.Event, turn: Callable[..., tuple[int, dict]]) -> None:
+    """Run one turn per user of ``users`` in threads sharing one combiner; report each turn's end.
+
+    ``turn`` is :func:`smsd.worker._turn` (passed in: this module is imported by it).
+    An exception in any user's thread is re-raised here, which ends the worker
+    (counted as a crash of every user whose turn it had not reported).
+    """
+    combiner = CallCombiner(extractor, max_sms=settings.llm.batch_size,
+                            wait_s=settings.pipeline.trickle_wait_ms / 1000.0)
+    errors: list[BaseException] = []
+    bind_context(user_id=None)   # several users: each log line names its user in the message
+
+    def one(user_id: str) -> None:
+        member = combiner.member(user_id)
+        own = reporter.for_member(user_id)
+        twin = store.sibling()
+        try:
+            code, info = turn(settings, user_id, twin, member, own, stop, abort)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the worker's thread
+            log.exception("user %s: group turn failed", user_id)
+            errors.append(exc)
+            return
+        finally:
+            member.leave()
+            twin.close()
+        own.send({"turn_over": user_id, "code": code, "pid": os.getpid(), **info})
+
+    threads = [threading.Thread(target=one, args=(u,), name=f"smsd-group-{i}", daemon=True)
+               for i, u in enumerate(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.info("group turn of %d users: %d LLM calls for %d requests", len(users), combiner.calls,
+             combiner.requests)
+    if errors:
+        raise errors[0]
