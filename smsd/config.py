@@ -96,7 +96,7 @@ class PipelineSettings:
     page_size: int = 200
     worker_max_sms: int = 500                # per worker turn, for fairness between users
     trickle_group_max_users: int = 12        # small users one worker serves at once, calls filled across them; 1 = off
-    trickle_wait_ms: int = 100               # how long a group turn's call waits for the other users' SMS
+    trickle_wait_ms: int = 1000              # how long a group turn's call waits for the other users' SMS
 
 
 @dataclass

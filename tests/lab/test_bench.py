@@ -56,3 +56,7 @@ def test_quick_cost_bench_end_to_end_ledger_matches_the_requests_as_built(tmp_pa
     assert values["backfill prompt tokens per SMS, after"] < values["backfill prompt tokens per SMS, before"]
     cache_run = next(v for k, v in values.items() if "answer cache on" in k)
     assert 0 < cache_run < values["USD per 1,000 SMS end to end, backfill"]
+    # Trickle batching: fewer calls and fewer prompt tokens per SMS than a call per user, same run.
+    assert values["trickle under smsd run: LLM calls, grouped / one user per turn"] < 1
+    assert (values["trickle under smsd run: prompt tokens per SMS, grouped"]
+            < values["trickle under smsd run: prompt tokens per SMS, one user per turn"])

@@ -15,7 +15,10 @@ Two halves, both with OpenAI's own BPE encoding (:mod:`smsd.tokens`, offline):
 * **end to end** — ``smsd once`` against the local LLM server (which bills with
   the same encoding and caches prefixes as OpenAI does): the journal's ledger
   gives tokens and USD per SMS for backfill, trickle (one user at a time with 2
-  new SMS each) and ``rules-then-llm``.
+  new SMS each) and ``rules-then-llm``; and trickle under ``smsd run`` (many
+  users with 2 new SMS each, all waiting at once) with trickle batching off
+  (``pipeline.trickle_group_max_users = 1``: a call per user) and on (the
+  default: small users share a group turn and their calls), side by side.
 """
 from __future__ import annotations
 
@@ -88,6 +91,22 @@ def _answer_tokens(batch: list[Any], wire: list[str], answers: dict[str, dict], 
     return tokens.count(json.dumps({"results": results}, ensure_ascii=False, separators=(",", ":")))
 
 
+def _grouped(sms: list[Any], sizes: Iterable[int], batch_size: int, most: int) -> list[list[Any]]:
+    """Calls as trickle batching fills them: users of ``sizes`` new SMS (in turn) packed into
+    calls of at most ``most`` users and ``batch_size`` SMS, as :func:`smsd.scheduler.group_turns`
+    packs a group turn (a user's SMS stay in one call)."""
+    out: list[list[Any]] = []
+    users = 0
+    for part in _batches(sms, sizes):
+        if out and users < most and len(out[-1]) + len(part) <= batch_size:
+            out[-1].extend(part)
+            users += 1
+        else:
+            out.append(list(part))
+            users = 1
+    return out
+
+
 def _variant(name: str) -> tuple[Any, bool, bool]:
     """(client, strict, legacy user document) of a variant."""
     from ...llm import LlmClient
@@ -128,7 +147,7 @@ def usd_per_1000(m: dict, paid_share: Decimal = Decimal(1)) -> Decimal:
     return (usd / m["sms"] * 1000 * paid_share).quantize(Decimal("0.0001"))
 
 
-def _offline(bench: Bench, res: BenchResult, batch_size: int) -> dict:
+def _offline(bench: Bench, res: BenchResult, batch_size: int, most: int) -> dict:
     corpus_answers = {t: e for t, _, e in bench.corpus.items}
     corpus = _sms(bench, bench.params.cost_sms)
     fixtures, fixture_answers = _fixture_sms()
@@ -140,10 +159,14 @@ def _offline(bench: Bench, res: BenchResult, batch_size: int) -> dict:
                 # "before" is smsd as it was, with its default batch of 10 SMS.
                 use = (BEFORE_BATCH,) if name == "before" and mode == "backfill" else sizes
                 table[(label, mode, name)] = measure(_batches(sms, use), answers, name)
+        table[(label, "trickle, grouped", "after")] = measure(
+            _grouped(sms, TRICKLE_SIZES, batch_size, most), answers, "after")
     res.details.append(f"Requests as built by `LlmClient` for {len(corpus)} SMS of the bench corpus and the "
                        f"{len(fixtures)} labelled fixtures; backfill = batches of {batch_size} "
                        f"({BEFORE_BATCH} before), trickle = "
-                       "calls of 1, 2, 3 SMS in turn (2 on average). Tokens per SMS, counted with "
+                       "calls of 1, 2, 3 SMS in turn (2 on average); trickle, grouped = the same users' "
+                       f"SMS filled into calls of up to {most} users and {batch_size} SMS (trickle "
+                       "batching). Tokens per SMS, counted with "
                        "o200k_base (gpt-4o-mini's encoding) over system prompt + user message + schema.")
     res.details.append("")
     res.details.append("| corpus | mode | variant | prompt/SMS | completion/SMS | prefix tokens | "
@@ -203,29 +226,72 @@ def _e2e(bench: Bench, label: str, users: int, per_user: int, shared: int = 0, *
     return out
 
 
+def _e2e_run(bench: Bench, label: str, users: int, most: int) -> dict:
+    """``smsd run`` with ``users`` users of 2 new SMS each, all waiting at once; journals' ledger."""
+    from ...config import LlmSettings
+    from ...journal_scan import scan
+    from ...ledger import DEFAULT_PRICES
+    db, directory = bench.fresh(f"cost_{label}")
+    mini = DEFAULT_PRICES[PRICE_MODEL]
+    config = bench.write_config(directory, db, llm={"concurrency": 1, "batch_size": LlmSettings().batch_size,
+                                                    "answer_cache": False},
+                                pipeline={"trickle_group_max_users": most}, **{
+        f'llm.prices."{BENCH_MODEL}"': {"input": str(mini.input), "cached_input": str(mini.cached_input),
+                                        "output": str(mini.output)}})
+    names = [f"g{u}" for u in range(users)]
+    for u, name in enumerate(names):
+        bench.seed(db, name, 2, start=u * 2)
+    bench.llm.reset()
+    t0 = time.monotonic()
+    proc = bench.smsd(config, "run")
+    try:
+        bench.wait_processed(db, names, users * 2, proc, bench.params.run_timeout)
+        took = time.monotonic() - t0
+    finally:
+        bench.stop_smsd(proc)
+    stats = list(scan(directory / "state").values())
+    bench.drop(db)
+    out = {k: sum(int(s.get(k) or 0) for s in stats)
+           for k in ("prompt_tokens", "completion_tokens", "cached_tokens", "paid_sms", "free_sms", "calls",
+                     "repeated_calls")}
+    # A group's combined call is one journal row per user: the calls are those the LLM server answered.
+    out["journal_rows"], out["calls"] = out["calls"], bench.llm.stats()["calls"]
+    out["cost_usd"] = sum((Decimal(s.get("cost_usd") or 0) for s in stats), Decimal(0))
+    out["sms"] = users * 2
+    out["seconds"] = took
+    return out
+
+
 def bench_cost(bench: Bench) -> BenchResult:
     """Tokens per SMS and USD per 1,000 SMS: requests as built, then end to end."""
     from ...config import LlmSettings
     res = BenchResult("cost")
+    from ...config import PipelineSettings
     batch_size = LlmSettings().batch_size
-    table = _offline(bench, res, batch_size)
+    most = PipelineSettings().trickle_group_max_users
+    table = _offline(bench, res, batch_size, most)
     before = table[("bench corpus", "backfill", "before")]
     after = table[("bench corpus", "backfill", "after")]
     trickle = table[("bench corpus", "trickle", "after")]
+    grouped = table[("bench corpus", "trickle, grouped", "after")]
     pp, cp = after["prompt"] / after["sms"], after["completion"] / after["sms"]
+    gp = grouped["prompt"] / grouped["sms"]
     res.figures += [
         Figure("cost", "backfill prompt tokens per SMS, before", before["prompt"] / before["sms"], "tokens"),
         Figure("cost", "backfill prompt tokens per SMS, after", pp, "tokens", "≤ 120", pp <= 120),
         Figure("cost", "backfill completion tokens per SMS, before", before["completion"] / before["sms"],
                "tokens"),
         Figure("cost", "backfill completion tokens per SMS, after", cp, "tokens", "≤ 60", cp <= 60),
-        Figure("cost", "trickle / backfill prompt tokens per SMS, after",
-               (trickle["prompt"] / trickle["sms"]) / pp, "ratio", "≤ 1.5",
-               (trickle["prompt"] / trickle["sms"]) / pp <= 1.5),
+        Figure("cost", "trickle / backfill prompt tokens per SMS, one user per call",
+               (trickle["prompt"] / trickle["sms"]) / pp, "ratio"),
+        Figure("cost", "trickle prompt tokens per SMS, grouped", gp, "tokens"),
+        Figure("cost", "trickle / backfill prompt tokens per SMS, after (grouped)", gp / pp, "ratio", "≤ 1.5",
+               gp / pp <= 1.5),
         Figure("cost", "prefix (system prompt + schema) tokens, after", after["prefix"], "tokens"),
         Figure("cost", "USD per 1,000 SMS, backfill, before", float(usd_per_1000(before)), "USD"),
         Figure("cost", "USD per 1,000 SMS, backfill, after", float(usd_per_1000(after)), "USD"),
         Figure("cost", "USD per 1,000 SMS, trickle, after", float(usd_per_1000(trickle)), "USD"),
+        Figure("cost", "USD per 1,000 SMS, trickle, grouped", float(usd_per_1000(grouped)), "USD"),
         Figure("cost", "USD per 1,000 SMS, fixtures backfill, after",
                float(usd_per_1000(table[("fixtures", "backfill", "after")])), "USD"),
         Figure("cost", "USD per 1,000 SMS, fixtures backfill, rules-then-llm",
@@ -242,11 +308,18 @@ def bench_cost(bench: Bench) -> BenchResult:
                 _e2e(bench, "cache", users, each, shared=shared),
             "trickle (2 new SMS per user)": _e2e(bench, "trickle", p.cost_trickle_users, 2, answer_cache=False),
             "rules-then-llm, backfill": _e2e(bench, "rules", 1, p.cost_sms, extractor="rules-then-llm",
-                                             answer_cache=False)}
+                                             answer_cache=False),
+            # Side by side in the same run: trickle batching off (baseline) and on.
+            f"trickle under smsd run, {p.cost_group_users} users x 2 SMS, one user per turn":
+                _e2e_run(bench, "trickle_off", p.cost_group_users, 1),
+            f"trickle under smsd run, {p.cost_group_users} users x 2 SMS, grouped (up to {most} users)":
+                _e2e_run(bench, "trickle_on", p.cost_group_users, most)}
     res.details.append("")
     res.details.append(f"End to end: `smsd once` per user against the local LLM server (o200k_base usage, "
                        f"OpenAI-style prefix caching), defaults (batch {batch_size}, non-strict schema, "
-                       "short ids); figures from the journals' ledger.")
+                       "short ids); figures from the journals' ledger. The last two rows: `smsd run` "
+                       "(4 workers) with every user waiting at once, trickle batching off and on; their "
+                       "calls are the calls the LLM server answered.")
     res.details.append("")
     res.details.append("| run | SMS | calls | prompt/paid SMS | cached/paid SMS | completion/paid SMS | "
                        "SMS by rules or cache | USD / 1,000 SMS |")
@@ -258,6 +331,16 @@ def bench_cost(bench: Bench) -> BenchResult:
                            f"{r['cached_tokens'] / paid:.1f} | {r['completion_tokens'] / paid:.1f} | "
                            f"{r['free_sms']} | {usd} |")
         res.figures.append(Figure("cost", f"USD per 1,000 SMS end to end, {name}", float(usd), "USD"))
+    off, on = list(runs.values())[-2:]
+    e2e_off, e2e_on = off["prompt_tokens"] / max(1, off["paid_sms"]), on["prompt_tokens"] / max(1, on["paid_sms"])
+    res.figures += [
+        Figure("cost", "trickle under smsd run: prompt tokens per SMS, one user per turn", e2e_off, "tokens"),
+        Figure("cost", "trickle under smsd run: prompt tokens per SMS, grouped", e2e_on, "tokens"),
+        Figure("cost", "trickle under smsd run: LLM calls, grouped / one user per turn",
+               on["calls"] / max(1, off["calls"]), "ratio"),
+        Figure("cost", "trickle under smsd run, grouped / backfill prompt tokens per SMS", e2e_on / pp, "ratio",
+               "≤ 1.5", e2e_on / pp <= 1.5),
+    ]
     tp = trickle["prompt"] / trickle["sms"]
     res.notes.append(
         f"**Prefix.** Every call starts with the same {after['prefix']} tokens (system prompt, then "
@@ -276,10 +359,14 @@ def bench_cost(bench: Bench) -> BenchResult:
         "here is the most it can be.")
     res.notes.append(
         f"**Trickle.** With 1-3 new SMS per call, the prefix is shared by 2 SMS instead of {batch_size}: "
-        f"{tp:.0f} prompt tokens per SMS, {tp / pp:.1f}x backfill (target 1.5x: missed). Filling calls "
-        "across users needs a worker that serves several users per call; the worker model owns one user "
-        "per process, so this is not built. Prompt caching makes the trickle prefix cheaper (cached at half "
-        "price), not shorter.")
+        f"{tp:.0f} prompt tokens per SMS, {tp / pp:.1f}x backfill. Trickle batching "
+        f"(`pipeline.trickle_group_max_users`, default {most}) gives a worker a group of small users "
+        "whose pipelines share one combiner: their SMS go in one call, each user's answers are committed "
+        f"to its own journal. Requests as built: {gp:.0f} prompt tokens per SMS, {gp / pp:.2f}x backfill; "
+        f"under `smsd run`: {e2e_off:.0f} -> {e2e_on:.0f} prompt tokens per SMS, {on['calls']} calls "
+        f"instead of {off['calls']}, {e2e_on / pp:.2f}x backfill (target 1.5x). A group fills its call "
+        "only when its users' SMS are waiting together (here all at once; in a 24/7 trickle, the users "
+        "a discovery finds with new SMS).")
     res.extra["offline"] = {" / ".join(k): v for k, v in table.items()}
     res.extra["e2e"] = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in runs.items()}
     return res

@@ -82,6 +82,7 @@ class Params:
     cost_sms: int = 1000                # SMS of the cost bench's backfill corpus and runs
     cost_trickle_users: int = 20        # users with 2 new SMS each in its trickle run
     cost_cache_users: int = 4           # users sharing 30% of their texts in its cache run
+    cost_group_users: int = 100         # users with 2 new SMS each under `smsd run`, grouped or not
     run_timeout: float = 600.0
 
     @classmethod
@@ -95,7 +96,7 @@ class Params:
                    steady_history=3, steady_rate=6.0, steady_seconds=10.0, steady_drain_s=30.0,
                    ops_shapes=((10, 4), (2, 60)), discovery_users=500,
                    discovery_processed_each=2, cost_sms=200, cost_trickle_users=4,
-                   cost_cache_users=2, run_timeout=120.0)
+                   cost_cache_users=2, cost_group_users=12, run_timeout=120.0)
 
 
 # --------------------------------------------------------------------------- results
