@@ -205,11 +205,8 @@ class Store:
             client.close()
 
     def sibling(self) -> "Store":
-        """A copy sharing this store's client (one user's fenced writes of a group turn).
-
-        Connects first so the copies share one client, and closing a copy closes
-        nothing; with MongoDB away the copy connects (and closes) a client of its own.
-        """
+        """A copy sharing this connected store's client (closing it closes nothing); with
+        MongoDB away, a copy that will connect (and close) a client of its own."""
         try:
             self._database()
         except StoreUnavailable:
