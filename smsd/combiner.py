@@ -184,10 +184,10 @@ class CallCombiner:
             error: BaseException | None = None
         except BaseException as exc:  # noqa: BLE001 - every requester gets the call's error
             answer, error = None, exc
-        self.calls += 1
-        self.requests += len(batch)
         shares = split_answer(answer, [r.sms for r in batch]) if answer is not None else []
         with self._cond:
+            self.calls += 1
+            self.requests += len(batch)
             for i, r in enumerate(batch):
                 r.member.in_flight -= 1
                 r.error = error

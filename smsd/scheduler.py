@@ -74,13 +74,16 @@ def group_turns(candidates: Iterable[UserState], room: int, most: int, call_sms:
     Trickle batching (:mod:`smsd.combiner`): users with fewer pending SMS than one
     call holds (``call_sms``) share a turn, up to ``most`` users and ``call_sms``
     pending SMS in all, so that their SMS fill LLM calls together.  A user with a
-    full call's worth of SMS keeps a turn of its own, as before.
+    full call's worth of SMS keeps a turn of its own, as before; so does a user
+    whose last turn crashed, so that a user whose turn kills its worker crashes
+    alone and never drags a group's other users into its crash loop.
     """
     turns: list[list[UserState]] = []
     load: list[int] = []
     for user in candidates:
         n = max(1, int(user.info.get("pending_sms") or 0))
-        if most > 1 and n < call_sms:
+        small = most > 1 and n < call_sms and not user.consecutive_crashes
+        if small:
             fit = next((i for i, t in enumerate(turns) if load[i] and len(t) < most
                         and load[i] + n <= call_sms), None)
             if fit is not None:
@@ -90,7 +93,7 @@ def group_turns(candidates: Iterable[UserState], room: int, most: int, call_sms:
         if len(turns) >= room:
             continue   # a small user may still fit an open group further down
         turns.append([user])
-        load.append(n if most > 1 and n < call_sms else 0)   # 0: a turn of its own, nobody joins
+        load.append(n if small else 0)   # 0: a turn of its own, nobody joins
     return turns
 
 

@@ -37,6 +37,11 @@ def test_small_users_are_grouped_up_to_a_call_and_big_users_keep_their_own_turn(
     users = [user("a", 2), user("big", 400), user("b", 3), user("c", 1), user("d", 20), user("e", 2)]
     turns = group_turns(users, room=2, most=3, call_sms=25)
     assert [[u.user_id for u in t] for t in turns] == [["a", "b", "c"], ["big"]]
+    # A user whose last turn crashed gets a turn alone: a poison SMS cannot crash-loop a group.
+    users[2].consecutive_crashes = 1
+    turns = group_turns(users, room=3, most=3, call_sms=25)
+    assert [[u.user_id for u in t] for t in turns] == [["a", "c", "d"], ["big"], ["b"]]
+    users[2].consecutive_crashes = 0
     # Off (most = 1): one user per turn, fairest first, as before.
     assert [[u.user_id for u in t] for t in group_turns(users, room=2, most=1, call_sms=25)] == [["a"], ["big"]]
 
@@ -96,8 +101,11 @@ def test_a_kill_between_the_users_commits_re_asks_only_that_call(
     config = _config(tmp_path, mongo_server, mongo_db_name, server, restart_backoff=60.0)
     d = Daemon(config, tmp_path, SMSD_FAILPOINT="group_between_commits")
     try:
-        wait_for(lambda: any(u.get("last_exit") == "signal 9" for u in d.status()["users"]),
-                 timeout=60, what="the group turn killed")
+        st = wait_for(lambda: (lambda s: any(u.get("last_exit") == "signal 9" for u in s["users"]) and s)(
+            d.status()), timeout=60, what="the group turn killed")
+        # The group's death is a crash of each of its users: each backs off (60 s here).
+        assert sorted((u["user_id"], u["restarts"], u["last_exit"]) for u in st["users"]) == [
+            (f"t{u}", 1, "signal 9") for u in range(USERS)]
     finally:
         code, out = d.stop()
     assert code == 0, out[-3000:]
