@@ -53,6 +53,11 @@ log = logging.getLogger("smsd.combiner")
 
 #: The failpoint between the commits of a combined call's members.
 BETWEEN_COMMITS = "group_between_commits"
+#: A member that has not asked yet is waited for this many times ``wait_s``: the
+#: group's users start together, and a freshly forked worker's first turn (its
+#: first MongoDB connection, twelve journals and leases) can take longer than
+#: ``wait_s`` on a loaded host; once every member has asked, ``wait_s`` applies.
+FIRST_ASK_FACTOR = 4
 
 
 def split_counts(total: int, weights: list[int]) -> list[int]:
@@ -129,6 +134,7 @@ class CallCombiner:
         """Hold ``sms`` until the combined call is due, make it (in some member's thread), answer."""
         req = _Request(member, list(sms), stop)
         with self._cond:
+            member.asked = True
             self._pending.append(req)
             member.waiting += 1
             started = time.monotonic()
@@ -143,8 +149,8 @@ class CallCombiner:
                         self._cond.acquire()
                     continue
                 if req in self._pending:
-                    left = self.wait_s - (time.monotonic() - started)
-                    self._cond.wait(timeout=max(0.001, left))
+                    left = self.wait_s * FIRST_ASK_FACTOR - (time.monotonic() - started)
+                    self._cond.wait(timeout=max(0.001, min(self.wait_s, left)))
                 else:   # taken by another member's thread: wait for its answer
                     self._cond.release()
                     try:
@@ -160,7 +166,9 @@ class CallCombiner:
         held = sum(len(r.sms) for r in self._pending)
         waiting = {id(r.member) for r in self._pending}
         idle = [m for m in self._members if m.active and m.in_flight == 0 and id(m) not in waiting]
-        if held < self.max_sms and idle and time.monotonic() - started < self.wait_s:
+        waited = time.monotonic() - started
+        limit = self.wait_s * (FIRST_ASK_FACTOR if any(not m.asked for m in idle) else 1)
+        if held < self.max_sms and idle and waited < limit:
             return []
         batch, n = [], 0
         for r in list(self._pending):
@@ -222,6 +230,7 @@ class Member:
         self._combiner = combiner
         self.user_id = user_id
         self.active = True
+        self.asked = False        # has made a request (a member still starting is waited for longer)
         self.waiting = 0
         self.in_flight = 0
         self._last = threading.local()
