@@ -231,11 +231,16 @@ def _e2e_run(bench: Bench, label: str, users: int, most: int) -> dict:
     from ...config import LlmSettings
     from ...journal_scan import scan
     from ...ledger import DEFAULT_PRICES
+    import shutil
+    import tempfile
     db, directory = bench.fresh(f"cost_{label}")
     mini = DEFAULT_PRICES[PRICE_MODEL]
+    # The control socket's path must fit AF_UNIX's 107 bytes whatever --tmp is.
+    run_dir = tempfile.mkdtemp(prefix="smsd-run-")
     config = bench.write_config(directory, db, llm={"concurrency": 1, "batch_size": LlmSettings().batch_size,
                                                     "answer_cache": False},
-                                pipeline={"trickle_group_max_users": most}, **{
+                                pipeline={"trickle_group_max_users": most},
+                                supervisor={"runtime_dir": run_dir}, **{
         f'llm.prices."{BENCH_MODEL}"': {"input": str(mini.input), "cached_input": str(mini.cached_input),
                                         "output": str(mini.output)}})
     names = [f"g{u}" for u in range(users)]
@@ -249,6 +254,7 @@ def _e2e_run(bench: Bench, label: str, users: int, most: int) -> dict:
         took = time.monotonic() - t0
     finally:
         bench.stop_smsd(proc)
+        shutil.rmtree(run_dir, ignore_errors=True)
     stats = list(scan(directory / "state").values())
     bench.drop(db)
     out = {k: sum(int(s.get(k) or 0) for s in stats)
