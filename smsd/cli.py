@@ -23,7 +23,7 @@ EXIT_USAGE = 2
 EXIT_INCOMPLETE = 4      # stopped (signal, MongoDB down at the end) with work left; rerun with --resume
 EXIT_UNAVAILABLE = 69    # EX_UNAVAILABLE: MongoDB or the LLM did not answer within --wait
 EXIT_CANTCREAT = 73      # EX_CANTCREAT: the state directory cannot be written
-EXIT_LOCKED = 75         # EX_TEMPFAIL: another process holds this user's journal
+EXIT_LOCKED = 75         # EX_TEMPFAIL: another process holds this user's journal, or another host its lease
 EXIT_CONFIG = 78         # EX_CONFIG: bad config file or value, or an LLM that refuses the setup
 
 log = logging.getLogger("smsd.cli")
@@ -39,6 +39,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     from .batch import run_phase
     from .embedded import EmbeddedError, EmbeddedMongo, EmbeddedUnavailable
     from .journal import Journal, JournalLocked
+    from .pipeline import StaleEpoch
     from .waiting import Patience
     from .worker import make_pipeline, make_store
 
@@ -69,7 +70,7 @@ def cmd_once(args: argparse.Namespace) -> int:
             journal.close()
             print(f"smsd once: cannot start the embedded MongoDB: {exc}", file=sys.stderr)
             return EXIT_ERROR
-    store = make_store(settings, uri)
+    store = make_store(settings, uri, fenced=True)   # fenced with the user's lease, like a worker
     stop, abort = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -90,8 +91,19 @@ def cmd_once(args: argparse.Namespace) -> int:
                         then=progress.update if progress else None)
     if args.mode:
         settings.llm.mode = args.mode
+    lease, code = _take_lease(settings, store, args.user_id, journal, stop, patience)
+    if lease is None:
+        if progress:
+            progress.done()
+        journal.close()
+        store.close()
+        if embedded:
+            embedded.stop()
+        return code
     pipeline = make_pipeline(settings, args.user_id, journal, store, stop=stop, abort=abort,
-                             on_tick=patience)
+                             on_tick=patience, owner=lease.host, epoch=lease.lease.epoch,
+                             handover=lease.handover())
+    stale: StaleEpoch | None = None
     try:
         batched = run_phase(pipeline, wait=True)
         if batched is not None:
@@ -103,13 +115,25 @@ def cmd_once(args: argparse.Namespace) -> int:
         # Batch mode asks nothing online: the pipeline only flushes what the batch answered.
         online_budget = 0 if settings.llm.mode == "batch" else None
         summary = pipeline.run(limit=args.limit, resume=args.resume, max_sms=online_budget)
+    except StaleEpoch as exc:
+        stale = exc
     finally:
+        lease.stop()
+        if stale is not None or lease.lost:
+            lease.hand_over(journal)   # the new owner uses these answers instead of paying again
+        else:
+            lease.release()
         if progress:
             progress.done()
         journal.close()
         store.close()
         if embedded:
             embedded.stop()
+    if stale is not None or lease.lost:
+        print(f"smsd once: user {args.user_id} moved to another host during this run "
+              f"({stale or 'lease lost: ' + str(lease.lost)}).\n  Nothing is lost: the answers this run "
+              "could not store were handed over to the new owner.", file=sys.stderr)
+        return EXIT_LOCKED
     if summary.batch_id:   # a run began (a MongoDB that never answered leaves nothing to sum up)
         print(f"user {summary.user_id}: {summary.status}, {summary.processed_sms}/{summary.total_sms} processed "
               f"(batch {summary.batch_id}), {summary.newly_processed} now, {summary.quarantined} quarantined, "
@@ -129,6 +153,51 @@ def cmd_once(args: argparse.Namespace) -> int:
     if summary.status == "completed":
         return EXIT_OK
     return EXIT_INCOMPLETE if summary.stopped or summary.pending_left is None else EXIT_OK
+
+
+def _take_lease(settings: Settings, store, user_id: str, journal, stop: threading.Event, patience):
+    """Take the user's lease before any paid call: ``(WorkerLease, None)`` or ``(None, exit code)``.
+
+    Waits for MongoDB as long as ``--wait`` allows (``patience``).  Another host
+    holding the user is refused with EXIT_LOCKED; this run's journaled answers
+    are handed over to it.  The epoch is stamped and renewed as a worker does.
+    """
+    from .lease_worker import MONGO_ERRORS, WorkerLease
+    lease = WorkerLease(settings, store, user_id)
+
+    def waiting(_state: str) -> None:
+        if lease.down_since is not None:
+            patience.mongo_down(lease.down_since, lease.down_error)
+
+    if not lease.acquire(stop, waiting):
+        if patience.gave_up is not None:
+            print(f"smsd once: {patience.gave_up.message}\n  check: {patience.gave_up.hint}\n  Nothing is "
+                  "lost: answers already journaled are kept; rerun with --resume (or a longer --wait).",
+                  file=sys.stderr)
+            return None, EXIT_UNAVAILABLE
+        if stop.is_set():
+            return None, EXIT_INCOMPLETE
+        try:
+            holder = lease.holder()
+        except MONGO_ERRORS:
+            holder = None
+        handed = lease.hand_over(journal)
+        who = (f"host {holder.owner} (epoch {holder.epoch}, lease until {holder.expires_at:%Y-%m-%d %H:%M:%S} "
+               "UTC)") if holder and holder.expires_at else "another host"
+        print(f"smsd once: user {user_id} is leased by {who}; nothing was asked."
+              + (f" {handed} journaled answers handed over to it." if handed else "")
+              + "\n  check: `smsctl status` on that host; `smsctl release --user-id "
+              f"{user_id}` there gives the user back, or wait for its lease to expire.", file=sys.stderr)
+        return None, EXIT_LOCKED
+    try:
+        lease.prepare()
+    except MONGO_ERRORS as exc:
+        lease.release()
+        print(f"smsd once: MongoDB stopped answering while the lease of user {user_id} was taken "
+              f"({type(exc).__name__}); nothing was asked. Rerun with --resume.", file=sys.stderr)
+        return None, EXIT_UNAVAILABLE
+    lease.keep(on_lost=lambda why: stop.set())   # drain; MongoDB refuses what is stale
+    return lease, None
 
 
 def _usd_summary(summary) -> str:

@@ -19,26 +19,40 @@ check that counts is in the filters of the writes themselves:
   whose writes landed before a crash, or an SMS another host finished) are
   left out of the flush: their transactions are stored, so invariants 3-4
   hold for them and the journal row may be marked.
-* Transaction upserts filter on the epoch too: if a newer epoch wrote the
-  document, the filter misses and the upsert's insert collides on the
-  deterministic ``_id`` (duplicate key): StaleEpoch.  The checkpoint upsert
-  likewise.  ``isprocessed`` is set only where our own claim stamped.
+* Transaction documents are written by one ``aggregate`` on the user's lease
+  document (:meth:`FencedStore._write_transactions`): ``$match`` the lease at
+  our epoch, then the documents as a literal, ``$merge`` into
+  ``financial_transactions``.  The lease check and the writes are one command
+  executed by the server, so a client paused before it (SIGSTOP, GC, a cut
+  link, packets in TCP retransmit) is checked when the command runs, not when
+  it was sent: once a newer epoch took the lease, the ``$match`` finds nothing
+  and nothing is written -- an insert of a document the new owner has not
+  written yet included (what the per-document epoch filter alone could not
+  refuse).  ``whenMatched`` keeps a document of a newer epoch.  The documents
+  at our epoch are then counted: fewer than sent is StaleEpoch.
+* The checkpoint upsert filters on the epoch: a newer epoch's checkpoint makes
+  it collide on its ``_id``: StaleEpoch.  ``isprocessed`` is set only where
+  our own claim stamped.
+* After a change of owner (epoch above 1) every flush deletes the SMS's
+  transaction documents that its answer lacks (``replace_stale``): an older
+  owner may have stored more positions for an SMS it never marked processed.
 
-What a single-document filter cannot refuse: a host that froze *between* its
-claim and its transaction upsert, and wakes after a takeover, can still insert
-a transaction document the new owner has not written yet (nothing exists to
-filter on).  Its content is that SMS's answer at a deterministic ``_id``; its
-``isprocessed`` write is refused, so the new owner flushes the SMS later and
-replaces the document (and deletes positions its answer lacks).  The window
-is the time between two consecutive writes of one flush.
+What remains: ``$merge`` is not a transaction on mongod, so a lease take that
+commits *while* the server executes one of those aggregates (after its
+``$match``, before its writes) does not stop it.  That window is inside one
+server command, not extendable by anything the stale client does; the new
+owner's own flush of those SMS comes after its take, its stamp and an LLM call,
+and replaces the documents at the same ``_id`` and deletes the positions its
+answer lacks.  The writes the flush does after its transactions
+(``isprocessed``, the checkpoint) are refused by the stamp of the new owner.
 
 Multi-document transactions: SecantusDB 0.7 runs them (it advertises a
 one-node replica set), but it locks the documents a transaction wrote until
 commit, and a writer outside it blocks: a host frozen inside a flush
 transaction would stall the new owner's lease take for as long as it is
 frozen.  mongod instead aborts the older side with a write conflict.  The
-epoch filters above need neither and work the same on both, so smsd does not
-use transactions for fencing.
+lease-gated ``$merge`` and the epoch filters need neither and work the same on
+both, so smsd does not use transactions for fencing.
 """
 from __future__ import annotations
 
@@ -50,7 +64,9 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from .model import FlushItem
 from .pipeline import StaleEpoch
 from .store import ID_CHUNK, Store
-from .store_docs import CHECKPOINTS_COLLECTION, RAW_COLLECTION, STATUS_IN_PROGRESS
+from .lease import LEASES_COLLECTION
+from .store_docs import (CHECKPOINTS_COLLECTION, RAW_COLLECTION, STATUS_IN_PROGRESS,
+                         TRANSACTIONS_COLLECTION)
 
 EPOCH_FIELD = "smsd_epoch"
 DUPLICATE_KEY = 11000
@@ -123,13 +139,49 @@ class FencedStore(Store):
         return [item for item in items if item.raw_id not in skip]
 
     def upsert_transactions(self, items: list[FlushItem], *, replace_stale: Any = False) -> None:
-        """As :meth:`Store.upsert_transactions`; a document of a newer epoch raises StaleEpoch."""
+        """As :meth:`Store.upsert_transactions`, gated on our lease; refused: StaleEpoch.
+
+        After a change of owner (epoch above 1) the positions an answer lacks are
+        always deleted: an older owner may have stored more for these SMS.
+        """
+        if self.epoch > 1:
+            replace_stale = True
         try:
             super().upsert_transactions(items, replace_stale=replace_stale)
         except BulkWriteError as exc:
             if any(e.get("code") == DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
                 raise self._refused(items[0].user_id, "transaction upsert") from exc
             raise
+
+    def _write_transactions(self, user_id: str, docs: list[dict]) -> None:
+        """Write ``docs`` only while the user's lease is at our epoch, checked by the server.
+
+        One ``aggregate`` per chunk on ``smsd_leases``: the lease at our epoch,
+        or nothing, becomes the documents, merged by ``_id``.  Without an epoch
+        (no lease: a plain store's behaviour) the documents are upserted as usual.
+        """
+        if not self.epoch:
+            super()._write_transactions(user_id, docs)
+            return
+        db = self._database()
+        newer = {"$gt": [{"$ifNull": [f"${EPOCH_FIELD}", 0]}, self.epoch]}
+        merge = {"into": TRANSACTIONS_COLLECTION, "on": "_id", "whenNotMatched": "insert",
+                 # A document of a newer epoch stays: $$ROOT is the stored one, $$new ours.
+                 "whenMatched": [{"$replaceWith": {"$cond": [newer, "$$ROOT", "$$new"]}}]}
+        written = 0
+        for start in range(0, len(docs), ID_CHUNK):
+            chunk = docs[start:start + ID_CHUNK]
+            db[LEASES_COLLECTION].aggregate([
+                {"$match": {"_id": user_id, "epoch": self.epoch}},
+                {"$project": {"_id": 0, "tx": {"$literal": chunk}}},
+                {"$unwind": "$tx"},
+                {"$replaceWith": "$tx"},
+                {"$merge": merge},
+            ])
+            written += db[TRANSACTIONS_COLLECTION].count_documents(
+                {"_id": {"$in": [d["_id"] for d in chunk]}, EPOCH_FIELD: self.epoch})
+        if written < len(docs):
+            raise self._refused(user_id, f"transaction upsert ({written} of {len(docs)} stored)")
 
     def mark_processed(self, user_id: str, raw_ids: list, batch_id: str) -> int:
         """As :meth:`Store.mark_processed`, only on SMS still stamped with an epoch not above ours."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from pymongo.errors import PyMongoError
@@ -44,6 +45,8 @@ class WorkerLease:
         self.lease: Lease | None = None
         self.keeper: LeaseKeeper | None = None
         self._leases: Leases | None = None
+        self.down_since: float | None = None   # acquire: MongoDB out of reach since (monotonic)
+        self.down_error: str | None = None
 
     @property
     def leases(self) -> Leases:
@@ -58,8 +61,12 @@ class WorkerLease:
             beat("lease")
             try:
                 self.lease = self.leases.take(self.user_id)
+                self.down_since = None
                 return self.lease is not None
             except MONGO_ERRORS as exc:
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                self.down_error = type(exc).__name__
                 if not warned:
                     log.warning("user %s: cannot take the lease, MongoDB unavailable (%s); waiting",
                                 self.user_id, type(exc).__name__)
@@ -116,6 +123,11 @@ class WorkerLease:
         """Stop renewing (before the worker exits)."""
         if self.keeper:
             self.keeper.stop()
+
+    def holder(self) -> Lease | None:
+        """The lease as MongoDB has it now (who holds the user), or None when there is none."""
+        doc = self.leases.coll.find_one({"_id": self.user_id})
+        return Lease.from_doc(doc) if doc else None
 
     def release(self) -> None:
         """Give the lease back now, if it is still ours at our epoch."""

@@ -405,24 +405,27 @@ class Store:
         if not items:
             return
         now = _utcnow()
-        ops: list[ReplaceOne] = []
-        new_ids: set[str] = set()
+        docs: list[dict] = []
         for item in items:
             key = sms_key(item.raw_id)
             if item.result.key != key:
                 log.warning("flush item key %s does not match its raw id key %s; using the raw id",
                             item.result.key, key)
             for index, tx in enumerate(item.result.transactions):
-                doc = transaction_doc(item, index, tx, now)
-                new_ids.add(doc["_id"])
-                ops.append(ReplaceOne({"_id": doc["_id"], **self.fence_filter}, {**doc, **self.fence_fields}, upsert=True))
+                docs.append({**transaction_doc(item, index, tx, now), **self.fence_fields})
+        new_ids = {doc["_id"] for doc in docs}
         with self._errors("upsert_transactions"):
-            if ops:
-                self.transactions.bulk_write(ops, ordered=False)
+            if docs:
+                self._write_transactions(items[0].user_id, docs)
             if replace_stale is True:
                 self._delete_stale(items, new_ids)
             elif replace_stale:
                 self._delete_stale([i for i in items if i.result.key in replace_stale], new_ids)
+
+    def _write_transactions(self, user_id: str, docs: list[dict]) -> None:
+        """Upsert whole transaction documents by ``_id`` (one unordered bulk write)."""
+        self.transactions.bulk_write([ReplaceOne({"_id": doc["_id"], **self.fence_filter}, doc, upsert=True)
+                                      for doc in docs], ordered=False)
 
     def _delete_stale(self, items: list[FlushItem], new_ids: set[str]) -> None:
         by_user: dict[Any, list[Any]] = {}

@@ -69,6 +69,15 @@ class Patience:
         if since is not None:
             waits.append(("LLM", f"the LLM at {client.base_url} (model {client.model})",
                           now - since, getattr(client, "last_error", None)))
+        self._give_up_after(waits)
+
+    def mongo_down(self, since: float, error: str | None) -> None:
+        """The same wait outside a pipeline (``smsd once`` taking its lease): MongoDB down since ``since``."""
+        if self.gave_up is None:
+            self._give_up_after([("MongoDB", f"MongoDB at {self.uri} (database {self.settings.mongo.db})",
+                                  time.monotonic() - since, error)])
+
+    def _give_up_after(self, waits: list) -> None:
         self._show(waits)
         for what, where, waited, error in waits:
             if waited >= self.wait:

@@ -25,9 +25,9 @@ def fenced(mongo_server, mongo_db_name):
         s.close()
 
 
-def _item(raw_id, user_id, amount="10.00", epoch=1) -> FlushItem:
+def _item(raw_id, user_id, amount="10.00", epoch=1, n_tx=1) -> FlushItem:
     tx = Transaction.from_json({"direction": "debit", "amount": amount, "currency": "INR"})
-    result = SmsResult(key=sms_key(raw_id), kind="transaction", transactions=(tx,))
+    result = SmsResult(key=sms_key(raw_id), kind="transaction", transactions=(tx,) * n_tx)
     prov = Provenance(call_id="c1", model="m", request_id=None,
                       answered_at=datetime.now(timezone.utc), owner="h", epoch=epoch)
     return FlushItem(raw_id=raw_id, user_id=user_id, result=result, provenance=prov)
@@ -90,11 +90,14 @@ def test_heartbeat_counts_live_hosts(store):
 
 def test_a_stale_epoch_is_refused_by_mongodb(store, seed, fenced):
     ids = seed("u1", 4)
-    old, new = fenced(1), fenced(2)
+    db = store._database()
+    old, new = fenced(Leases(db, "host-a", ttl=30).take("u1").epoch), fenced(2)
     # The old owner flushed the first SMS, then the new owner took the user and stamped.
     assert old.claim([_item(ids[0], "u1")])
     old.upsert_transactions([_item(ids[0], "u1")])
     assert old.mark_processed("u1", [ids[0]], "b1") == 1
+    assert Leases(db, "host-a", ttl=30).release("u1")
+    assert Leases(db, "host-b", ttl=30).take("u1").epoch == 2
     assert new.stamp_user("u1") == 3
     # Every kind of write from the old epoch now matches nothing or collides.
     with pytest.raises(StaleEpoch):
@@ -111,6 +114,56 @@ def test_a_stale_epoch_is_refused_by_mongodb(store, seed, fenced):
     raw = store.raw.find_one({"_id": ids[3]})
     assert raw.get("isprocessed") is not True and raw[EPOCH_FIELD] == 2
     assert old.refused >= 3
+
+
+def test_a_stale_insert_of_a_transaction_nobody_wrote_yet_is_refused(store, seed, fenced):
+    """Issue 13's gap: the old owner claims, freezes past its TTL, the user moves, it wakes.
+
+    None of these SMS has a transaction document yet, so a filter on the
+    document's own epoch has nothing to match: its upsert would insert.  The
+    write is gated on the lease by the server itself and must store nothing.
+    """
+    ids = seed("u1", 3)
+    db = store._database()
+    a, b = Leases(db, "host-a", ttl=0.3), Leases(db, "host-b", ttl=30)
+    old = fenced(a.take("u1").epoch)
+    items = [_item(i, "u1", amount="99.00", n_tx=2) for i in ids]
+    assert old.claim(items) == items                 # still the owner: the claim passes
+    time.sleep(0.5)                                  # frozen past the TTL ...
+    new = fenced(b.take("u1").epoch)                 # ... the user moves (epoch 2) and is stamped
+    assert new.epoch == 2 and new.stamp_user("u1") == 3
+    assert store.transactions_for("u1") == []        # the new owner has written nothing yet
+    with pytest.raises(StaleEpoch, match=r"transaction upsert \(0 of 6 stored\)"):
+        old.upsert_transactions(items)               # the old owner wakes and flushes
+    assert old.refused == 1
+    assert store.transactions_for("u1") == []        # refused by MongoDB: nothing was inserted
+    with pytest.raises(StaleEpoch):
+        old.mark_processed("u1", ids, "b1")
+    # The new owner's own answer is stored, at its epoch, and nothing of the old one.
+    mine = [_item(i, "u1", amount="10.00", epoch=2) for i in ids]
+    assert new.claim(mine) == mine
+    new.upsert_transactions(mine)
+    assert new.mark_processed("u1", ids, "b2") == 3
+    docs = store.transactions_for("u1")
+    assert len(docs) == 3 and {d[EPOCH_FIELD] for d in docs} == {2}
+    assert {d["amount"].to_decimal() for d in docs} == {10}
+
+
+def test_new_owner_deletes_positions_an_old_owner_left(store, seed, fenced):
+    """An old owner stored two transactions for an SMS and lost the user before isprocessed."""
+    ids = seed("u1", 1)
+    db = store._database()
+    old = fenced(Leases(db, "host-a", ttl=30).take("u1").epoch)
+    old.claim([_item(ids[0], "u1", n_tx=2)])
+    old.upsert_transactions([_item(ids[0], "u1", n_tx=2)])
+    assert len(store.transactions_for("u1")) == 2
+    Leases(db, "host-a", ttl=30).release("u1")
+    new = fenced(Leases(db, "host-b", ttl=30).take("u1").epoch)
+    new.stamp_user("u1")
+    mine = [_item(ids[0], "u1", epoch=2)]               # its answer found one transaction
+    new.upsert_transactions(new.claim(mine))
+    docs = store.transactions_for("u1")
+    assert len(docs) == 1 and docs[0][EPOCH_FIELD] == 2
 
 
 def test_checkpoint_of_a_newer_epoch_refuses_the_old(store, seed, fenced):
