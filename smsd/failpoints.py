@@ -5,7 +5,9 @@
 third time.  ``SMSD_FAILPOINT=before_claim:hang`` makes the process hang there
 (no heartbeat) instead of dying, to test hang detection;
 ``SMSD_FAILPOINT=worker_forked:pause=2`` makes it sleep 2 s there and go on, to
-hold a race window open (a signal arriving inside it).  Several points may
+hold a race window open (a signal arriving inside it); ``after_claim:stop``
+makes it SIGSTOP itself there (a host frozen at that point; SIGCONT resumes it
+where it stopped, to test fencing).  Several points may
 be given, separated by commas.  Crash tests
 and drills use this to hit each window of DESIGN.md's table
 deterministically; with the variable unset a failpoint costs one dict lookup.
@@ -24,6 +26,7 @@ POINTS = {
     "after_llm_answer": "after the LLM answered, before the journal commit",
     "after_commit": "after the journal commit, before any Mongo write",
     "group_between_commits": "a group turn's combined call answered: the first user committed, the others not",
+    "after_claim": "multi-host: after the flush's claim, before its transaction writes",
     "mid_flush": "after the transactions are upserted, before isprocessed is set",
     "after_flush": "after the Mongo writes, before the journal row is marked flushed",
     "after_mark_flushed": "after the journal row is marked flushed",
@@ -71,5 +74,8 @@ def failpoint(name: str) -> None:
             time.sleep(3600)
     if action.startswith("pause="):
         time.sleep(float(action.partition("=")[2]))
+        return
+    if action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)   # frozen here until someone sends SIGCONT
         return
     os.kill(os.getpid(), signal.SIGKILL)

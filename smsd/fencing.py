@@ -29,7 +29,8 @@ check that counts is in the filters of the writes themselves:
   and nothing is written -- an insert of a document the new owner has not
   written yet included (what the per-document epoch filter alone could not
   refuse).  ``whenMatched`` keeps a document of a newer epoch.  The documents
-  at our epoch are then counted: fewer than sent is StaleEpoch.
+  at our epoch are then counted: fewer than sent is StaleEpoch.  A run's new
+  checkpoint (``checkpoint_start``) is inserted the same way.
 * The checkpoint upsert filters on the epoch: a newer epoch's checkpoint makes
   it collide on its ``_id``: StaleEpoch.  ``isprocessed`` is set only where
   our own claim stamped.
@@ -154,34 +155,50 @@ class FencedStore(Store):
             raise
 
     def _write_transactions(self, user_id: str, docs: list[dict]) -> None:
-        """Write ``docs`` only while the user's lease is at our epoch, checked by the server.
+        """Write ``docs`` only while the user's lease is at our epoch (:meth:`_gated_merge`).
 
-        One ``aggregate`` per chunk on ``smsd_leases``: the lease at our epoch,
-        or nothing, becomes the documents, merged by ``_id``.  Without an epoch
-        (no lease: a plain store's behaviour) the documents are upserted as usual.
+        Without an epoch (no lease: a plain store's behaviour) they are upserted as usual.
         """
         if not self.epoch:
             super()._write_transactions(user_id, docs)
             return
-        db = self._database()
         newer = {"$gt": [{"$ifNull": [f"${EPOCH_FIELD}", 0]}, self.epoch]}
-        merge = {"into": TRANSACTIONS_COLLECTION, "on": "_id", "whenNotMatched": "insert",
-                 # A document of a newer epoch stays: $$ROOT is the stored one, $$new ours.
-                 "whenMatched": [{"$replaceWith": {"$cond": [newer, "$$ROOT", "$$new"]}}]}
-        written = 0
-        for start in range(0, len(docs), ID_CHUNK):
-            chunk = docs[start:start + ID_CHUNK]
-            db[LEASES_COLLECTION].aggregate([
-                {"$match": {"_id": user_id, "epoch": self.epoch}},
-                {"$project": {"_id": 0, "tx": {"$literal": chunk}}},
-                {"$unwind": "$tx"},
-                {"$replaceWith": "$tx"},
-                {"$merge": merge},
-            ])
-            written += db[TRANSACTIONS_COLLECTION].count_documents(
-                {"_id": {"$in": [d["_id"] for d in chunk]}, EPOCH_FIELD: self.epoch})
+        # A document of a newer epoch stays: $$ROOT is the stored one, $$new ours.
+        written = self._gated_merge(user_id, TRANSACTIONS_COLLECTION, docs,
+                                    [{"$replaceWith": {"$cond": [newer, "$$ROOT", "$$new"]}}])
         if written < len(docs):
             raise self._refused(user_id, f"transaction upsert ({written} of {len(docs)} stored)")
+
+    def _insert_checkpoint(self, doc: dict) -> None:
+        """A run's new checkpoint, only while the user's lease is at our epoch."""
+        if not self.epoch:
+            super()._insert_checkpoint(doc)
+        elif not self._gated_merge(doc["user_id"], CHECKPOINTS_COLLECTION, [doc], "keepExisting"):
+            raise self._refused(doc["user_id"], "checkpoint start")
+
+    def _gated_merge(self, user_id: str, into: str, docs: list[dict], when_matched: Any) -> int:
+        """Merge ``docs`` into ``into`` in one server command per chunk that reads the lease first.
+
+        ``aggregate`` on ``smsd_leases``: ``$match`` the user's lease at our
+        epoch (or nothing), the documents as a literal, ``$merge`` by ``_id``.
+        Returns how many of ``docs`` are stored at our epoch afterwards.
+        """
+        db = self._database()
+        merge = {"into": into, "on": "_id", "whenMatched": when_matched, "whenNotMatched": "insert"}
+        written = 0
+        with self._errors("gated write"):
+            for start in range(0, len(docs), ID_CHUNK):
+                chunk = docs[start:start + ID_CHUNK]
+                db[LEASES_COLLECTION].aggregate([
+                    {"$match": {"_id": user_id, "epoch": self.epoch}},
+                    {"$project": {"_id": 0, "doc": {"$literal": chunk}}},
+                    {"$unwind": "$doc"},
+                    {"$replaceWith": "$doc"},
+                    {"$merge": merge},
+                ])
+                written += db[into].count_documents(
+                    {"_id": {"$in": [d["_id"] for d in chunk]}, EPOCH_FIELD: self.epoch})
+        return written
 
     def mark_processed(self, user_id: str, raw_ids: list, batch_id: str) -> int:
         """As :meth:`Store.mark_processed`, only on SMS still stamped with an epoch not above ours."""

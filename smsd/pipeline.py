@@ -413,6 +413,7 @@ class Pipeline(FreeAnswers):
             if not items:                  # all processed already: invariant 3 holds for them
                 self.journal.mark_flushed([a.call_id for a in answers])
                 return 0
+            failpoint("after_claim")
         # Within one journal an SMS has one result (the first answer wins), so an older
         # answer's extra transaction documents can only exist where this pipeline did not
         # see the SMS's whole history: rows journaled before it started (a replay: another

@@ -566,8 +566,11 @@ class Store:
             **self.fence_fields,
         }
         with self._errors("checkpoint_start"):
-            self.checkpoints.insert_one(dict(doc))
+            self._insert_checkpoint(dict(doc))
         return doc
+
+    def _insert_checkpoint(self, doc: dict) -> None:
+        self.checkpoints.insert_one(doc)
 
     def latest_checkpoint(self, user_id: str) -> dict | None:
         """The checkpoint of ``user_id`` with the newest ``checkpoint_timestamp``, or ``None``."""

@@ -37,8 +37,10 @@ class HostProcess:
     """One ``smsd run`` host: its directories, config, process group and control socket."""
 
     def __init__(self, name: str, root: Path, *, mongo_uri: str, db: str, llm_url: str,
-                 netns: str | None = None, **sections: dict[str, Any]) -> None:
+                 netns: str | None = None, env: dict[str, str] | None = None,
+                 **sections: dict[str, Any]) -> None:
         self.name = name
+        self.env = dict(env or {})   # extra environment, e.g. SMSD_FAILPOINT
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.netns = netns
@@ -72,7 +74,7 @@ class HostProcess:
     def start(self, timeout: float = 30.0) -> "HostProcess":
         """Start the supervisor in its own session; wait for its control socket."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("SMSD_") and k != "OPENAI_API_KEY"}
-        env.update(SMSD_CONFIG=str(self.config), PYTHONUNBUFFERED="1", OPENAI_API_KEY="sk-test")
+        env.update(SMSD_CONFIG=str(self.config), PYTHONUNBUFFERED="1", OPENAI_API_KEY="sk-test", **self.env)
         argv = [sys.executable, "-m", "smsd.cli", "run"]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns] + argv
@@ -212,10 +214,9 @@ def tx_writes_after_takeover(client: Any, db_name: str, user_id: str, old_epoch:
     which SecantusDB keeps as a replica-set primary): the take-over is the
     oplog entry that raised the user's lease epoch above ``old_epoch``; after
     it, an insert or replacement of one of the user's transaction documents
-    stamped ``smsd_epoch == old_epoch`` came from the host that lost the user
-    (the one write single-document fencing cannot refuse: see
-    :mod:`smsd.fencing`).  Raw SMS and checkpoint writes are refused by their
-    filters.  Each item: ``{id, op, wall}``.
+    stamped ``smsd_epoch == old_epoch`` came from the host that lost the user.
+    Since transaction writes are gated on the lease by the server
+    (:mod:`smsd.fencing`) there should be none.  Each item: ``{id, op, wall}``.
     """
     oplog = client["local"]["oplog.rs"]
     taken = None

@@ -139,6 +139,9 @@ def test_a_stale_insert_of_a_transaction_nobody_wrote_yet_is_refused(store, seed
     assert store.transactions_for("u1") == []        # refused by MongoDB: nothing was inserted
     with pytest.raises(StaleEpoch):
         old.mark_processed("u1", ids, "b1")
+    with pytest.raises(StaleEpoch, match="checkpoint start"):   # a new run is refused as well
+        old.checkpoint_start("u1", 3)
+    assert store.latest_checkpoint("u1") is None
     # The new owner's own answer is stored, at its epoch, and nothing of the old one.
     mine = [_item(i, "u1", amount="10.00", epoch=2) for i in ids]
     assert new.claim(mine) == mine
@@ -168,8 +171,11 @@ def test_new_owner_deletes_positions_an_old_owner_left(store, seed, fenced):
 
 def test_checkpoint_of_a_newer_epoch_refuses_the_old(store, seed, fenced):
     seed("u1", 2)
-    old, new = fenced(1), fenced(2)
+    db = store._database()
+    old = fenced(Leases(db, "host-a", ttl=30).take("u1").epoch)
     cp = old.checkpoint_start("u1", 2)
+    assert Leases(db, "host-a", ttl=30).release("u1")
+    new = fenced(Leases(db, "host-b", ttl=30).take("u1").epoch)
     new.stamp_user("u1")
     with pytest.raises(StaleEpoch):
         old.checkpoint_progress("u1", cp["batch_id"], processed_sms=1, total_sms=None,
