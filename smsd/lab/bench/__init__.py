@@ -51,6 +51,9 @@ server knows, and measures:
     1, 2 and 3 ``smsd run`` hosts against one MongoDB-wire server (SMS/s, the
     hosts' CPU per SMS), take-over time after a host is SIGKILLed or
     SIGSTOPped, and the SMS re-bought per freeze (:mod:`.hosts`).
+``fence``
+    one flush's transaction write: unfenced, with the epoch filter, and gated
+    on the lease (``$merge`` from the lease document), interleaved (:mod:`.fence`).
 
 Every figure is a median of ``--runs`` runs (3 by default), taken in the same
 process run so that ratios compare like with like on a shared, noisy host.

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from .batch import bench_batch
 from .discovery import bench_discovery
+from .fence import bench_fence
 from .harness import Bench, BenchResult, Params
 from .hosts import bench_hosts
 from .cost import bench_cost
@@ -37,7 +38,7 @@ from .commands import bench_mongoops
 from .versus_bare import bench_bare
 
 BENCHES = ("journal", "overhead", "recovery", "ratelimit", "scaling", "memory", "bare", "commit", "steady",
-           "mongoops", "batch", "discovery", "hosts", "cost")
+           "mongoops", "batch", "discovery", "hosts", "cost", "fence")
 DEFAULT_OUT = "docs/BENCHMARKS.md"
 DEFAULT_CHART = "docs/scaling.png"
 
@@ -57,6 +58,7 @@ RUNNERS: dict[str, Callable[[Bench], BenchResult]] = {
     "discovery": bench_discovery,
     "hosts": bench_hosts,
     "cost": bench_cost,
+    "fence": bench_fence,
 }
 
 
