@@ -60,7 +60,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 from .model import FlushItem
 from .pipeline import StaleEpoch
@@ -189,13 +189,20 @@ class FencedStore(Store):
         with self._errors("gated write"):
             for start in range(0, len(docs), ID_CHUNK):
                 chunk = docs[start:start + ID_CHUNK]
-                db[LEASES_COLLECTION].aggregate([
-                    {"$match": {"_id": user_id, "epoch": self.epoch}},
-                    {"$project": {"_id": 0, "doc": {"$literal": chunk}}},
-                    {"$unwind": "$doc"},
-                    {"$replaceWith": "$doc"},
-                    {"$merge": merge},
-                ])
+                try:
+                    db[LEASES_COLLECTION].aggregate([
+                        {"$match": {"_id": user_id, "epoch": self.epoch}},
+                        {"$project": {"_id": 0, "doc": {"$literal": chunk}}},
+                        {"$unwind": "$doc"},
+                        {"$replaceWith": "$doc"},
+                        {"$merge": merge},
+                    ])
+                except OperationFailure as exc:
+                    if exc.code != DUPLICATE_KEY:
+                        raise
+                    # Another writer inserted one of these _ids at the same moment: only
+                    # another owner writes this user's documents.
+                    raise self._refused(user_id, f"write to {into} (duplicate key)") from exc
                 written += db[into].count_documents(
                     {"_id": {"$in": [d["_id"] for d in chunk]}, EPOCH_FIELD: self.epoch})
         return written
