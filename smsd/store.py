@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pymongo
-from pymongo import DeleteMany, ReplaceOne, ReturnDocument, UpdateOne, WriteConcern
+from pymongo import ReplaceOne, ReturnDocument, UpdateOne, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
@@ -54,7 +54,7 @@ from smsd.store_docs import (
     IDX_LATEST_CHECKPOINT, IDX_PENDING, IDX_TX_BY_SMS, MALFORMED_TEXT_EMPTY, MALFORMED_TEXT_MISSING,
     MALFORMED_TEXT_NOT_STRING, MALFORMED_TEXT_TOO_LONG, MALFORMED_USER_ID, QUARANTINE_FIELD,
     RAW_COLLECTION, STATUS_COMPLETED, STATUS_IN_PROGRESS, TRANSACTIONS_COLLECTION, _get_path,
-    checkpoint_fields, transaction_doc,
+    checkpoint_fields, delete_stale_transactions, transaction_doc,
 )
 from smsd.store_errors import StoreUnavailable, _is_transient, guarded  # noqa: F401 - re-exported
 from smsd import store_stats
@@ -428,21 +428,9 @@ class Store:
                                       for doc in docs], ordered=False)
 
     def _delete_stale(self, items: list[FlushItem], new_ids: set[str]) -> None:
-        by_user: dict[Any, list[Any]] = {}
-        for item in items:
-            by_user.setdefault(item.user_id, []).append(item.raw_id)
-        stale: list[Any] = []
-        for uid, raw_ids in by_user.items():
-            for start in range(0, len(raw_ids), ID_CHUNK):
-                chunk = raw_ids[start:start + ID_CHUNK]
-                for doc in self.transactions.find({"user_id": uid, "sms_id": {"$in": chunk}}, {"_id": 1}):
-                    if doc["_id"] not in new_ids:
-                        stale.append(doc["_id"])
-        if stale:
-            ops = [DeleteMany({"_id": {"$in": stale[i:i + ID_CHUNK]}, **self.fence_filter})
-                   for i in range(0, len(stale), ID_CHUNK)]
-            self.transactions.bulk_write(ops, ordered=False)
-            log.info("deleted %d stale transaction documents", len(stale))
+        n = delete_stale_transactions(self.transactions, items, new_ids, self.fence_filter, ID_CHUNK)
+        if n:
+            log.info("deleted %d stale transaction documents", n)
 
     def mark_processed(self, user_id: str, raw_ids: list, batch_id: str) -> int:
         """Set ``isprocessed: true`` (+ ``processed_at``, ``smsd_batch_id``) on the given SMS.

@@ -26,6 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 from bson.decimal128 import Decimal128
+from pymongo import DeleteMany
 
 from smsd.model import OPTIONAL_FIELDS, FlushItem, Transaction, sms_key, transaction_id
 
@@ -152,3 +153,26 @@ def checkpoint_fields(user_id: str, batch_id: str, *, processed_sms: int, total_
     else:
         fields["last_processed_id"] = {"$ifNull": ["$last_processed_id", None]}
     return fields
+
+
+def delete_stale_transactions(transactions: Any, items: list[FlushItem], new_ids: set[str],
+                              fence_filter: dict, chunk_size: int) -> int:
+    """Delete the items' SMS's transaction documents not in ``new_ids`` (an older, longer answer's).
+
+    One ``find`` per user and chunk of SMS ids, then ``DeleteMany`` filtered with
+    ``fence_filter`` (a newer epoch's documents stay).  Returns how many were found stale.
+    """
+    by_user: dict[Any, list[Any]] = {}
+    for item in items:
+        by_user.setdefault(item.user_id, []).append(item.raw_id)
+    stale: list[Any] = []
+    for uid, raw_ids in by_user.items():
+        for start in range(0, len(raw_ids), chunk_size):
+            chunk = raw_ids[start:start + chunk_size]
+            for doc in transactions.find({"user_id": uid, "sms_id": {"$in": chunk}}, {"_id": 1}):
+                if doc["_id"] not in new_ids:
+                    stale.append(doc["_id"])
+    if stale:
+        transactions.bulk_write([DeleteMany({"_id": {"$in": stale[i:i + chunk_size]}, **fence_filter})
+                                 for i in range(0, len(stale), chunk_size)], ordered=False)
+    return len(stale)
