@@ -55,6 +55,7 @@ def processed(db) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_a_thousand_users_with_two_sms_each_complete_under_smsd_run(tmp_path, db, mongo_server,
                                                                      mongo_db_name, llm_server):
     users, each = 1000, 2
