@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from bson.decimal128 import Decimal128
+from pymongo import WriteConcern
 
 from .ledger import FREE_MODELS
 from .model import Sms, SmsResult, Transaction
@@ -38,6 +39,8 @@ from .store_errors import StoreUnavailable
 log = logging.getLogger("smsd.answer_cache")
 
 COLLECTION = "smsd_answer_cache"
+#: The cache's write concern: a cache entry need not survive a crash of MongoDB.
+CACHE_WRITES = WriteConcern(w=1, j=False)
 _SPACE = re.compile(r"\s+")
 
 
@@ -189,8 +192,12 @@ class CacheGate:
         hashes = self.journal.text_hashes([a.call_id for a in paid])
         entries = [(hashes[r.key], r, a.model, self.version, a.call_id)
                    for a in paid for _, r in a.items if r.key in hashes]
+        # Acknowledged, not journaled (j=false): an entry lost to a MongoDB crash costs
+        # one paid call for its text later, and nothing else reads it as a fact; the
+        # flush's own writes keep the store's journaled write concern.
         with self.store.errors("answer cache write"):
-            races = remember(self.store.collection(COLLECTION), entries)
+            coll = self.store.collection(COLLECTION).with_options(write_concern=CACHE_WRITES)
+            races = remember(coll, entries)
         if races:
             self.journal.note_cache_races(paid[0].model, races)
             log.info("%d SMS were paid while another call paid for the same text", races)
