@@ -103,6 +103,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     pipeline = make_pipeline(settings, args.user_id, journal, store, stop=stop, abort=abort,
                              on_tick=patience, owner=lease.host, epoch=lease.lease.epoch,
                              handover=lease.handover())
+    pipeline.may_pay = lease.may_pay
     stale: StaleEpoch | None = None
     try:
         batched = run_phase(pipeline, wait=True)

@@ -255,6 +255,9 @@ class LeaseKeeper(threading.Thread):
 
     def run(self) -> None:
         while not self.halt.wait(self.every):
+            # The server extends the lease from when it runs the renewal, never before
+            # we sent it: counting from the send keeps fresh() on the safe side.
+            sent = time.monotonic()
             try:
                 renewed = self.leases.renew(self.lease)
             except self.errors as exc:
@@ -268,7 +271,14 @@ class LeaseKeeper(threading.Thread):
                 self._lose("taken by another host")
                 return
             self.lease = renewed
-            self.last_ok = time.monotonic()
+            self.last_ok = sent
+
+    def fresh(self) -> bool:
+        """Whether the lease is surely still ours: not lost, and renewed less than
+        ``ttl - every`` ago (by our clock, from the renewal's send).  A host cut off from
+        MongoDB stops paying before another host can take its users, so what both pay
+        for is at most what was in flight then."""
+        return self.lost is None and time.monotonic() - self.last_ok < self.ttl - self.every
 
     def _lose(self, why: str) -> None:
         self.lost = why

@@ -45,6 +45,7 @@ class WorkerLease:
         self.lease: Lease | None = None
         self.keeper: LeaseKeeper | None = None
         self._leases: Leases | None = None
+        self.taken_at = time.monotonic()
         self.down_since: float | None = None   # acquire: MongoDB out of reach since (monotonic)
         self.down_error: str | None = None
 
@@ -60,6 +61,7 @@ class WorkerLease:
         while not stop.is_set():
             beat("lease")
             try:
+                self.taken_at = time.monotonic()   # the lease runs from no earlier than this
                 self.lease = self.leases.take(self.user_id)
                 self.down_since = None
                 return self.lease is not None
@@ -91,7 +93,13 @@ class WorkerLease:
         s = self.settings.lease
         self.keeper = LeaseKeeper(self.leases, self.lease, ttl=s.ttl, fraction=s.renew_fraction,
                                   on_lost=on_lost, errors=MONGO_ERRORS)
+        self.keeper.last_ok = self.taken_at
         self.keeper.start()
+
+    def may_pay(self) -> bool:
+        """Whether a paid call may start now: the lease is surely still ours (see
+        :meth:`smsd.lease.LeaseKeeper.fresh`)."""
+        return self.keeper is None or self.keeper.fresh()
 
     @property
     def lost(self) -> str | None:

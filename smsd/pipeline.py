@@ -77,6 +77,9 @@ class Pipeline(FreeAnswers):
     additionally cuts waits short (fast stop).
     """
 
+    #: Set by a worker that holds a lease: False while the lease may be expiring.
+    may_pay: Callable[[], bool] | None = None
+
     def __init__(self, *, user_id: str, journal: Journal, store: Store, extractor: Extractor,
                  settings: Settings, owner: str = "", epoch: int = 0,
                  stop: threading.Event | None = None, abort: threading.Event | None = None,
@@ -244,6 +247,8 @@ class Pipeline(FreeAnswers):
         while len(self._inflight) < llm.concurrency and (self._buffer or self._retry):
             if time.monotonic() < self._llm_backoff_until:
                 return
+            if self.may_pay is not None and not self.may_pay():
+                return  # the lease may be expiring (MongoDB out of reach): no paid call now
             if not self.mongo_ok and self.journal.unflushed_count() >= self.settings.journal.max_backlog:
                 return  # MongoDB is down: pause paid calls until the flush can catch up
             left = None if budget is None else budget - s.asked_sms

@@ -315,6 +315,7 @@ def _turn(settings: Settings, user_id: str, store: Store, extractor: Extractor,
         pipeline = make_pipeline(settings, user_id, journal, store, stop=stop, abort=abort,
                                  on_tick=reporter.tick, extractor=extractor, owner=lease.host,
                                  epoch=lease.lease.epoch, handover=lease.handover())
+        pipeline.may_pay = lease.may_pay
         try:
             # Batch mode: one step of the user's Batch API jobs (never a wait), then the
             # pipeline flushes what they answered; in "batch" mode it asks nothing online.

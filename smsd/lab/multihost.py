@@ -233,6 +233,19 @@ def tx_writes_after_takeover(client: Any, db_name: str, user_id: str, old_epoch:
                                  "o.user_id": user_id, "o.smsd_epoch": old_epoch})]
 
 
+def asked_since(state_dir: Path, since: float) -> int:
+    """SMS of the calls a host sent at or after ``since`` (epoch seconds; its journals, read-only)."""
+    n = 0
+    for path in (Path(state_dir) / "journal").glob("*.sqlite"):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            n += conn.execute("SELECT coalesce(sum(n_sms), 0) FROM calls WHERE sent_at >= ?",
+                              [since]).fetchone()[0]
+        finally:
+            conn.close()
+    return n
+
+
 def in_flight(state_dir: Path) -> int:
     """SMS a host could still be paid for twice: its calls sent and not answered, plus
     answered and not flushed (its journals, read-only)."""

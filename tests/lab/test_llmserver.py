@@ -90,8 +90,12 @@ def test_server_records_when_each_answer_was_written_by_request_id(llm_server, s
         status, headers, _ = post(llm_server.url + "/chat/completions", chat_body(items))
         if status == 200:
             ids.append(headers["x-request-id"])
-    responses = llm_server.stats()["responses"]
-    t1 = time.time()   # after the stats: the server notes a response after its last byte is out
+    # The server notes a response after its last byte is out, so the client may read that
+    # byte (and ask for the stats) a moment before the note: wait for it, bounded.
+    deadline = time.monotonic() + 5
+    while len(responses := llm_server.stats()["responses"]) < len(ids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    t1 = time.time()   # after the stats
     # Only answered completions, in order, with the id the client saw and a time within the call.
     assert [r["request_id"] for r in responses] == ids and len(ids) == 2
     assert all(r["n_sms"] == 3 and t0 <= r["written_at"] <= t1 for r in responses)
