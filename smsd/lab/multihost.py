@@ -119,9 +119,19 @@ class HostProcess:
             except ProcessLookupError:
                 pass
 
-    def freeze(self) -> None:
-        """SIGSTOP the whole host: supervisor and workers (a VM stall)."""
+    def freeze(self, wait: float = 5.0) -> None:
+        """SIGSTOP the whole host: supervisor and workers (a VM stall).
+
+        Returns once every process of the host is stopped (or after ``wait`` s):
+        ``killpg`` returns before the signal has stopped them, and a journal commit in
+        that moment would be missed by a reading of what was in flight at the freeze.
+        """
         self._group(signal.SIGSTOP)
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(state != "T" for state in _group_states(self.proc.pid)):
+            time.sleep(0.01)
 
     def thaw(self) -> None:
         self._group(signal.SIGCONT)
@@ -231,6 +241,22 @@ def tx_writes_after_takeover(client: Any, db_name: str, user_id: str, old_epoch:
     return [{"id": (e.get("o") or {}).get("_id"), "op": e["op"], "wall": e.get("wall")}
             for e in oplog.find({"ts": {"$gt": taken}, "ns": f"{db_name}.financial_transactions",
                                  "o.user_id": user_id, "o.smsd_epoch": old_epoch})]
+
+
+def _group_states(pgid: int) -> list[str]:
+    """The state letter (``/proc/PID/stat``) of every live process in process group ``pgid``."""
+    states = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            states.append(fields[0])
+    return states
 
 
 def asked_since(state_dir: Path, since: float) -> int:
