@@ -438,8 +438,13 @@ class Pipeline(FreeAnswers):
         # The flush that processes the run's last pending SMS completes its checkpoint in
         # the same update: a kill before _finish_run must not leave the run in_progress
         # for ever (no pending SMS, no journal backlog: no worker would ever resume it).
-        done = bool(s.total_sms) and s.processed_sms >= s.total_sms \
-            and (self._nothing_left_in_hand(answers) or self._count_pending() == 0)
+        # SMS quarantined by this run count as settled: a run whose last SMS were answered
+        # after its quarantines would otherwise wait for _finish_run, and a kill before it
+        # left the run in_progress with nothing pending.
+        settled = s.processed_sms + s.quarantined >= s.total_sms
+        done = bool(s.total_sms) and settled and (
+            (self._nothing_left_in_hand(answers) and not self.journal.unflushed_quarantine())
+            or self._count_pending() == 0)
         self._write_checkpoint(total_sms=s.total_sms if done else None,
                                status="completed" if done else "in_progress")
         if self.cache is not None:   # only flushed answers: their SMS are stored and processed
