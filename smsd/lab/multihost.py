@@ -259,28 +259,25 @@ def _group_states(pgid: int) -> list[str]:
     return states
 
 
-def asked_since(state_dir: Path, since: float) -> int:
-    """SMS of the calls a host sent at or after ``since`` (epoch seconds; its journals, read-only)."""
+def _sum_sms(state_dir: Path, where: str, params: tuple = ()) -> int:
+    """Sum of ``calls.n_sms`` over ``where``, across a host's journals (read-only)."""
     n = 0
     for path in (Path(state_dir) / "journal").glob("*.sqlite"):
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
-            n += conn.execute("SELECT coalesce(sum(n_sms), 0) FROM calls WHERE sent_at >= ?",
-                              [since]).fetchone()[0]
+            n += conn.execute(f"SELECT coalesce(sum(n_sms), 0) FROM calls WHERE {where}",
+                              params).fetchone()[0]
         finally:
             conn.close()
     return n
+
+
+def asked_since(state_dir: Path, since: float) -> int:
+    """SMS of the calls a host sent at or after ``since`` (epoch seconds)."""
+    return _sum_sms(state_dir, "sent_at >= ?", (since,))
 
 
 def in_flight(state_dir: Path) -> int:
     """SMS a host could still be paid for twice: its calls sent and not answered, plus
-    answered and not flushed (its journals, read-only)."""
-    n = 0
-    for path in (Path(state_dir) / "journal").glob("*.sqlite"):
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            n += conn.execute("SELECT coalesce(sum(n_sms), 0) FROM calls WHERE state = 'sent'"
-                              " OR (state = 'answered' AND flushed = 0)").fetchone()[0]
-        finally:
-            conn.close()
-    return n
+    answered and not flushed."""
+    return _sum_sms(state_dir, "state = 'sent' OR (state = 'answered' AND flushed = 0)")
