@@ -96,6 +96,7 @@ class PipelineSettings:
     page_size: int = 200
     worker_max_sms: int = 500                # per worker turn, for fairness between users
     trickle_group_max_users: int = 12        # small users one worker serves at once, calls filled across them; 1 = off
+    trickle_group_calls: int = 1             # LLM calls' worth of SMS (llm.batch_size each) one group turn holds
     trickle_wait_ms: int = 1000              # how long a group turn's call waits for the other users' SMS
 
 
@@ -190,7 +191,7 @@ CHOICES = {
 POSITIVE = {("llm", "batch_size"), ("llm", "concurrency"), ("llm", "timeout"),
             ("journal", "max_backlog"), ("pipeline", "max_attempts"), ("pipeline", "page_size"),
             ("pipeline", "max_text_chars"), ("pipeline", "worker_max_sms"),
-            ("pipeline", "trickle_group_max_users"),
+            ("pipeline", "trickle_group_max_users"), ("pipeline", "trickle_group_calls"),
             ("supervisor", "max_workers"), ("supervisor", "worker_timeout"),
             ("supervisor", "discovery_interval"), ("mongo", "timeout_ms"),
             ("llm", "batch_threshold"), ("llm", "batch_max_sms"), ("llm", "batch_poll_interval"), ("lease", "ttl")}

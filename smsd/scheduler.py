@@ -68,24 +68,28 @@ def next_turns(users: Iterable[UserState], running: set[str], applied_generation
     return candidates
 
 
-def group_turns(candidates: Iterable[UserState], room: int, most: int, call_sms: int) -> list[list[UserState]]:
+def group_turns(candidates: Iterable[UserState], room: int, most: int, call_sms: int,
+                calls: int = 1) -> list[list[UserState]]:
     """The next turns (fairest first, at most ``room``): one user each, or a group of small users.
 
     Trickle batching (:mod:`smsd.combiner`): users with fewer pending SMS than one
-    call holds (``call_sms``) share a turn, up to ``most`` users and ``call_sms``
-    pending SMS in all, so that their SMS fill LLM calls together.  A user with a
+    call holds (``call_sms``) share a turn, up to ``most`` users and ``calls`` calls'
+    worth of pending SMS in all, so that their SMS fill LLM calls together (the
+    combiner makes a call per ``call_sms`` SMS held); a bigger group also spreads
+    a worker turn's fixed cost over more users.  A user with a
     full call's worth of SMS keeps a turn of its own, as before; so does a user
     whose last turn crashed, so that a user whose turn kills its worker crashes
     alone and never drags a group's other users into its crash loop.
     """
     turns: list[list[UserState]] = []
     load: list[int] = []
+    group_sms = call_sms * max(1, calls)
     for user in candidates:
         n = max(1, int(user.info.get("pending_sms") or 0))
         small = most > 1 and n < call_sms and not user.consecutive_crashes
         if small:
             fit = next((i for i, t in enumerate(turns) if load[i] and len(t) < most
-                        and load[i] + n <= call_sms), None)
+                        and load[i] + n <= group_sms), None)
             if fit is not None:
                 turns[fit].append(user)
                 load[fit] += n

@@ -54,7 +54,8 @@ class WorkerPool:
         most = self.group_size()
         candidates = self.lease.turns(next_turns(self.users.values(), running, self.applied_generation),
                                       room * most)
-        for turn in group_turns(candidates, room, most, self.settings.llm.batch_size):
+        for turn in group_turns(candidates, room, most, self.settings.llm.batch_size,
+                                self.settings.pipeline.trickle_group_calls):
             w = idle.pop() if idle else self.spawn_worker()
             if not assign(w, [u.user_id for u in turn]):
                 continue   # it is dying; the reap replaces it and the users wait a loop turn

@@ -42,6 +42,11 @@ def test_small_users_are_grouped_up_to_a_call_and_big_users_keep_their_own_turn(
     turns = group_turns(users, room=3, most=3, call_sms=25)
     assert [[u.user_id for u in t] for t in turns] == [["a", "c", "d"], ["big"], ["b"]]
     users[2].consecutive_crashes = 0
+    # Two calls' worth: the group takes users up to 50 pending SMS, each still under one call.
+    turns = group_turns(users, room=2, most=5, call_sms=25, calls=2)
+    assert [[u.user_id for u in t] for t in turns] == [["a", "b", "c", "d", "e"], ["big"]]
+    turns = group_turns(users + [user("f", 24), user("g", 3)], room=2, most=9, call_sms=25, calls=2)
+    assert [[u.user_id for u in t] for t in turns] == [["a", "b", "c", "d", "e", "g"], ["big"]]
     # Off (most = 1): one user per turn, fairest first, as before.
     assert [[u.user_id for u in t] for t in group_turns(users, room=2, most=1, call_sms=25)] == [["a"], ["big"]]
 
