@@ -17,7 +17,7 @@ the pairs.
 from __future__ import annotations
 
 from .bare_loop import run_bare, templates
-from .contract_run import ContractRun, seed_users
+from .contract_run import ContractRun, seed_users, shipped_settings
 from .harness import Bench, BenchResult, Figure, median
 
 TARGET = 0.8
@@ -55,6 +55,7 @@ def bench_bare(bench: Bench) -> BenchResult:
     res = BenchResult("bare")
     bench.llm.set_faults(latency_ms=0, latency_jitter_ms=0, rpm_limit=0)
     tmpl = templates(bench)
+    cfg = shipped_settings()
     _bare_trial(bench, 4, 20, tmpl)          # warm-up: server caches, imports, page cache
     res.details.append(
         "**smsd**: `smsd run` with the shipped `config.toml` copied unchanged (defaults: 4 workers, "
