@@ -13,13 +13,18 @@ it (invariant 1), and an SMS that has a result here is never asked again
 
 The pipeline calls :meth:`Journal.record_answer` and :meth:`Journal.record_failure`
 in the LLM thread that received the response, right after it is parsed, while the
-pipeline's main thread may be waiting on MongoDB: one connection
-(``check_same_thread=False``) shared under one lock, WAL, ``synchronous=FULL``.
+pipeline's main thread may be waiting on MongoDB or reading the journal: each thread
+has its own connection (:mod:`smsd.journal_conn`), reads take no lock, write
+transactions take one; WAL, ``synchronous=FULL``.
 
 Answer -> commit latency: ``calls.committed_at`` (REAL, epoch seconds as
-``time.time()``, UTC) is taken inside the committing transaction as its last
-statement, right before ``COMMIT``; the answer is durable when that ``COMMIT``
-returns, i.e. one WAL fsync later (``Journal.commit_timings()`` holds the
+``time.time()``, UTC) is the time the answer's ``COMMIT`` returned, i.e. when the
+answer was durable (after the WAL fsync).  A transaction cannot record its own
+end, so the committing transaction stamps the moment right before ``COMMIT`` and
+the journal's next write transaction of another kind (a flush's
+:meth:`Journal.mark_flushed`, a ``begin_call``...) or :meth:`Journal.close`
+replaces it with the time ``COMMIT`` returned; a kill in between leaves the
+pre-``COMMIT`` stamp, an fsync short (``Journal.commit_timings()`` holds the
 BEGIN..COMMIT durations).  ``calls.answered_at`` (same units) is taken when the
 transaction begins.  A bench compares ``committed_at`` with the LLM server's
 last-byte time of the same call (match them by ``calls.request_id``, the
@@ -39,13 +44,10 @@ Files are 0600 in a 0700 directory: results contain account masks and
 counterparties.  SMS text is never stored here and never logged.
 """
 from __future__ import annotations
-import errno
-import fcntl
 import json
 import logging
 import os
 import sqlite3
-import threading
 import time
 import uuid
 from collections import deque
@@ -58,9 +60,12 @@ from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 
+# JournalLocked and the file helpers live in journal_conn; re-exported for callers.
+from smsd.journal_conn import (Connections, JournalLocked, _chmod_600, _fsync_dir,  # noqa: F401
+                               _take_lock, connect)
 # scan() lives in journal_scan; it is re-exported here for callers of journal.scan.
 from smsd.journal_scan import _stats, scan  # noqa: F401
-from smsd.journal_schema import (MIGRATIONS, SCHEMA, SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta,
+from smsd.journal_schema import (MIGRATIONS, SCHEMA, SCHEMA_VERSION, UNFLUSHED_COUNT, _meta,
                                  _scalar, journal_path, statements)
 from smsd.journal_ledger import LedgerRows
 from smsd.ledger import add_to_ledger, usd_text
@@ -71,11 +76,8 @@ log = logging.getLogger("smsd.journal")
 
 #: Keys per ``IN (...)`` list (SQLite limits bound parameters per statement).
 CHUNK = 500
-#: How long a writer waits for a SQLite lock held by a reader (checkpoints).
-BUSY_TIMEOUT_MS = 5000
 #: How many record_answer commit durations :meth:`Journal.commit_timings` keeps.
 TIMINGS_KEPT = 10_000
-LOCK_POLL_S = 0.05
 
 
 class JournalError(Exception):
@@ -89,16 +91,6 @@ class AlreadyAnswered(JournalError):
         self.keys = keys
         super().__init__(f"{len(keys)} SMS already have a result in the journal; "
                          "they must not be asked again")
-
-
-class JournalLocked(Exception):
-    """Another process (or another Journal in this one) holds the user's journal."""
-
-    def __init__(self, user_id: str, holder_pid: int | None):
-        self.user_id = user_id
-        self.holder_pid = holder_pid
-        holder = f"pid {holder_pid}" if holder_pid else "another process"
-        super().__init__(f"journal of user {user_id!r} is locked by {holder}")
 
 
 @dataclass
@@ -137,76 +129,34 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-def _chmod_600(path: Path) -> None:
-    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        try:
-            os.chmod(p, 0o600)
-        except FileNotFoundError:
-            pass
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        data = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        return int(data) if data else None
-    except (OSError, ValueError):
-        return None
-
-
-def _take_lock(lock_path: Path, user_id: str, wait: float) -> int:
-    """flock(LOCK_EX) on ``lock_path``, retrying for ``wait`` seconds; returns the fd."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    deadline = time.monotonic() + wait
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise JournalLocked(user_id, _read_pid(fd)) from None
-                time.sleep(min(LOCK_POLL_S, max(0.0, deadline - time.monotonic())))
-        # Only the holder writes, so the pid in the file names the holder.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        os.fchmod(fd, 0o600)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-
 class Journal(LedgerRows):
     """One user's journal, opened for writing under the exclusive lock.
 
-    Thread-safe: every method runs under one internal lock.  Do not use a
-    Journal in a forked child (the lock fd would be shared); open it after
+    Thread-safe: each thread reads on its own connection without a lock; write
+    transactions are serialised by one lock (:mod:`smsd.journal_conn`).  Do not
+    use a Journal in a forked child (the lock fd would be shared); open it after
     forking.
     """
 
     path: Path
     user_id: str
-    db: sqlite_utils.Database  # for inspection and tests; write through the methods
 
-    def __init__(self, path: Path, user_id: str, db: sqlite_utils.Database, lock_fd: int):
+    def __init__(self, path: Path, user_id: str, conns: Connections, lock_fd: int):
         self.path = path
         self.user_id = user_id
-        self.db = db
+        self._conns = conns
         self._lock_fd: int | None = lock_fd
         self._pid = os.getpid()
-        self._mutex = threading.RLock()
+        self._mutex = conns.write_lock
         self._timings: deque[float] = deque(maxlen=TIMINGS_KEPT)
+        # (time COMMIT returned, call_id) of answers whose committed_at still holds
+        # the pre-COMMIT stamp; written by the next write of another kind.
+        self._durable: deque[tuple[float, str]] = deque(maxlen=TIMINGS_KEPT)
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The calling thread's connection, for inspection and tests; write through the methods."""
+        return self._conns.get()
 
     # -- opening and closing -------------------------------------------------
 
@@ -236,22 +186,11 @@ class Journal(LedgerRows):
             os.close(fd)
             if created:
                 _fsync_dir(path.parent)
-            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE
-            # ... COMMIT in _write), nothing is opened or committed behind our back.
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                   timeout=BUSY_TIMEOUT_MS / 1000)
-            db = _db(conn)
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise JournalError(f"{path}: cannot switch to WAL mode (got {mode!r})")
-            # FULL by default: in WAL mode, NORMAL does not fsync the WAL at
-            # each commit, so a power loss or OS crash can lose the last
-            # commits.  A lost commit is an LLM answer we paid for and would
-            # ask again (invariant 5).  NORMAL is only safe against process
-            # crashes (kill -9), which is why it is offered for benchmarks.
-            db.execute(f"PRAGMA synchronous = {synchronous}")
-            cls._init_schema(db, path, user_id)
+            try:
+                conn = connect(path, synchronous)
+            except RuntimeError as e:
+                raise JournalError(str(e)) from None
+            cls._init_schema(conn, path, user_id)
             _chmod_600(path)
         except BaseException as e:
             if conn is not None:
@@ -261,7 +200,7 @@ class Journal(LedgerRows):
                 raise JournalError(f"{path}: cannot open journal: {e}") from e
             raise
         log.debug("journal opened user=%s path=%s synchronous=%s", user_id, path, synchronous)
-        return cls(path, user_id, db, lock_fd)
+        return cls(path, user_id, Connections(path, synchronous, conn), lock_fd)
 
     @staticmethod
     def _init_schema(db: sqlite_utils.Database, path: Path, user_id: str) -> None:
@@ -302,7 +241,11 @@ class Journal(LedgerRows):
             if self._lock_fd is None:
                 return
             try:
-                self.db.close()
+                self._stamp_durable()
+            except sqlite3.Error as e:   # only the latency figure loses precision
+                log.warning("journal of user %s: commit times not written: %s", self.user_id, e)
+            try:
+                self._conns.close()
             finally:
                 fd, self._lock_fd = self._lock_fd, None
                 os.close(fd)  # closing the only fd releases the flock
@@ -325,24 +268,44 @@ class Journal(LedgerRows):
 
     @contextmanager
     def _use(self) -> Iterator[sqlite_utils.Database]:
-        with self._mutex:
-            if self._lock_fd is None:
-                raise JournalError(f"{self.path}: journal is closed")
-            if os.getpid() != self._pid:
-                raise JournalError(f"{self.path}: journal used in a forked child; open it there")
-            yield self.db
+        """The calling thread's connection, for reads: no lock (WAL readers never wait)."""
+        if self._lock_fd is None:
+            raise JournalError(f"{self.path}: journal is closed")
+        if os.getpid() != self._pid:
+            raise JournalError(f"{self.path}: journal used in a forked child; open it there")
+        yield self._conns.get()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite_utils.Database]:
-        """One transaction, one commit; rolled back on any error."""
-        with self._use() as db:
+    def _write(self, *, stamp: bool = True) -> Iterator[sqlite_utils.Database]:
+        """One transaction, one commit; rolled back on any error.
+
+        ``stamp``: also write the commit times of earlier answers (see the module
+        docstring); record_answer does not, so an answer's transaction holds its own
+        statements only."""
+        with self._mutex, self._use() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
+                if stamp:
+                    self._stamp_durable(db)
                 yield db
                 db.execute("COMMIT")
             except BaseException:
                 db.rollback()
                 raise
+
+    def _stamp_durable(self, db: sqlite_utils.Database | None = None) -> None:
+        """Replace the pre-COMMIT stamps of answers by the time their COMMIT returned."""
+        if not self._durable:
+            return
+        done = list(self._durable)
+        sql = "UPDATE calls SET committed_at = ? WHERE call_id = ?"
+        if db is not None:
+            db.conn.executemany(sql, done)
+        else:
+            with self._write(stamp=False) as own:
+                own.conn.executemany(sql, done)
+        for _ in done:
+            self._durable.popleft()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
@@ -422,7 +385,7 @@ class Journal(LedgerRows):
                 raise ValueError(f"result key {result.key!r} does not match its raw_id")
         start = time.perf_counter()
         now = _now()
-        with self._write() as db:
+        with self._write(stamp=False) as db:
             self._check_state(db, call_id, "sent")
             db.conn.executemany(
                 "INSERT OR IGNORE INTO results (sms_key, call_id, raw_id, kind, transactions)"
@@ -440,8 +403,8 @@ class Journal(LedgerRows):
                           repeated_sms=repeated, usage=usage, cost=cost,
                           repeated_usd=repeated_usd, unpriced=cost_usd is None)
             self._count_failures(db, call_id, failed, now)
-            # Last statement before COMMIT: committed_at is as close to the commit as
-            # the transaction itself can record (see the module docstring).
+            # Last statement before COMMIT: a lower bound, replaced by the time COMMIT
+            # returned in the journal's next write (see the module docstring).
             db.execute(
                 "UPDATE calls SET state = 'answered', answered_at = ?, request_id = ?,"
                 " prompt_tokens = ?, completion_tokens = ?, model = COALESCE(?, model),"
@@ -450,6 +413,7 @@ class Journal(LedgerRows):
                 [now, request_id, usage.prompt_tokens, usage.completion_tokens, model,
                  0 if own else 1, None if own else now, usage.cached_tokens, usd_text(cost),
                  usd_text(repeated_usd), _now(), call_id])
+        self._durable.append((_now(), call_id))   # the answer is durable: COMMIT returned
         self._timings.append(time.perf_counter() - start)
         if len(items) != own:
             log.info("call %s: %d of %d results were already journaled (first answer wins)",

@@ -329,6 +329,74 @@ def test_commit_timings_record_each_answer(journal):
     assert len(timings) == 3 and all(0 < t < 5 for t in timings)
 
 
+def test_an_answer_commits_while_another_thread_is_inside_a_read(journal):
+    # The LLM thread's commit must not wait for the main loop's journal reads (a flush
+    # parsing answers, the status counts): reads take no lock, each thread has its own
+    # connection.  The reader below stays inside its read until the answer is committed.
+    call = begin(journal, ["a"])
+    inside, committed = threading.Event(), threading.Event()
+
+    def main_loop_reads():
+        with journal._use() as db:
+            db.execute("SELECT COUNT(*) FROM results").fetchone()
+            inside.set()
+            committed.wait(10)
+
+    reader = threading.Thread(target=main_loop_reads)
+    reader.start()
+    assert inside.wait(10)
+    llm_thread = threading.Thread(target=lambda: (answer(journal, call, ["a"]), committed.set()))
+    llm_thread.start()
+    llm_thread.join(10)
+    reader.join(10)
+    assert committed.is_set(), "the answer's commit waited for a read in another thread"
+    assert journal.answered_keys([sms_key("a")]) == {sms_key("a")}   # seen by the reading thread's own view
+    with journal._use() as db:
+        assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 1
+
+
+def test_committed_at_becomes_the_time_the_commit_returned(journal, tmp_path):
+    # record_answer stamps committed_at right before COMMIT (a transaction cannot record
+    # its end); the next write of another kind replaces it with the time COMMIT returned.
+    call = begin(journal, ["a"])
+    t0 = time.time()
+    answer(journal, call, ["a"])
+    t1 = time.time()
+    before = call_row(journal, call)["committed_at"]
+    assert t0 <= before <= t1
+    journal.mark_flushed([])
+    after = call_row(journal, call)["committed_at"]
+    assert before < after <= t1
+    # close() writes the stamps no other write has taken yet.
+    call2 = begin(journal, ["b"])
+    answer(journal, call2, ["b"])
+    t2 = time.time()
+    pre = call_row(journal, call2)["committed_at"]
+    journal.close()
+    reopened = Journal.open(tmp_path, USER)
+    try:
+        assert pre < call_row(reopened, call2)["committed_at"] <= t2
+    finally:
+        reopened.close()
+
+
+def test_threads_get_their_own_connection_and_ended_ones_are_closed(journal):
+    def use():
+        journal.answered_keys([sms_key("x")])
+
+    for _ in range(3):
+        t = threading.Thread(target=use)
+        t.start()
+        t.join()
+    use()   # the opening thread's connection is the first one
+    t = threading.Thread(target=use)
+    t.start()
+    t.join()
+    # The ended threads' connections are closed as new ones are made: the opening
+    # thread's and the last thread's are left, not one per thread ever seen.
+    assert journal._conns.count() == 2
+
+
 # -- quarantine and retry ------------------------------------------------------------
 
 def test_quarantine_round_trip_flush_and_retry(journal):
