@@ -179,7 +179,9 @@ class Pipeline(FreeAnswers):
                 if not self._backlog or not self.mongo_ok:
                     self._sleep(0.2)
                 continue
-            done, _ = wait(list(self._inflight), timeout=0.0 if self._backlog else 0.5,
+            # No zero wait while MongoDB is down: the flush is backing off, and a spinning
+            # loop would take the GIL from the LLM threads committing their answers.
+            done, _ = wait(list(self._inflight), timeout=0.0 if self._backlog and self.mongo_ok else 0.5,
                            return_when=FIRST_COMPLETED)
             for fut in done:
                 self._on_answer(self._inflight.pop(fut), fut)
