@@ -50,7 +50,8 @@ def cmd_once(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         journal = Journal.open(settings.state_dir, args.user_id, wait=args.lock_wait,
-                               synchronous=settings.journal.synchronous)
+                               synchronous=settings.journal.synchronous,
+                               background_sync=settings.journal.background_sync)
     except JournalLocked as exc:
         print(f"smsd once: another smsd process is working on user {args.user_id} ({exc})",
               file=sys.stderr)

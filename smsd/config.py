@@ -86,6 +86,7 @@ class LlmSettings:
 class JournalSettings:
     state_dir: str = "./var/state"
     synchronous: str = "FULL"
+    background_sync: bool = True             # FULL: the WAL fsync in a thread, not in the commit (journal_sync)
     max_backlog: int = 2000                  # unflushed SMS results before LLM calls pause
 
 

@@ -15,7 +15,8 @@ The pipeline calls :meth:`Journal.record_answer` and :meth:`Journal.record_failu
 in the LLM thread that received the response, right after it is parsed, while the
 pipeline's main thread may be waiting on MongoDB or reading the journal: each thread
 has its own connection (:mod:`smsd.journal_conn`), reads take no lock, write
-transactions take one; WAL, ``synchronous=FULL``.
+transactions take one; WAL, ``synchronous=FULL`` (the fsync in each commit, or with
+``background_sync`` in a syncer thread that the flush's reads wait for: :mod:`smsd.journal_sync`).
 
 Answer -> commit latency: ``calls.committed_at`` (REAL, epoch seconds as
 ``time.time()``, UTC) is the time the answer's ``COMMIT`` returned, i.e. when the
@@ -65,6 +66,7 @@ from smsd.journal_conn import (Connections, JournalLocked, _chmod_600, _fsync_di
                                _take_lock, connect)
 # scan() lives in journal_scan; it is re-exported here for callers of journal.scan.
 from smsd.journal_scan import _stats, scan  # noqa: F401
+from smsd.journal_sync import WalSyncer
 from smsd.journal_schema import (MIGRATIONS, SCHEMA, SCHEMA_VERSION, UNFLUSHED_COUNT, _meta,
                                  _scalar, journal_path, statements)
 from smsd.journal_ledger import LedgerRows
@@ -141,8 +143,10 @@ class Journal(LedgerRows):
     path: Path
     user_id: str
 
-    def __init__(self, path: Path, user_id: str, conns: Connections, lock_fd: int):
+    def __init__(self, path: Path, user_id: str, conns: Connections, lock_fd: int,
+                 syncer: WalSyncer | None = None):
         self.path = path
+        self._syncer = syncer
         self.user_id = user_id
         self._conns = conns
         self._lock_fd: int | None = lock_fd
@@ -162,8 +166,12 @@ class Journal(LedgerRows):
 
     @classmethod
     def open(cls, state_dir: str | os.PathLike, user_id: str, *, wait: float = 0.0,
-             synchronous: str = "FULL") -> "Journal":
+             synchronous: str = "FULL", background_sync: bool = False) -> "Journal":
         """Lock and open (creating if needed) the journal of ``user_id``.
+
+        ``background_sync`` (with ``FULL``): commits return before the WAL fsync, which
+        a :class:`smsd.journal_sync.WalSyncer` thread does at once; the readers whose
+        rows go to MongoDB wait for it (see :mod:`smsd.journal_sync`).
 
         Raises :class:`JournalLocked` if another holder keeps the lock for
         more than ``wait`` seconds, :class:`JournalError` if the file is not a
@@ -177,6 +185,10 @@ class Journal(LedgerRows):
         os.chmod(path.parent, 0o700)
         lock_fd = _take_lock(Path(f"{path}.lock"), user_id, wait)
         conn = None
+        syncer = None
+        # The commit itself at NORMAL (kill-safe), the fsync by the syncer: see journal_sync.
+        background = background_sync and synchronous == "FULL"
+        level = "NORMAL" if background else synchronous
         try:
             # Create the file 0600 before SQLite opens it; SQLite gives the
             # -wal and -shm files the mode of the database file.
@@ -187,12 +199,18 @@ class Journal(LedgerRows):
             if created:
                 _fsync_dir(path.parent)
             try:
-                conn = connect(path, synchronous)
+                conn = connect(path, level)
             except RuntimeError as e:
                 raise JournalError(str(e)) from None
             cls._init_schema(conn, path, user_id)
             _chmod_600(path)
+            if background:
+                syncer = WalSyncer(path)
+                syncer.committed()          # the schema's commit, on disk before any use
+                syncer.wait()
         except BaseException as e:
+            if syncer is not None:
+                syncer.close()
             if conn is not None:
                 conn.close()
             os.close(lock_fd)
@@ -200,7 +218,7 @@ class Journal(LedgerRows):
                 raise JournalError(f"{path}: cannot open journal: {e}") from e
             raise
         log.debug("journal opened user=%s path=%s synchronous=%s", user_id, path, synchronous)
-        return cls(path, user_id, Connections(path, synchronous, conn), lock_fd)
+        return cls(path, user_id, Connections(path, level, conn), lock_fd, syncer)
 
     @staticmethod
     def _init_schema(db: sqlite_utils.Database, path: Path, user_id: str) -> None:
@@ -245,6 +263,8 @@ class Journal(LedgerRows):
             except sqlite3.Error as e:   # only the latency figure loses precision
                 log.warning("journal of user %s: commit times not written: %s", self.user_id, e)
             try:
+                if self._syncer is not None:
+                    self._syncer.close()    # fsyncs what is left
                 self._conns.close()
             finally:
                 fd, self._lock_fd = self._lock_fd, None
@@ -292,6 +312,17 @@ class Journal(LedgerRows):
             except BaseException:
                 db.rollback()
                 raise
+            if self._syncer is not None:
+                self._syncer.committed()   # under the write lock: see _wait_durable
+
+    def _wait_durable(self) -> None:
+        """Return once every commit so far is fsynced (background sync): call it after a
+        read whose rows go to MongoDB, so nothing reaches MongoDB before it is on disk."""
+        if self._syncer is None:
+            return
+        with self._mutex:   # no commit half counted: each is counted before the lock is let go
+            mark = self._syncer.mark()
+        self._syncer.wait(mark)
 
     def _stamp_durable(self, db: sqlite_utils.Database | None = None) -> None:
         """Replace the pre-COMMIT stamps of answers by the time their COMMIT returned."""
@@ -501,6 +532,7 @@ class Journal(LedgerRows):
                     result = SmsResult.from_json(
                         {"id": key, "kind": kind, "transactions": json.loads(txs)})
                     answers[call_id].items.append((raw_id_from_bytes(raw), result))
+        self._wait_durable()
         return [a for a in answers.values() if a.items]
 
     def unflushed_keys(self, limit: int | None = None) -> list[str]:
@@ -548,6 +580,7 @@ class Journal(LedgerRows):
         with self._use() as db:
             rows = db.execute("SELECT raw_id, sms_key, reason, attempts, extra FROM quarantine"
                               " WHERE flushed = 0 ORDER BY at, rowid").fetchall()
+        self._wait_durable()
         return [Quarantine(raw_id=raw_id_from_bytes(raw), key=key, user_id=self.user_id,
                            reason=reason, attempts=attempts, extra=json.loads(extra))
                 for raw, key, reason, attempts, extra in rows]

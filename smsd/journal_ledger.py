@@ -28,11 +28,14 @@ class LedgerRows:
 
     _use: Any
     _write: Any
+    _wait_durable: Any
 
     def unsynced_ledger(self) -> list[dict]:
         """Ledger rows (day, model, totals, rev) changed since they were last written to MongoDB."""
         with self._use() as db:
-            return [dict(r) for r in db.query("SELECT * FROM ledger WHERE synced_rev < rev")]
+            rows = [dict(r) for r in db.query("SELECT * FROM ledger WHERE synced_rev < rev")]
+        self._wait_durable()   # what goes to MongoDB is on disk first
+        return rows
 
     def text_hashes(self, call_ids: list[str]) -> dict[str, str]:
         """``{sms_key: answer-cache key}`` of the SMS of these calls that have one."""

@@ -298,7 +298,8 @@ def _turn(settings: Settings, user_id: str, store: Store, extractor: Extractor,
     """One user's turn: lock and open its journal, run its pipeline, close; (code, counts)."""
     try:
         journal = Journal.open(settings.state_dir, user_id, wait=2.0,
-                               synchronous=settings.journal.synchronous)
+                               synchronous=settings.journal.synchronous,
+                               background_sync=settings.journal.background_sync)
     except JournalLocked as exc:
         log.warning("user %s: journal busy (%s); the supervisor will try again", user_id, exc)
         return EXIT_LOCKED, {}

@@ -185,11 +185,14 @@ def test_begin_call_is_durable_before_the_answer_and_a_reask_counts_as_repeated(
     assert stats["sent_calls"] == 1
 
 
-def test_result_survives_sigkill_right_after_record_answer(tmp_path):
-    rc, out = run_child("""
-        j = Journal.open(state_dir, user)
+@pytest.mark.parametrize("background_sync", [False, True], ids=["fsync-in-commit", "fsync-in-thread"])
+def test_result_survives_sigkill_right_after_record_answer(tmp_path, background_sync):
+    # With background_sync the commit returns before the WAL fsync: the kill below may
+    # strike before the syncer's fsync, and the answer must survive it all the same.
+    rc, out = run_child(f"""
+        j = Journal.open(state_dir, user, background_sync={background_sync})
         call_id = j.begin_call([(sms_key(r), r) for r in ("a", 7)], owner="h", epoch=0, model="m")
-        j.record_answer(call_id, [("a", result("a")), (7, result(7))], failed={},
+        j.record_answer(call_id, [("a", result("a")), (7, result(7))], failed={{}},
                         request_id="req-1", usage=Usage(11, 4))
         print(call_id, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
