@@ -99,6 +99,8 @@ class PipelineSettings:
     trickle_group_max_users: int = 12        # small users one worker serves at once, calls filled across them; 1 = off
     trickle_group_calls: int = 1             # LLM calls' worth of SMS (llm.batch_size each) one group turn holds
     trickle_wait_ms: int = 1000              # how long a group turn's call waits for the other users' SMS
+    flush_gather_sms: int = 200              # answered SMS gathered into one flush while calls are in flight; 1 = every answer
+    flush_max_wait_ms: int = 500             # the oldest gathered answer is flushed after this long; 0 = every answer
 
 
 @dataclass
@@ -193,6 +195,7 @@ POSITIVE = {("llm", "batch_size"), ("llm", "concurrency"), ("llm", "timeout"),
             ("journal", "max_backlog"), ("pipeline", "max_attempts"), ("pipeline", "page_size"),
             ("pipeline", "max_text_chars"), ("pipeline", "worker_max_sms"),
             ("pipeline", "trickle_group_max_users"), ("pipeline", "trickle_group_calls"),
+            ("pipeline", "flush_gather_sms"),
             ("supervisor", "max_workers"), ("supervisor", "worker_timeout"),
             ("supervisor", "discovery_interval"), ("mongo", "timeout_ms"),
             ("llm", "batch_threshold"), ("llm", "batch_max_sms"), ("llm", "batch_poll_interval"), ("lease", "ttl")}
@@ -328,8 +331,9 @@ def _validate(settings: Settings) -> None:
             parse_listen(settings.supervisor.metrics_listen)
         except ListenError as exc:
             raise ConfigError(f"bad value for supervisor.metrics_listen: {exc}") from None
-    if settings.pipeline.trickle_wait_ms < 0:
-        raise ConfigError("bad value for pipeline.trickle_wait_ms: must be >= 0")
+    for key in ("trickle_wait_ms", "flush_max_wait_ms"):
+        if getattr(settings.pipeline, key) < 0:
+            raise ConfigError(f"bad value for pipeline.{key}: must be >= 0")
     if not 0 < settings.lease.renew_fraction < 1:
         raise ConfigError("bad value for lease.renew_fraction: must be between 0 and 1")
     if not settings.mongo.uri:

@@ -32,6 +32,7 @@ from . import grounding
 from . import batch
 from .config import Settings
 from .failpoints import failpoint
+from .flush_policy import FlushPolicy
 from .histogram import FLUSH_BUCKETS, LLM_BUCKETS, Histogram
 from .journal import Answer, Journal
 from .pipeline_free import FreeAnswers, _as_result  # noqa: F401 - _as_result re-exported
@@ -126,6 +127,8 @@ class Pipeline(FreeAnswers):
         self._none_pending = False      # the last count found nothing pending (reset by a claim)
         # The shared answer cache (needs an LLM client: its prompt and schema version the key).
         self.cache = answer_cache.CacheGate.for_pipeline(settings, extractor, store, journal)
+        # While calls are in flight, answers gather into page-sized flushes (smsd.flush_policy).
+        self.flushing = FlushPolicy(settings.pipeline.flush_gather_sms, settings.pipeline.flush_max_wait_ms)
 
     # ------------------------------------------------------------------ run
     def run(self, *, limit: int | None = None, resume: bool = True,
@@ -180,12 +183,16 @@ class Pipeline(FreeAnswers):
                     self._sleep(0.2)
                 continue
             # No zero wait while MongoDB is down: the flush is backing off, and a spinning
-            # loop would take the GIL from the LLM threads committing their answers.
-            done, _ = wait(list(self._inflight), timeout=0.0 if self._backlog and self.mongo_ok else 0.5,
+            # loop would take the GIL from the LLM threads committing their answers (nor the
+            # gathered answers' deadline: it has passed, and the flush waits for MongoDB).
+            timeout = self.flushing.wait_s(0.0 if self._backlog else 0.5) if self.mongo_ok else 0.5
+            done, _ = wait(list(self._inflight), timeout=timeout,
                            return_when=FIRST_COMPLETED)
             for fut in done:
                 self._on_answer(self._inflight.pop(fut), fut)
-            self._flush_backlog_quietly(REPLAY_CHUNK)
+            # A replay, a drain or a full page flushes now; else the answers gather (journaled).
+            if self._backlog or draining or self.stop.is_set() or self.flushing.due(self.journal.unflushed_count()):
+                self._flush_backlog_quietly(REPLAY_CHUNK)
 
     # ---------------------------------------------------------------- claim
     def _claim(self) -> None:
@@ -464,13 +471,16 @@ class Pipeline(FreeAnswers):
         flushed = 0
         self._backlog = True
         while max_answers is None or flushed < max_answers:
-            answers = self.journal.unflushed(limit=64 if max_answers is None else
-                                             min(64, max_answers - flushed))
-            if not answers:
+            limit = 64 if max_answers is None else min(64, max_answers - flushed)
+            answers = self.journal.unflushed(limit=limit)
+            if answers:
+                self.flush(answers)
+                flushed += len(answers)
+            if len(answers) < limit:
+                # Drained as of the read: answers committed during this flush gather for the next.
                 self._backlog = False
                 break
-            self.flush(answers)
-            flushed += len(answers)
+        self.flushing.flushed()
         self._sync_costs()
         pending = self.journal.unflushed_quarantine()
         if pending:

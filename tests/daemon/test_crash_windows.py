@@ -35,8 +35,12 @@ def test_kill_at_window_then_resume_keeps_every_invariant(point, visit, tmp_path
     # With one call in flight, a kill after the commit must repeat nothing at all;
     # with two, the other in-flight call is the only thing it may repeat.
     concurrency = 2 if point in MAY_REPEAT else 1
+    # The flush windows are hit at the n-th flush, "so some work is already flushed":
+    # that needs a flush per answer (flush_gather_sms = 1).  With the default gathering
+    # the whole run could be one flush and @2 never reached; tests/daemon/test_flush_gather.py
+    # kills inside gathered flushes.
     config = write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=llm_server.url,
-                          llm={"concurrency": concurrency}, pipeline={"page_size": 10})
+                          llm={"concurrency": concurrency}, pipeline={"page_size": 10, "flush_gather_sms": 1})
 
     crashed = run_smsd(config, "once", "--user-id", "u1", SMSD_FAILPOINT=f"{point}@{visit}")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
@@ -64,6 +68,7 @@ def test_kill_at_window_then_resume_keeps_every_invariant(point, visit, tmp_path
 
 
 def test_killed_during_flush_replays_without_duplicates(tmp_path, db, mongo_server, mongo_db_name, llm_server):
+    # Default flush settings (gathering on): the first flush, whatever it gathered.
     expected = seed(db, "u2", 20, id_kind="str")
     config = write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=llm_server.url)
     crashed = run_smsd(config, "once", "--user-id", "u2", SMSD_FAILPOINT="mid_flush@1")

@@ -66,7 +66,10 @@ def test_resume_without_checkpoint_says_so(tmp_path, db, mongo_server, mongo_db_
 
 def test_resume_prints_progress_of_an_interrupted_run(tmp_path, db, mongo_server, mongo_db_name, llm_server):
     seed(db, "dave", 30)
-    config = _config(tmp_path, mongo_server.uri, mongo_db_name, llm_server, llm={"concurrency": 1})
+    # "progress 10/30" after the 2nd flush needs a flush per answer of 5 SMS; gathered
+    # flushes (the default) could have written all 30 in one.
+    config = _config(tmp_path, mongo_server.uri, mongo_db_name, llm_server, llm={"concurrency": 1},
+                     pipeline={"flush_gather_sms": 1})
     crashed = run_smsd(config, "once", "--user-id", "dave", SMSD_FAILPOINT="after_mark_flushed@2")
     assert crashed.returncode == -signal.SIGKILL
     out = run_smsd(config, "once", "--user-id", "dave", "--resume")
