@@ -7,14 +7,19 @@ same system prompt and schema of the same model, get the same answer.  Nothing
 else is in the key, so a cached answer is never reused across prompt versions
 or models.
 
-* Read: before a call, the pipeline looks its SMS up (one ``find``); a hit is
-  journaled like any answer (model ``cache``, 0 tokens) and then flushed.
+* Read: when the pipeline claims a page, it looks the page's SMS up (one
+  ``find``, :meth:`CacheGate.prefetch`); a hit is journaled like any answer
+  (model ``cache``, 0 tokens) when its call would be sent, and then flushed.
+  An SMS not looked up with its page (one released by a twin's flush, one
+  claimed while MongoDB was away) is looked up before its call.
 * Written only from flushed answers (:func:`remember`, called by the flush
   after the SMS are stored), never from an unflushed or a cached one.
 * Two identical texts asked at the same moment (two workers, or before the
   first answer is flushed) are both paid: at most one paid ask per text for
   each call in flight on the host (``max_workers`` x ``llm.concurrency``)
-  until the first flush fills the entry.  :func:`remember` counts the ones
+  until the first flush fills the entry.  Looking up per page rather than per
+  call widens "the same moment" across workers from a call to a page's calls
+  (within one pipeline nothing changes: its own twins are held, see below).  :func:`remember` counts the ones
   that found the entry already written by another call (``cache_races``).
 
 The cache holds no user id and no SMS text: the hash, the answer, the model,
@@ -138,6 +143,7 @@ class CacheGate:
         self.version = version
         self.paying: set[str] = set()       # cache keys whose paid answer is not in the cache yet
         self.held: list[Sms] = []           # SMS waiting for a twin's answer to reach the cache
+        self.known: dict[str, SmsResult | None] = {}   # sms key -> its page's lookup (None: a miss)
 
     @classmethod
     def for_pipeline(cls, settings: Any, extractor: Any, store: Any, journal: Any) -> "CacheGate | None":
@@ -156,14 +162,29 @@ class CacheGate:
         """The cache keys of a call's SMS, kept with the call in the journal for the flush."""
         return [self.key(m) for m in batch]
 
-    def split(self, batch: list[Sms]) -> tuple[list[tuple[Any, SmsResult]], list[Sms]]:
-        """(cached answers as (raw_id, result), SMS to ask); twins of a text being paid are held."""
-        wanted = {m.key: self.key(m) for m in batch}
+    def prefetch(self, page: list[Sms]) -> None:
+        """Look a claimed page up at once (one ``find`` per page instead of one per call)."""
+        wanted = {m.key: self.key(m) for m in page if m.key not in self.known}
         try:
             with self.store.errors("answer cache lookup"):
                 hits = lookup(self.store.collection(COLLECTION), wanted)
         except StoreUnavailable:
-            hits = {}             # MongoDB away: ask the LLM, as without a cache
+            return                # looked up again before their calls
+        self.known.update({key: hits.get(key) for key in wanted})
+
+    def split(self, batch: list[Sms]) -> tuple[list[tuple[Any, SmsResult]], list[Sms]]:
+        """(cached answers as (raw_id, result), SMS to ask); twins of a text being paid are held."""
+        wanted = {m.key: self.key(m) for m in batch}
+        # Each page lookup serves once: a held twin comes back after its text's fill and
+        # is looked up again, and then finds the entry.
+        hits = {m.key: self.known.pop(m.key) for m in batch if m.key in self.known}
+        unknown = {k: v for k, v in wanted.items() if k not in hits}
+        try:
+            with self.store.errors("answer cache lookup"):
+                hits.update(lookup(self.store.collection(COLLECTION), unknown))
+        except StoreUnavailable:
+            pass                  # MongoDB away: ask the LLM, as without a cache
+        hits = {k: v for k, v in hits.items() if v is not None}
         found, ask = [], []
         for m in batch:
             if m.key in hits:

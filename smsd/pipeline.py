@@ -223,6 +223,8 @@ class Pipeline(FreeAnswers):
         fresh = [s for s in page if s.key not in answered]
         if self.handover is not None and fresh:
             fresh = self._adopt(fresh)
+        if self.cache and fresh:
+            self.cache.prefetch(fresh)
         if len(page) + len(malformed) < self.settings.pipeline.page_size:
             # A short page is the end of the pending set: no second read to find it empty
             # (SMS that arrive later are found by the next discovery).

@@ -126,3 +126,25 @@ def test_a_new_users_worker_turn_takes_its_lease_in_one_command_and_stamps_nothi
         "update smsd_llm_costs": 1}
     # The server's clock offset is measured once per client, not once per turn.
     assert counts.get("hello", 0) <= 2
+
+
+def test_a_backfill_turn_gathers_its_answers_into_page_flushes(settings):
+    # 250 SMS: a page of 200 and a short one of 50, ten calls of 25.  The wait bound is
+    # raised so that only the page bound and the turn's end start a flush (a loaded host
+    # could otherwise let 0.5 s pass between two answers).  Gathering off, for contrast:
+    # a flush per answered call, as before gathered flushes.
+    seed_users(settings.mongo.uri, settings.mongo.db, 2, 250)
+    settings.llm.batch_size = 25
+    settings.pipeline.flush_max_wait_ms = 60_000
+    gathered = count_turns(settings, [users()[0]], keep_client=True, by_collection=True)
+    settings.pipeline.flush_gather_sms = 1
+    every = count_turns(settings, [users()[1]], keep_client=True, by_collection=True)
+    flushes = gathered["update financial_transactions"]
+    # The page's flush, then the turn's end (one, if the last answers came before it).
+    assert flushes in (1, 2)
+    assert gathered["update sms_fin_rawdata"] == gathered["findAndModify processing_checkpoints"] == flushes
+    assert gathered["update smsd_answer_cache"] == flushes
+    assert gathered["find smsd_answer_cache"] == 2           # one lookup per page, not per call
+    assert gathered["find sms_fin_rawdata"] == 2             # the two pages
+    assert every["update financial_transactions"] >= 5       # about one per call of 25
+    assert sum(gathered.values()) < sum(every.values()) - 3 * 4
