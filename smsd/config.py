@@ -100,7 +100,7 @@ class PipelineSettings:
     trickle_group_calls: int = 1             # LLM calls' worth of SMS (llm.batch_size each) one group turn holds
     trickle_wait_ms: int = 1000              # how long a group turn's call waits for the other users' SMS
     flush_gather_sms: int = 200              # answered SMS gathered into one flush while calls are in flight; 1 = every answer
-    flush_max_wait_ms: int = 500             # the oldest gathered answer is flushed after this long; 0 = every answer
+    flush_max_wait_ms: int = 1000            # the oldest gathered answer is flushed after this long; 0 = every answer
 
 
 @dataclass

@@ -12,6 +12,11 @@ and flushes when
 * nothing else is in flight or in hand, or the pipeline drains or stops: the
   pipeline's loop flushes at once then, whatever this policy says.
 
+The bill's copy to MongoDB (``smsd_llm_costs``, ``$max`` of the journal's
+ledger rows) is written with a flush when nothing is in flight, and at most
+every :data:`COSTS_EVERY_S` seconds while calls are: the journal holds the
+bill, MongoDB's copy only lags (and a replay syncs it as before).
+
 Every answer is committed to the journal by the LLM thread that received it
 before it reaches the main loop (DESIGN.md invariant 1), so gathering moves
 only *when* MongoDB sees an answer, never *whether*: a kill while answers
@@ -24,6 +29,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+#: Seconds between copies of the bill to MongoDB while calls are in flight.
+COSTS_EVERY_S = 10.0
+
 
 class FlushPolicy:
     """Decides, at each turn of a pipeline's loop, whether its journaled answers are flushed now."""
@@ -34,6 +42,7 @@ class FlushPolicy:
         self.max_wait_s = max(0, max_wait_ms) / 1000.0
         self.clock = clock
         self._since: float | None = None   # when unflushed answers were first seen since the last flush
+        self._costs_at: float | None = None   # when the bill was last copied
 
     @property
     def every_answer(self) -> bool:
@@ -61,3 +70,12 @@ class FlushPolicy:
     def flushed(self) -> None:
         """A flush wrote everything answered so far: the next answer starts a new wait."""
         self._since = None
+
+    def costs_due(self, busy: bool) -> bool:
+        """Whether this flush copies the bill too (``busy``: calls are in flight); notes it if so."""
+        now = self.clock()
+        if busy and not self.every_answer and self._costs_at is not None \
+                and now - self._costs_at < COSTS_EVERY_S:
+            return False
+        self._costs_at = now
+        return True

@@ -483,7 +483,8 @@ class Pipeline(FreeAnswers):
                 self._backlog = False
                 break
         self.flushing.flushed()
-        self._sync_costs()
+        if self.flushing.costs_due(bool(self._inflight) and not self.stop.is_set()):
+            self._sync_costs()
         pending = self.journal.unflushed_quarantine()
         if pending:
             self.store.quarantine(pending)

@@ -113,3 +113,17 @@ def test_policy_flushes_at_a_page_or_when_the_oldest_answer_has_waited():
 def test_policy_with_gathering_off_flushes_every_answer(gather, wait_ms):
     policy = FlushPolicy(gather_sms=gather, max_wait_ms=wait_ms, clock=_Clock())
     assert policy.every_answer and policy.due(5) and policy.wait_s(0.5) == 0.5
+
+
+def test_policy_copies_the_bill_when_idle_and_at_most_every_few_seconds_while_busy():
+    from smsd.flush_policy import COSTS_EVERY_S
+    clock = _Clock()
+    policy = FlushPolicy(gather_sms=200, max_wait_ms=1000, clock=clock)
+    assert policy.costs_due(busy=True)          # the first flush copies it
+    clock.now += 1.0
+    assert not policy.costs_due(busy=True)      # calls in flight: the journal holds the bill
+    assert policy.costs_due(busy=False)         # nothing in flight: copied now
+    clock.now += COSTS_EVERY_S
+    assert policy.costs_due(busy=True)
+    every = FlushPolicy(gather_sms=1, max_wait_ms=1000, clock=clock)
+    assert every.costs_due(busy=True) and every.costs_due(busy=True)
