@@ -31,9 +31,14 @@ def test_answers_that_arrived_while_mongodb_is_stuck_are_not_bought_again(
     client = MongoClient(own_mongo.uri)
     db = client["smsd_commit"]
     expected = seed(db, "u1", N_SMS)
+    # A flush per answer (flush_gather_sms = 1): this window is the one where the main
+    # loop is stuck in a flush while the other call's answer arrives.  With gathered
+    # flushes the loop would first send the next page's calls (the page of 10 is not a
+    # flush's worth), and those, in flight at the kill, may rightly be asked again
+    # (DESIGN.md invariant 5); tests/daemon/test_flush_gather.py kills inside gathered flushes.
     config = write_config(tmp_path, mongo_uri=own_mongo.uri, db="smsd_commit", llm_url=llm_server.url,
                           llm={"concurrency": 2, "batch_size": 5},
-                          pipeline={"page_size": 10})
+                          pipeline={"page_size": 10, "flush_gather_sms": 1})
     # Slow answers with jitter: the two calls come back at different moments, and
     # the first one sends the main loop into a flush that MongoDB never answers.
     llm_server.set_faults(latency_ms=1500, latency_jitter_ms=800)
