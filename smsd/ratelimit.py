@@ -141,6 +141,7 @@ class RateLimiter:
             self._tolerance = 0.0
         self._local = LimiterState()
         self._thread_lock = threading.Lock()
+        self._slot = threading.local()
 
     # ------------------------------------------------------------------ public
     def acquire(self, tokens: int = 0, stop: threading.Event | None = None) -> float:
@@ -155,6 +156,7 @@ class RateLimiter:
         while True:
             reserved_at = time.monotonic()
             send_at = self._update(lambda st, now: self._reserve(st, now, max(0, int(tokens))))
+            self._slot.at = send_at
             if send_at <= time.monotonic():
                 # No sleep on this pass: report only real waiting, not lock overhead.
                 return time.monotonic() - started if slept else 0.0
@@ -169,6 +171,15 @@ class RateLimiter:
                               state.blocked_until - time.monotonic())
                 continue
             return time.monotonic() - started
+
+    def last_slot(self) -> float | None:
+        """The send slot (``time.monotonic``) of the calling thread's last :meth:`acquire`.
+
+        What the limiter promises is about these slots: they are spaced by the
+        emission interval host-wide, and no request goes before its own.  The lab's
+        LLM server records each request's slot (smsd's lab header) to check both.
+        """
+        return getattr(self._slot, "at", None)
 
     def penalize(self, seconds: float) -> None:
         """A 429 was seen: nobody on this host may send before ``now + seconds``."""

@@ -125,6 +125,8 @@ class State:
         self.billed: collections.Counter = collections.Counter()
         self.fault_counts: collections.Counter = collections.Counter()
         self.call_times: list[float] = []
+        # {"slot", "arrived"} (time.monotonic) of each request that named its rate-limit slot.
+        self.slots: list[dict] = []
         # One per answered completion: when its last byte was written (wall clock), so an
         # outside harness can time answer -> journal commit per request id.
         self.responses: list[dict] = []
@@ -153,6 +155,7 @@ class State:
                 "billed": dict(self.billed),
                 "faults": dict(self.fault_counts),
                 "call_times": list(self.call_times),
+                "slots": [dict(s) for s in self.slots],
                 "responses": list(self.responses),
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
@@ -197,6 +200,16 @@ class State:
             if fault in ("ok", "timeout", "malformed", "partial", "bad_item", "unknown"):
                 self.billed.update(ids)  # the "model" ran on these: a paid call
             return fault, faults, gen
+
+    def note_slot(self, header: str | None, arrived: float) -> None:
+        """Record a request's rate-limit slot (its ``X-Smsd-Slot``) and when it arrived."""
+        try:
+            slot = float(header) if header else None
+        except ValueError:
+            slot = None
+        if slot is not None:
+            with self.lock:
+                self.slots.append({"slot": slot, "arrived": arrived})
 
     def note_response(self, request_id: str, n_sms: int, written_at: float, generation: int) -> None:
         """Record that the answer ``request_id`` was written completely at ``written_at``."""

@@ -22,7 +22,9 @@ Admin endpoints (JSON):
 
 - ``GET  /_admin/stats``          counters (see :meth:`State.stats`); ``responses`` lists
   ``{"request_id", "n_sms", "written_at"}`` of every answered completion, with the wall-clock
-  time (``time.time()``) at which its last byte was written
+  time (``time.time()``) at which its last byte was written; ``slots`` lists
+  ``{"slot", "arrived"}`` (``time.monotonic()``) of every completion request that named
+  its rate-limit send slot in smsd's lab header ``X-Smsd-Slot`` (``llm.key_header``)
 - ``POST /_admin/reset``          clear counters, script and rpm window;
   body ``{"faults": true}`` also restores the faults given at start
 - ``GET  /_admin/faults``         current fault settings
@@ -353,6 +355,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _completion(self) -> None:
         st = self.state
+        # smsd's lab header names the rate limiter's send slot of this request (time.monotonic,
+        # one clock for the host): kept with the arrival, so a test checks the limiter's promise.
+        st.note_slot(self.headers.get("X-Smsd-Slot"), time.monotonic())
         body = self._body()
         auth = self.headers.get("Authorization") or ""
         if st.api_key is not None and auth != f"Bearer {st.api_key}":

@@ -113,6 +113,32 @@ def test_threads_share_in_process_limiter() -> None:
     assert sum(gaps) / len(gaps) >= 0.049
 
 
+def test_each_thread_learns_its_own_slot_spaced_by_the_interval(tmp_path: Path) -> None:
+    # The slots are what the limiter promises (the lab's LLM server checks them per
+    # request): host-wide spacing of one interval, and acquire never returns before one's own.
+    limiter = RateLimiter(tmp_path / "rl.state", 600.0, None)  # one slot per 100 ms
+    assert limiter.last_slot() is None
+    got: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        for _ in range(3):
+            limiter.acquire()
+            returned = time.monotonic()
+            with lock:
+                got.append((limiter.last_slot(), returned))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    slots = sorted(slot for slot, _ in got)
+    assert len(set(slots)) == 9
+    assert all(b - a >= 0.1 - 1e-9 for a, b in zip(slots, slots[1:]))
+    assert all(returned >= slot for slot, returned in got)
+
+
 def test_penalize_in_one_process_delays_another(tmp_path: Path) -> None:
     state = tmp_path / "llm.rate"
     penalized_at = time.monotonic()

@@ -264,15 +264,27 @@ def test_shared_rate_limit_holds_across_workers(tmp_path, db, mongo_server, mong
     finally:
         d.stop()
     stats = server.stats()
-    times = sorted(stats["call_times"])
-    assert len(times) >= 10
-    # Steady state: no more than 3 calls/s (+1 burst) in any 1-second window, and no 429 from the server.
-    worst = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
-    rate = (len(times) - 1) / (times[-1] - times[0])
-    print(f"4 workers under a 3/s limit: {rate:.2f} calls/s, worst 1-s window {worst}")
+    # The limiter's promise is about when requests may go: each request names the slot the
+    # host-wide limiter gave it (smsd's lab header) and the server records it with the
+    # request's arrival, on the host's one monotonic clock.  Arrival times themselves are
+    # those slots plus the client's and the server's scheduling delays, which a loaded host
+    # stretches and squeezes (a late request and an on-time one arrive together), so they
+    # cannot show a 1-second spacing; the slots can, and the arrivals show no request went early.
+    slots = sorted(s["slot"] for s in stats["slots"])
+    assert len(slots) == stats["calls"] >= 10
+    assert all(s["arrived"] >= s["slot"] for s in stats["slots"]), "a request went before its slot"
+    # Steady state: no more than 3 calls/s (+1 at a window's edge) in any 1-second window ...
+    worst = max(sum(1 for t in slots if start <= t < start + 1.0) for start in slots)
+    rate = (len(slots) - 1) / (slots[-1] - slots[0])
+    arrivals = sorted(s["arrived"] for s in stats["slots"])
+    squeezed = max(sum(1 for t in arrivals if start <= t < start + 1.0) for start in arrivals)
+    delays = [s["arrived"] - s["slot"] for s in stats["slots"]]
+    print(f"4 workers under a 3/s limit: {rate:.2f} calls/s, worst 1-s window {worst} "
+          f"(of arrivals: {squeezed}; slot to arrival {min(delays):.3f}..{max(delays):.3f} s)")
     assert worst <= 4
-    assert stats["rejected_429"] == 0
     assert rate <= 3.3
+    # ... and the server's own limit (a sliding minute of arrivals) never refused one.
+    assert stats["rejected_429"] == 0
 
 
 def test_a_429_slows_every_worker_not_only_the_one_that_got_it(tmp_path, db, mongo_server, mongo_db_name,
