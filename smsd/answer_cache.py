@@ -93,6 +93,11 @@ def lookup(collection: Any, wanted: dict[str, str]) -> dict[str, SmsResult]:
     if not wanted:
         return {}
     found = {doc["_id"]: doc for doc in collection.find({"_id": {"$in": sorted(set(wanted.values()))}})}
+    return results(wanted, found)
+
+
+def results(wanted: dict[str, str], found: dict[str, dict | None]) -> dict[str, SmsResult]:
+    """``{sms_key: result}`` from the cache entries ``found`` (by cache key) of ``wanted``."""
     out: dict[str, SmsResult] = {}
     for key, ckey in wanted.items():
         doc = found.get(ckey)

@@ -142,26 +142,33 @@ class Leases:
         one at epoch 1; a document held by another host does not match, so the
         upsert's insert collides with it on ``_id`` and the answer is ``None``.
         """
-        mine = {"$eq": ["$owner", self.host]}
         now = self.now()
         try:
             doc = self.coll.find_one_and_update(
-                {"_id": user_id, "$or": [{"owner": self.host}, {"expires_at": {"$lt": now}}]},
-                [{"$set": {
-                    # One $set stage: "$owner" and "$epoch" are the values before the update.
-                    "epoch": {"$cond": [mine, "$epoch", {"$add": [{"$ifNull": ["$epoch", 0]}, 1]}]},
-                    # The first epoch needs no stamp: no lease holder ever wrote before it,
-                    # so no write can carry a lower epoch (3 commands less per new user).
-                    "stamped": {"$cond": [mine, {"$ifNull": ["$stamped", False]},
-                                          {"$eq": [{"$ifNull": ["$epoch", 0]}, 0]}]},
-                    "taken_at": {"$cond": [mine, {"$ifNull": ["$taken_at", now]}, {"$literal": now}]},
-                    "owner": {"$literal": self.host},
-                    "expires_at": {"$literal": now + self.ttl},
-                }}],
+                self.take_filter(user_id, now), self.take_update(now),
                 upsert=True, return_document=ReturnDocument.AFTER)
         except DuplicateKeyError:
             return None   # it exists and is not free: another host holds it
         return Lease.from_doc(doc) if doc is not None else None
+
+    def take_filter(self, user_id: str, now: datetime) -> dict:
+        """The take's filter: the lease is ours, or expired (released leases are expired)."""
+        return {"_id": user_id, "$or": [{"owner": self.host}, {"expires_at": {"$lt": now}}]}
+
+    def take_update(self, now: datetime) -> list[dict]:
+        """The take's pipeline update (shared by :meth:`take` and the group's bulk take)."""
+        mine = {"$eq": ["$owner", self.host]}
+        return [{"$set": {
+            # One $set stage: "$owner" and "$epoch" are the values before the update.
+            "epoch": {"$cond": [mine, "$epoch", {"$add": [{"$ifNull": ["$epoch", 0]}, 1]}]},
+            # The first epoch needs no stamp: no lease holder ever wrote before it,
+            # so no write can carry a lower epoch (3 commands less per new user).
+            "stamped": {"$cond": [mine, {"$ifNull": ["$stamped", False]},
+                                  {"$eq": [{"$ifNull": ["$epoch", 0]}, 0]}]},
+            "taken_at": {"$cond": [mine, {"$ifNull": ["$taken_at", now]}, {"$literal": now}]},
+            "owner": {"$literal": self.host},
+            "expires_at": {"$literal": now + self.ttl},
+        }}]
 
     def renew(self, lease: Lease) -> Lease | None:
         """Extend ``lease`` by the TTL; ``None`` when it is no longer ours at that epoch."""

@@ -72,6 +72,14 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def new_run_doc(user_id: str, total_sms: int, base: int, extra: dict) -> dict:
+    """A new run's checkpoint document: ``_id`` = ``batch_id`` (uuid4 hex), ``in_progress``."""
+    batch_id = uuid.uuid4().hex
+    return {"_id": batch_id, "user_id": user_id, "batch_id": batch_id, "total_sms": int(total_sms),
+            "processed_sms": 0, "last_processed_id": None, "checkpoint_timestamp": _utcnow(),
+            "status": STATUS_IN_PROGRESS, BASE_FIELD: base, **extra}
+
+
 
 class Store:
     """All of smsd's MongoDB reads and writes.
@@ -328,31 +336,39 @@ class Store:
         if limit <= 0:
             return [], []
         excluded = exclude_keys if isinstance(exclude_keys, (set, frozenset)) else set(exclude_keys)
-        projection = {"_id": 1, "user_id": 1, self.text_field: 1, self.sender_field: 1, self.time_field: 1}
-        sms: list[Sms] = []
-        bad: list[Malformed] = []
         query_limit = limit + len(excluded)
         with self._errors("fetch_pending"):
-            cursor = self.raw.find(self.pending_filter(user_id), projection, sort=[("_id", 1)],
+            cursor = self.raw.find(self.pending_filter(user_id), self.sms_projection, sort=[("_id", 1)],
                                    limit=query_limit, batch_size=min(query_limit, 1000))
             try:
-                for doc in cursor:
-                    key = sms_key(doc["_id"])
-                    if key in excluded:
-                        continue
-                    item = self._classify(doc, key)
-                    (sms if isinstance(item, Sms) else bad).append(item)
-                    if len(sms) + len(bad) >= limit:
-                        break
+                return self.page_of(cursor, limit, excluded)
             finally:
                 cursor.close()
+
+    @property
+    def sms_projection(self) -> dict:
+        """The fields of a raw SMS that a page reads."""
+        return {"_id": 1, "user_id": 1, self.text_field: 1, self.sender_field: 1, self.time_field: 1}
+
+    def page_of(self, docs: Any, limit: int, excluded: AbcCollection[str] = ()) -> tuple[list[Sms], list[Malformed]]:
+        """A page from raw documents sorted by ``_id`` (:meth:`fetch_pending`'s rules): keys in
+        ``excluded`` skipped, the rest classified, at most ``limit`` in all."""
+        sms: list[Sms] = []
+        bad: list[Malformed] = []
+        for doc in docs:
+            key = sms_key(doc["_id"])
+            if key in excluded:
+                continue
+            item = self._classify(doc, key)
+            (sms if isinstance(item, Sms) else bad).append(item)
+            if len(sms) + len(bad) >= limit:
+                break
         return sms, bad
 
     def fetch_by_ids(self, user_id: str, raw_ids: list) -> list[Sms]:
         """The well-formed SMS among ``raw_ids`` of ``user_id`` (a batch job rebuilt from its journal)."""
-        projection = {"_id": 1, "user_id": 1, self.text_field: 1, self.sender_field: 1, self.time_field: 1}
         with self._errors("fetch_by_ids"):
-            docs = list(self.raw.find({"_id": {"$in": list(raw_ids)}, "user_id": user_id}, projection))
+            docs = list(self.raw.find({"_id": {"$in": list(raw_ids)}, "user_id": user_id}, self.sms_projection))
         items = (self._classify(doc, sms_key(doc["_id"])) for doc in docs)
         return [i for i in items if isinstance(i, Sms)]
 
@@ -534,25 +550,13 @@ class Store:
         ``processed_sms: 0`` -- the seed guide's schema, plus ``smsd_processed_before``
         (:mod:`smsd.store_stats`).
         """
-        batch_id = uuid.uuid4().hex
         seen = self._latest_seen.get(user_id)
         previous = seen[1] if seen and time.monotonic() - seen[0] < LATEST_FRESH_S \
             else self.latest_checkpoint(user_id)
         self._latest_seen.pop(user_id, None)   # this run is the user's latest now
         with self._errors("checkpoint_start"):
             base = store_stats.base_for_new_run(self.raw, user_id, previous)
-        doc = {
-            "_id": batch_id,
-            "user_id": user_id,
-            "batch_id": batch_id,
-            "total_sms": int(total_sms),
-            "processed_sms": 0,
-            "last_processed_id": None,
-            "checkpoint_timestamp": _utcnow(),
-            "status": STATUS_IN_PROGRESS,
-            BASE_FIELD: base,
-            **self.fence_fields,
-        }
+        doc = new_run_doc(user_id, total_sms, base, self.fence_fields)
         with self._errors("checkpoint_start"):
             self._insert_checkpoint(dict(doc))
         return doc

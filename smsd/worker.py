@@ -57,6 +57,8 @@ from typing import Any, Callable
 from .batch import run_phase
 from .config import Settings
 from .extractor import build_extractor, build_rate_limiter
+from .exit_codes import (EXIT_DONE, EXIT_ERROR, EXIT_LEASED, EXIT_LOCKED,  # noqa: F401 - re-exported
+                         EXIT_MISCONFIGURED, EXIT_MORE, EXIT_PARENT_GONE, EXIT_STALE)
 from .failpoints import failpoint
 from .fencing import FencedStore
 from .journal import Journal, JournalLocked
@@ -67,15 +69,6 @@ from .store import Store
 from .worker_group import run_group
 
 log = logging.getLogger("smsd.worker")
-
-EXIT_DONE = 0            # the user has nothing pending (or the run was drained)
-EXIT_ERROR = 1           # an unexpected exception: counted as a crash
-EXIT_MORE = 10           # the turn is over and the user has more: queue again
-EXIT_LOCKED = 75         # another process still holds the user's journal
-EXIT_MISCONFIGURED = 78  # the LLM refuses the setup (key, model, request): no retry until a reload
-EXIT_PARENT_GONE = 76    # the supervisor died
-EXIT_LEASED = 73         # another host holds the user's lease
-EXIT_STALE = 74          # the lease moved to another host; MongoDB refused our flush
 
 PR_SET_PDEATHSIG = 1
 HEARTBEAT_INTERVAL = 1.0
@@ -102,7 +95,8 @@ def make_pipeline(settings: Settings, user_id: str, journal: Journal, store: Sto
                   stop: threading.Event, abort: threading.Event,
                   on_tick: Callable[[Pipeline], None] | None = None,
                   owner: str = "", epoch: int = 0,
-                  extractor: Extractor | None = None, handover: HandoverBox | None = None) -> Pipeline:
+                  extractor: Extractor | None = None, handover: HandoverBox | None = None,
+                  start: Any = None) -> Pipeline:
     """A pipeline for one user; ``extractor`` lets a long-lived worker reuse its LLM client.
 
     With a :class:`~smsd.fencing.FencedStore` the flush's first write is its claim.
@@ -111,7 +105,7 @@ def make_pipeline(settings: Settings, user_id: str, journal: Journal, store: Sto
     return Pipeline(user_id=user_id, journal=journal, store=store,
                     extractor=extractor or make_extractor(settings),
                     settings=settings, stop=stop, abort=abort, on_tick=on_tick,
-                    owner=owner, epoch=epoch, fence=fence, handover=handover)
+                    owner=owner, epoch=epoch, fence=fence, handover=handover, start=start)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -294,16 +288,24 @@ def _serve(settings: Settings, cmd_fd: int, status_fd: int, parent_pid: int,
 
 
 def _turn(settings: Settings, user_id: str, store: Store, extractor: Extractor,
-          reporter: _Reporter, stop: threading.Event, abort: threading.Event) -> tuple[int, dict]:
-    """One user's turn: lock and open its journal, run its pipeline, close; (code, counts)."""
-    try:
-        journal = Journal.open(settings.state_dir, user_id, wait=2.0,
-                               synchronous=settings.journal.synchronous,
-                               background_sync=settings.journal.background_sync)
-    except JournalLocked as exc:
-        log.warning("user %s: journal busy (%s); the supervisor will try again", user_id, exc)
-        return EXIT_LOCKED, {}
-    lease = WorkerLease(settings, store, user_id)
+          reporter: _Reporter, stop: threading.Event, abort: threading.Event,
+          start: Any = None) -> tuple[int, dict]:
+    """One user's turn: lock and open its journal, run its pipeline, close; (code, counts).
+
+    ``start``: a group turn's :class:`smsd.group_start.Member` (journal open, lease taken,
+    the run's start read by the group's prologue).
+    """
+    if start is not None:
+        journal, lease = start.journal, start.lease_for(store)
+    else:
+        try:
+            journal = Journal.open(settings.state_dir, user_id, wait=2.0,
+                                   synchronous=settings.journal.synchronous,
+                                   background_sync=settings.journal.background_sync)
+        except JournalLocked as exc:
+            log.warning("user %s: journal busy (%s); the supervisor will try again", user_id, exc)
+            return EXIT_LOCKED, {}
+        lease = WorkerLease(settings, store, user_id)
     try:
         if not lease.acquire(stop, reporter.beat):
             if not stop.is_set():
@@ -315,7 +317,8 @@ def _turn(settings: Settings, user_id: str, store: Store, extractor: Extractor,
         reporter.lease = lease.status
         pipeline = make_pipeline(settings, user_id, journal, store, stop=stop, abort=abort,
                                  on_tick=reporter.tick, extractor=extractor, owner=lease.host,
-                                 epoch=lease.lease.epoch, handover=lease.handover())
+                                 epoch=lease.lease.epoch, handover=lease.handover(),
+                                 start=start.pre if start is not None else None)
         pipeline.may_pay = lease.may_pay
         try:
             # Batch mode: one step of the user's Batch API jobs (never a wait), then the
