@@ -25,6 +25,7 @@ POINTS = {
     "before_llm_call": "after the call is journaled as sent, before the HTTP request",
     "after_llm_answer": "after the LLM answered, before the journal commit",
     "after_commit": "after the journal commit, before any Mongo write",
+    "group_leases_taken": "a group turn's prologue: the members' leases taken, their threads not started",
     "group_between_commits": "a group turn's combined call answered: the first user committed, the others not",
     "after_claim": "multi-host: after the flush's claim, before its transaction writes",
     "mid_flush": "after the transactions are upserted, before isprocessed is set",

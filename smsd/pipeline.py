@@ -86,7 +86,7 @@ class Pipeline(FreeAnswers):
                  stop: threading.Event | None = None, abort: threading.Event | None = None,
                  on_tick: Callable[["Pipeline"], None] | None = None,
                  fence: Callable[[list[FlushItem]], list[FlushItem]] | None = None,
-                 handover: HandoverBox | None = None) -> None:
+                 handover: HandoverBox | None = None, start: Any = None) -> None:
         self.user_id = user_id
         self.journal = journal
         self.store = store
@@ -129,6 +129,10 @@ class Pipeline(FreeAnswers):
         self.cache = answer_cache.CacheGate.for_pipeline(settings, extractor, store, journal)
         # While calls are in flight, answers gather into page-sized flushes (smsd.flush_policy).
         self.flushing = FlushPolicy(settings.pipeline.flush_gather_sms, settings.pipeline.flush_max_wait_ms)
+        # A group turn's prologue read this run's start (smsd.group_start.Prestart): used once.
+        self.start = start
+        if start is not None:
+            start.prime(self.cache)
 
     # ------------------------------------------------------------------ run
     def run(self, *, limit: int | None = None, resume: bool = True,
@@ -209,7 +213,8 @@ class Pipeline(FreeAnswers):
         # The SMS of an open batch job are answered by the Batch API, not asked online.
         exclude.update(batch.open_keys(self.journal))
         try:
-            page, malformed = self.store.fetch_pending(
+            pre = self.start.page(exclude, self.settings.pipeline.page_size) if self.start else None
+            page, malformed = pre if pre is not None else self.store.fetch_pending(
                 self.user_id, limit=self.settings.pipeline.page_size, exclude_keys=exclude)
         except StoreUnavailable as exc:
             self._store_down(exc)
@@ -548,7 +553,8 @@ class Pipeline(FreeAnswers):
     # ------------------------------------------------------------- run state
     def _start_run(self, resume: bool, limit: int | None) -> bool:
         s = self.summary
-        latest = self.store.latest_checkpoint(self.user_id) if resume else None
+        run = self.start.take_run() if self.start is not None and resume and limit is None else None
+        latest = run.latest if run else self.store.latest_checkpoint(self.user_id) if resume else None
         if latest and latest.get("status") == "in_progress":
             self._batch_id = latest["batch_id"]
             s.resumed_from = dict(latest)
@@ -558,6 +564,8 @@ class Pipeline(FreeAnswers):
             s.processed_sms = max(int(latest.get("processed_sms") or 0),
                                   self.store.count_processed_in_batch(self.user_id, self._batch_id))
             s.last_processed_id = latest.get("last_processed_id")
+        elif run and run.checkpoint:   # opened by the group's prologue
+            self._batch_id, s.total_sms = run.checkpoint["batch_id"], run.checkpoint["total_sms"]
         else:
             pending = self.store.count_pending(self.user_id)
             total = pending if limit is None else min(pending, limit)

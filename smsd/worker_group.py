@@ -6,7 +6,10 @@ for why).  Each user runs the ordinary one-user turn of :mod:`smsd.worker` in a
 thread of its own -- its journal ``flock``, its lease and epoch, its fenced
 writes (a copy of the worker's store that shares the MongoDB client but carries
 its own epoch), its pipeline and flush -- so a group turn changes nothing a
-single turn guarantees.  Only the LLM client is shared, behind a
+single turn guarantees.  What every member does at its start (journal open,
+lease take, the first reads, the new run's checkpoint) and its lease's renewal
+and release are done once for the group (:mod:`smsd.group_start`): per member
+they were most of a small user's MongoDB commands.  Only the LLM client is shared, behind a
 :class:`~smsd.combiner.CallCombiner`, and every user's turn end is reported on
 its own ``turn_over`` line the moment that user is done.
 
@@ -23,6 +26,7 @@ from typing import Any, Callable
 
 from .combiner import CallCombiner
 from .config import Settings
+from .group_start import prologue
 from .logsetup import bind_context
 
 log = logging.getLogger("smsd.worker")
@@ -33,20 +37,26 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
     """Run one turn per user of ``users`` in threads sharing one combiner; report each turn's end.
 
     ``turn`` is :func:`smsd.worker._turn` (passed in: this module is imported by it).
-    An exception in any user's thread is re-raised here, which ends the worker
-    (counted as a crash of every user whose turn it had not reported).
+    The prologue (:func:`smsd.group_start.prologue`) opens the journals, takes the
+    leases and reads the members' start for all of them; the epilogue releases the
+    leases of those that completed.  An exception in any user's thread is re-raised
+    here, which ends the worker (counted as a crash of every user whose turn it had
+    not reported).
     """
     combiner = CallCombiner(extractor, max_sms=settings.llm.batch_size,
                             wait_s=settings.pipeline.trickle_wait_ms / 1000.0)
     errors: list[BaseException] = []
     bind_context(user_id=None)   # several users: each log line names its user in the message
+    start = prologue(settings, users, store, extractor, stop, reporter.beat)
+    for user_id, code, info in start.over:   # journal busy, lease held elsewhere, stopped
+        reporter.for_member(user_id).send({"turn_over": user_id, "code": code, "pid": os.getpid(), **info})
 
     def one(user_id: str) -> None:
         member = combiner.member(user_id)
         own = reporter.for_member(user_id)
         twin = store.sibling()
         try:
-            code, info = turn(settings, user_id, twin, member, own, stop, abort)
+            code, info = turn(settings, user_id, twin, member, own, stop, abort, start.members[user_id])
         except BaseException as exc:  # noqa: BLE001 - re-raised in the worker's thread
             log.exception("user %s: group turn failed", user_id)
             errors.append(exc)
@@ -57,11 +67,12 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
         own.send({"turn_over": user_id, "code": code, "pid": os.getpid(), **info})
 
     threads = [threading.Thread(target=one, args=(u,), name=f"smsd-group-{i}", daemon=True)
-               for i, u in enumerate(users)]
+               for i, u in enumerate(start.members)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    start.epilogue()
     log.info("group turn of %d users: %d LLM calls for %d requests", len(users), combiner.calls,
              combiner.requests)
     if errors:

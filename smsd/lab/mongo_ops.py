@@ -27,9 +27,12 @@ from typing import Any
 
 from pymongo import MongoClient, monitoring
 
-#: What is counted: the pipeline with a client per turn, with a kept client, and a
-#: pre-forked worker's whole turn (lease and fencing included).
-MODES = ("client_per_turn", "keep_client", "worker_turn")
+#: What is counted: the pipeline with a client per turn, with a kept client, a
+#: pre-forked worker's whole turn (lease and fencing included), and the same users
+#: in trickle group turns of :data:`GROUP` users (:mod:`smsd.worker_group`).
+MODES = ("client_per_turn", "keep_client", "worker_turn", "group_turn")
+#: Users per group turn in mode ``group_turn`` (the shipped trickle_group_max_users).
+GROUP = 12
 
 #: Commands that are the driver's own housekeeping, not smsd's work.
 HOUSEKEEPING = {"endSessions"}
@@ -130,34 +133,93 @@ def count_turns(settings: Any, users: list[str], *, keep_client: bool,
 def count_worker_turns(settings: Any, users: list[str], *, by_collection: bool = False) -> dict[str, int]:
     """One whole turn per user as a pre-forked worker runs it (:func:`smsd.worker._turn`):
     lease take and release, the fenced store, journal, pipeline; commands by name."""
-    import os
-
     from .. import worker
 
-    store = worker.make_store(settings, fenced=True)
-    extractor = worker.make_extractor(settings)
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    reporter = worker._Reporter(write_fd, os.getppid())
-    reporter.check_parent = lambda: None     # no supervisor here: nothing to die with
-    drain = threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(read_fd, 65536), b"")],
-                             daemon=True)
-    drain.start()
+    w = _Worker(settings)
     c = counter()
     c.clear()
     c.active.set()
     try:
         for user_id in users:
-            code, _ = worker._turn(settings, user_id, store, extractor, reporter,
+            code, _ = worker._turn(settings, user_id, w.store, w.extractor, w.reporter,
                                    threading.Event(), threading.Event())
             if code != worker.EXIT_DONE:
                 raise RuntimeError(f"user {user_id}: worker turn ended with code {code}")
     finally:
         c.active.clear()
-        store.close()
-        os.close(write_fd)
+        w.close()
+    return _counted(c, by_collection)
+
+
+class _Worker:
+    """A pre-forked worker's parts without a supervisor: fenced store, LLM client, status pipe."""
+
+    def __init__(self, settings: Any) -> None:
+        import os
+
+        from .. import worker
+        self.store = worker.make_store(settings, fenced=True)
+        self.extractor = worker.make_extractor(settings)
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self.reporter = worker._Reporter(self.write_fd, os.getppid())
+        self.reporter.check_parent = lambda: None     # type: ignore[method-assign] - no supervisor here
+        threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(self.read_fd, 65536), b"")],
+                         daemon=True).start()
+
+    def close(self) -> None:
+        import os
+        self.store.close()
+        os.close(self.write_fd)
+
+
+def _counted(c: CommandCounter, by_collection: bool) -> dict[str, int]:
     counts = c.by_collection if by_collection else c.counts
     return {k: v for k, v in sorted(counts.items()) if k.split()[0] not in HOUSEKEEPING}
+
+
+def count_group_turns(settings: Any, users: list[str], *, group: int = GROUP,
+                      by_collection: bool = False) -> dict[str, int]:
+    """The users' turns as trickle group turns of ``group`` users each
+    (:func:`smsd.worker_group.run_group`: prologue, member turns, epilogue); commands by name."""
+    from .. import worker
+    from ..worker_group import run_group
+
+    w = _Worker(settings)
+    c = counter()
+    c.clear()
+    c.active.set()
+    try:
+        for start in range(0, len(users), group):
+            run_group(settings, users[start:start + group], w.store, w.extractor, w.reporter,
+                      threading.Event(), threading.Event(), worker._turn)
+    finally:
+        c.active.clear()
+        w.close()
+    return _counted(c, by_collection)
+
+
+def count_group_prologue(settings: Any, users: list[str], *, by_collection: bool = False) -> dict[str, int]:
+    """The commands of one group turn's prologue for ``users`` (:func:`smsd.group_start.prologue`),
+    then its epilogue uncounted (the journals closed, the leases released)."""
+    from ..group_start import prologue
+
+    w = _Worker(settings)
+    c = counter()
+    c.clear()
+    c.active.set()
+    try:
+        g = prologue(settings, users, w.store, w.extractor, threading.Event(), lambda state: None)
+    finally:
+        c.active.clear()
+    try:
+        g.to_release.extend(g.members)
+        g.epilogue()
+        for m in g.members.values():
+            m.journal.close()
+    finally:
+        w.close()
+    return _counted(c, by_collection)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,9 +257,12 @@ def main(argv: list[str] | None = None) -> int:
             store = make_store_for_indexes(settings)
             users = [f"user-{u:05d}" for u in range(args.users)]
             started = time.perf_counter()
-            counts = count_worker_turns(settings, users, by_collection=args.by_collection) \
-                if mode == "worker_turn" else \
-                count_turns(settings, users, keep_client=keep, by_collection=args.by_collection)
+            if mode == "worker_turn":
+                counts = count_worker_turns(settings, users, by_collection=args.by_collection)
+            elif mode == "group_turn":
+                counts = count_group_turns(settings, users, by_collection=args.by_collection)
+            else:
+                counts = count_turns(settings, users, keep_client=keep, by_collection=args.by_collection)
             elapsed = time.perf_counter() - started
             total = sum(counts.values())
             out[mode] = {

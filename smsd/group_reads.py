@@ -1,0 +1,129 @@
+"""The reads (and the one write) of a group turn's prologue: one command each for all its users.
+
+Each function is the several-users form of a read a pipeline makes for
+itself at the start of its run (:meth:`smsd.pipeline.Pipeline._start_run`,
+its first claim, the answer-cache lookup, the handover lookup), with the same
+filter and order, so a member that starts from what was read here behaves as if
+it had read it itself.  Where one command cannot answer for a user
+(a pending set longer than the read could return), the caller leaves that
+user to its own reads.
+"""
+from __future__ import annotations
+
+from .answer_cache import COLLECTION as CACHE_COLLECTION
+from .fencing import EPOCH_FIELD, FencedStore
+from .handover import HANDOVER_COLLECTION
+from .lease import LEASES_COLLECTION
+from .model import SmsResult
+from .store import Store
+from .store_docs import CHECKPOINTS_COLLECTION, QUARANTINE_FIELD
+
+#: A group turn has a few small users; more ids than this go in several commands.
+ID_CHUNK = 500
+
+
+def latest_checkpoints(store: Store, user_ids: list[str]) -> dict[str, dict | None]:
+    """``{user_id: its checkpoint with the newest checkpoint_timestamp (or None)}``, as
+    :meth:`smsd.store.Store.latest_checkpoint` orders them (timestamp, then ``_id``, newest first)."""
+    out: dict[str, dict | None] = dict.fromkeys(user_ids)
+    with store.errors("latest_checkpoints"):
+        for row in store.checkpoints.aggregate([
+                {"$match": {"user_id": {"$in": list(user_ids)}}},
+                {"$sort": {"user_id": 1, "checkpoint_timestamp": -1, "_id": -1}},
+                {"$group": {"_id": "$user_id", "doc": {"$first": "$$ROOT"}}}]):
+            out[row["_id"]] = row["doc"]
+    return out
+
+
+def pending_pages(store: Store, limits: dict[str, int]) -> tuple[dict[str, list[dict]], bool]:
+    """The oldest pending raw documents of each user, in one ``find`` sorted by ``_id``.
+
+    ``limits[u]`` is what user ``u``'s own read would ask for (its page plus its
+    excluded keys).  Returns ``({user_id: docs}, complete)``: with ``complete`` the
+    answer holds every pending document of every user; otherwise it was cut at
+    the sum of the limits, and a user's documents are its own read's answer only
+    when there are at least ``limits[u]`` of them (a prefix of its sorted set).
+    """
+    total = sum(limits.values())
+    flt = store.pending_filter()
+    flt = {"user_id": {"$in": list(limits)}, **flt}
+    out: dict[str, list[dict]] = {u: [] for u in limits}
+    n = 0
+    with store.errors("pending_pages"):
+        # One more than the limits: a full answer says nothing was left out.
+        for doc in store.raw.find(flt, store.sms_projection, sort=[("_id", 1)], limit=total + 1,
+                                  batch_size=min(total + 1, 1000)):
+            n += 1
+            if doc.get("user_id") in out:
+                out[doc["user_id"]].append(doc)
+    return out, n <= total
+
+
+def processed_counts(store: Store, user_ids: list[str]) -> dict[str, int]:
+    """Each user's processed SMS (:func:`smsd.store_stats.count_processed`), one aggregation."""
+    out = dict.fromkeys(user_ids, 0)
+    if not user_ids:
+        return out
+    with store.errors("processed_counts"):
+        for row in store.raw.aggregate([
+                {"$match": {"user_id": {"$in": list(user_ids)}, QUARANTINE_FIELD: None, "isprocessed": True}},
+                {"$group": {"_id": "$user_id", "n": {"$sum": 1}}}]):
+            out[row["_id"]] = int(row["n"])
+    return out
+
+
+def handovers(store: Store, keys: dict[str, list[str]]) -> dict[str, dict[str, SmsResult]]:
+    """Handed-over answers (:func:`smsd.handover.adopt`) for the keys of every user."""
+    out: dict[str, dict[str, SmsResult]] = {u: {} for u in keys}
+    owner = {k: u for u, ks in keys.items() for k in ks}
+    if not owner:
+        return out
+    ids = list(owner)
+    with store.errors("handovers"):
+        for start in range(0, len(ids), ID_CHUNK):
+            for doc in store.collection(HANDOVER_COLLECTION).find(
+                    {"_id": {"$in": ids[start:start + ID_CHUNK]}, "user_id": {"$in": list(keys)}}):
+                user = owner.get(doc["_id"])
+                if user != doc.get("user_id"):
+                    continue
+                try:
+                    out[user][doc["_id"]] = SmsResult.from_json(doc["result"])
+                except (KeyError, TypeError, ValueError):
+                    out[user].pop(doc["_id"], None)   # unreadable: the member's own read logs it
+    return out
+
+
+def cache_entries(store: Store, cache_keys: set[str]) -> dict[str, dict | None]:
+    """``{cache key: entry or None}`` of the answer cache for every key, one ``find``."""
+    out: dict[str, dict | None] = dict.fromkeys(cache_keys)
+    ids = sorted(cache_keys)
+    with store.errors("answer cache lookup"):
+        for start in range(0, len(ids), ID_CHUNK):
+            for doc in store.collection(CACHE_COLLECTION).find({"_id": {"$in": ids[start:start + ID_CHUNK]}}):
+                out[doc["_id"]] = doc
+    return out
+
+
+def insert_checkpoints(store: FencedStore, docs: list[dict]) -> set[str]:
+    """The new runs' checkpoints, each written only while its user's lease is at the
+    document's epoch (``smsd_epoch``), in one command: the several-users form of
+    :meth:`smsd.fencing.FencedStore._gated_merge`.  Returns the users whose
+    checkpoint is stored at its epoch (one read)."""
+    if not docs:
+        return set()
+    db = store._database()
+    users = [d["user_id"] for d in docs]
+    with store.errors("checkpoint_start"):
+        db[LEASES_COLLECTION].aggregate([
+            {"$match": {"_id": {"$in": users}}},
+            {"$project": {"_id": 0, "lease": "$_id", "epoch": "$epoch", "doc": {"$literal": docs}}},
+            {"$unwind": "$doc"},
+            {"$match": {"$expr": {"$and": [{"$eq": ["$lease", "$doc.user_id"]},
+                                           {"$eq": ["$epoch", f"$doc.{EPOCH_FIELD}"]}]}}},
+            {"$replaceWith": "$doc"},
+            {"$merge": {"into": CHECKPOINTS_COLLECTION, "on": "_id", "whenMatched": "keepExisting",
+                        "whenNotMatched": "insert"}}])
+        wanted = {d["_id"]: (d["user_id"], d[EPOCH_FIELD]) for d in docs}
+        stored = db[CHECKPOINTS_COLLECTION].find({"_id": {"$in": list(wanted)}}, {"user_id": 1, EPOCH_FIELD: 1})
+        return {d["user_id"] for d in stored
+                if (d.get("user_id"), d.get(EPOCH_FIELD)) == wanted.get(d["_id"])}
