@@ -9,6 +9,10 @@ pipeline run, journal close) against a real MongoDB-wire server and a real LLM
 server, and returns the commands by name.  ``keep_client`` reuses one Store
 (one MongoClient) for every turn, as a long-lived worker does.
 
+:func:`count_group_turns` runs the same users as trickle group turns of
+:data:`GROUP` users (prologue, member turns, epilogue: :mod:`smsd.group_start`),
+:func:`count_group_prologue` one group's prologue alone.
+
 ``python -m smsd.lab.mongo_ops --users 50 --sms 3`` starts a SecantusDB
 process and the local LLM server, runs the turns, and prints the figures.
 """
