@@ -157,6 +157,12 @@ class Journal(LedgerRows):
         # the pre-COMMIT stamp; written by the next write of another kind.
         self._durable: deque[tuple[float, str]] = deque(maxlen=TIMINGS_KEPT)
 
+    def prepare_committer(self) -> None:
+        """In a thread that will commit answers (an LLM thread): open its connection now,
+        without automatic checkpoints (:meth:`smsd.journal_conn.Connections.prepare_committer`)."""
+        self._check_usable()
+        self._conns.prepare_committer()
+
     @property
     def db(self) -> sqlite_utils.Database:
         """The calling thread's connection, for inspection and tests; write through the methods."""
@@ -289,11 +295,14 @@ class Journal(LedgerRows):
     @contextmanager
     def _use(self) -> Iterator[sqlite_utils.Database]:
         """The calling thread's connection, for reads: no lock (WAL readers never wait)."""
+        self._check_usable()
+        yield self._conns.get()
+
+    def _check_usable(self) -> None:
         if self._lock_fd is None:
             raise JournalError(f"{self.path}: journal is closed")
         if os.getpid() != self._pid:
             raise JournalError(f"{self.path}: journal used in a forked child; open it there")
-        yield self._conns.get()
 
     @contextmanager
     def _write(self, *, stamp: bool = True) -> Iterator[sqlite_utils.Database]:

@@ -145,11 +145,24 @@ class Connections:
         self._all: list[tuple[threading.Thread, sqlite_utils.Database]] = [
             (threading.current_thread(), first)]
 
-    def get(self) -> sqlite_utils.Database:
+    def prepare_committer(self) -> None:
+        """Open the calling thread's connection now, ready for a commit that must be quick.
+
+        Its commits run no automatic checkpoint (a checkpoint's two fsyncs would land
+        inside an answer's commit); the connections of the threads that open and run
+        the journal still checkpoint after their commits.  The schema is read now,
+        not by the first answer's statements.
+        """
+        db = self.get(autocheckpoint=False)
+        db.execute("SELECT 1 FROM calls LIMIT 0").fetchall()
+
+    def get(self, *, autocheckpoint: bool = True) -> sqlite_utils.Database:
         """The calling thread's connection (made on its first use)."""
         db = getattr(self._local, "db", None)
         if db is None:
             db = connect(self.path, self.synchronous)
+            if not autocheckpoint:
+                db.execute("PRAGMA wal_autocheckpoint = 0")
             with self._registry_lock:
                 alive = []
                 for thread, other in self._all:

@@ -154,8 +154,9 @@ class Pipeline(FreeAnswers):
             # back the first new LLM call.
             caps = [x for x in (limit, max_sms) if x is not None]
             budget = min(caps) if caps else None     # 0: ask nothing, only replay and flush
-            with ThreadPoolExecutor(max_workers=self.settings.llm.concurrency,
-                                    thread_name_prefix="smsd-llm") as pool:
+            # Each LLM thread opens its journal connection as it starts, not with its first answer.
+            with ThreadPoolExecutor(max_workers=self.settings.llm.concurrency, thread_name_prefix="smsd-llm",
+                                    initializer=self.journal.prepare_committer) as pool:
                 self._loop(pool, budget)
             self._wait_for_store(self._flush_backlog)
             self._wait_for_store(self._finish_run, limit)

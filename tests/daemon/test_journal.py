@@ -383,6 +383,27 @@ def test_committed_at_becomes_the_time_the_commit_returned(journal, tmp_path):
         reopened.close()
 
 
+def test_a_committing_thread_opens_its_connection_ahead_and_runs_no_checkpoint(journal):
+    # An LLM thread prepares its connection as it starts (the pool's initializer): the
+    # first answer does not pay for opening it, and no commit of that thread runs an
+    # automatic checkpoint (two fsyncs) inside an answer's commit.
+    call = begin(journal, ["a"])
+    got = {}
+
+    def llm_thread():
+        journal.prepare_committer()
+        got["opened"] = journal._conns.count()
+        got["autocheckpoint"] = journal.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        answer(journal, call, ["a"])
+
+    t = threading.Thread(target=llm_thread)
+    t.start()
+    t.join(10)
+    assert got == {"opened": 2, "autocheckpoint": 0}
+    assert journal.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000   # the opener's
+    assert journal.answered_keys([sms_key("a")]) == {sms_key("a")}
+
+
 def test_threads_get_their_own_connection_and_ended_ones_are_closed(journal):
     def use():
         journal.answered_keys([sms_key("x")])
