@@ -110,11 +110,14 @@ def results(wanted: dict[str, str], found: dict[str, dict | None]) -> dict[str, 
     return out
 
 
-def remember(collection: Any, entries: Iterable[tuple[str, SmsResult, str, str, str]]) -> int:
+def remember(collection: Any, entries: Iterable[tuple[str, SmsResult, str, str, str]],
+             bulk: Any = None) -> int:
     """Write flushed answers: ``(cache key, result, model, prompt version, call id)``.
 
     ``$setOnInsert``: the first answer of a text stays, a replay writes nothing.
     Returns how many entries another call had written first (paid twice: a race).
+    ``bulk(ops) -> {index: upserted _id}`` writes the upserts (default: one
+    ``bulk_write`` on ``collection``; a group turn's store writes its members' together).
     """
     from pymongo import UpdateOne
     entries = list({e[0]: e for e in entries}.values())
@@ -125,8 +128,7 @@ def remember(collection: Any, entries: Iterable[tuple[str, SmsResult, str, str, 
         "kind": result.kind, "transactions": _to_doc(result), "model": model,
         "prompt_version": version, "call_id": call_id, "created_at": now}}, upsert=True)
         for ckey, result, model, version, call_id in entries]
-    res = collection.bulk_write(ops, ordered=False)
-    inserted = set(res.upserted_ids or {})
+    inserted = set(bulk(ops) if bulk is not None else collection.bulk_write(ops, ordered=False).upserted_ids or {})
     matched = [entries[i] for i in range(len(entries)) if i not in inserted]
     if not matched:
         return 0
@@ -223,7 +225,8 @@ class CacheGate:
         # flush's own writes keep the store's journaled write concern.
         with self.store.errors("answer cache write"):
             coll = self.store.collection(COLLECTION).with_options(write_concern=CACHE_WRITES)
-            races = remember(coll, entries)
+            races = remember(coll, entries, bulk=lambda ops: self.store.bulk_upsert(
+                COLLECTION, ops, what="answer cache write", write_concern=CACHE_WRITES))
         if races:
             self.journal.note_cache_races(paid[0].model, races)
             log.info("%d SMS were paid while another call paid for the same text", races)

@@ -265,3 +265,7 @@ class Member:
     def leave(self) -> None:
         """This member's pipeline has finished."""
         self._combiner.leave(self)
+
+    def elsewhere(self) -> bool:
+        """Waiting for a combined call or in one, or finished: making no MongoDB writes now."""
+        return not self.active or self.waiting > 0 or self.in_flight > 0

@@ -101,6 +101,7 @@ class PipelineSettings:
     trickle_wait_ms: int = 1000              # how long a group turn's call waits for the other users' SMS
     flush_gather_sms: int = 200              # answered SMS gathered into one flush while calls are in flight; 1 = every answer
     flush_max_wait_ms: int = 1000            # the oldest gathered answer is flushed after this long; 0 = every answer
+    group_write_wait_ms: int = 25            # how long a group member's flush write waits for the others'
 
 
 @dataclass
@@ -331,7 +332,7 @@ def _validate(settings: Settings) -> None:
             parse_listen(settings.supervisor.metrics_listen)
         except ListenError as exc:
             raise ConfigError(f"bad value for supervisor.metrics_listen: {exc}") from None
-    for key in ("trickle_wait_ms", "flush_max_wait_ms"):
+    for key in ("trickle_wait_ms", "flush_max_wait_ms", "group_write_wait_ms"):
         if getattr(settings.pipeline, key) < 0:
             raise ConfigError(f"bad value for pipeline.{key}: must be >= 0")
     if not 0 < settings.lease.renew_fraction < 1:

@@ -74,6 +74,12 @@ DUPLICATE_KEY = 11000
 
 log = logging.getLogger("smsd.fencing")
 
+#: ``whenMatched`` of a gated ``$merge``: a stored document of a newer epoch than the one
+#: written stays ($$ROOT is the stored one, $$new ours, which carries its writer's epoch).
+KEEP_NEWER = [{"$replaceWith": {"$cond": [
+    {"$gt": [{"$ifNull": [f"${EPOCH_FIELD}", 0]}, {"$ifNull": [f"$$new.{EPOCH_FIELD}", 0]}]},
+    "$$ROOT", "$$new"]}}]
+
 
 class FencedStore(Store):
     """A :class:`smsd.store.Store` whose writes of one user's documents carry an epoch."""
@@ -162,12 +168,13 @@ class FencedStore(Store):
         if not self.epoch:
             super()._write_transactions(user_id, docs)
             return
-        newer = {"$gt": [{"$ifNull": [f"${EPOCH_FIELD}", 0]}, self.epoch]}
-        # A document of a newer epoch stays: $$ROOT is the stored one, $$new ours.
-        written = self._gated_merge(user_id, TRANSACTIONS_COLLECTION, docs,
-                                    [{"$replaceWith": {"$cond": [newer, "$$ROOT", "$$new"]}}])
-        if written < len(docs):
-            raise self._refused(user_id, f"transaction upsert ({written} of {len(docs)} stored)")
+        written = self._gated_merge(user_id, TRANSACTIONS_COLLECTION, docs, KEEP_NEWER)
+        self.check_written(user_id, written, len(docs))
+
+    def check_written(self, user_id: str, written: int, sent: int) -> None:
+        """StaleEpoch unless all ``sent`` transaction documents are stored at our epoch."""
+        if written < sent:
+            raise self._refused(user_id, f"transaction upsert ({written} of {sent} stored)")
 
     def _insert_checkpoint(self, doc: dict) -> None:
         """A run's new checkpoint, only while the user's lease is at our epoch."""
@@ -209,7 +216,10 @@ class FencedStore(Store):
 
     def mark_processed(self, user_id: str, raw_ids: list, batch_id: str) -> int:
         """As :meth:`Store.mark_processed`, only on SMS still stamped with an epoch not above ours."""
-        changed = super().mark_processed(user_id, raw_ids, batch_id)
+        return self.check_marked(user_id, raw_ids, super().mark_processed(user_id, raw_ids, batch_id))
+
+    def check_marked(self, user_id: str, raw_ids: list, changed: int) -> int:
+        """``changed`` of ``raw_ids`` newly marked: StaleEpoch if a newer epoch holds any unmarked one."""
         if changed < len(set(raw_ids)):
             ids = list(raw_ids)
             with self._errors("mark_processed"):

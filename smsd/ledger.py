@@ -214,25 +214,29 @@ def sync_costs(collection: Any, user_id: str, rows: list[dict]) -> None:
     The journal's totals only grow, so a replay, a late write or two writers
     can only leave the largest (the latest) total, never a sum counted twice.
     """
-    from pymongo import UpdateOne
-    ops = []
-    for r in rows:
-        ops.append(UpdateOne(
-            {"_id": cost_doc_id(user_id, r["day"], r["model"])},
-            {"$setOnInsert": {"user_id": user_id, "day": r["day"], "model": r["model"]},
-             "$max": {"calls": int(r["calls"]), "sms": int(r["sms"]), "cache_races": int(r["cache_races"]),
-                      "prompt_tokens": int(r["prompt_tokens"]), "cached_tokens": int(r["cached_tokens"]),
-                      "completion_tokens": int(r["completion_tokens"]),
-                      "repeated_calls": int(r["repeated_calls"]), "repeated_sms": int(r["repeated_sms"]),
-                      "unpriced_calls": int(r["unpriced_calls"]),
-                      "cost_usd": Decimal128(Decimal(r["cost_usd"])),
-                      "repeated_usd": Decimal128(Decimal(r["repeated_usd"]))}},
-            upsert=True))
+    ops = cost_ops(user_id, rows)
     if ops:
         collection.bulk_write(ops, ordered=False)
 
 
+def cost_ops(user_id: str, rows: list[dict]) -> list:
+    """The ``$max`` upserts of :func:`sync_costs`, one per ledger row."""
+    from pymongo import UpdateOne
+    return [UpdateOne(
+        {"_id": cost_doc_id(user_id, r["day"], r["model"])},
+        {"$setOnInsert": {"user_id": user_id, "day": r["day"], "model": r["model"]},
+         "$max": {"calls": int(r["calls"]), "sms": int(r["sms"]), "cache_races": int(r["cache_races"]),
+                  "prompt_tokens": int(r["prompt_tokens"]), "cached_tokens": int(r["cached_tokens"]),
+                  "completion_tokens": int(r["completion_tokens"]),
+                  "repeated_calls": int(r["repeated_calls"]), "repeated_sms": int(r["repeated_sms"]),
+                  "unpriced_calls": int(r["unpriced_calls"]),
+                  "cost_usd": Decimal128(Decimal(r["cost_usd"])),
+                  "repeated_usd": Decimal128(Decimal(r["repeated_usd"]))}},
+        upsert=True) for r in rows]
+
+
 def write_costs(store: Any, user_id: str, rows: list[dict]) -> None:
     """The journal's ledger rows of ``user_id`` into :data:`COSTS_COLLECTION` (``$max``, idempotent)."""
-    with store.errors("write_costs"):
-        sync_costs(store.collection(COSTS_COLLECTION), user_id, rows)
+    ops = cost_ops(user_id, rows)
+    if ops:   # through the store: a group turn's members write theirs in one command
+        store.bulk_upsert(COSTS_COLLECTION, ops, what="write_costs")

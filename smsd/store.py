@@ -619,6 +619,14 @@ class Store:
         """Another collection of smsd's database (the ledger, the answer cache), same write concern."""
         return self._database()[name]
 
+    def bulk_upsert(self, name: str, ops: list, *, what: str, write_concern: WriteConcern | None = None) -> dict:
+        """One unordered ``bulk_write`` of ``ops`` into ``name``; the upserted ``_id`` by op index."""
+        coll = self.collection(name)
+        with self._errors(what):
+            res = (coll.with_options(write_concern=write_concern) if write_concern else coll).bulk_write(
+                ops, ordered=False)
+        return dict(res.upserted_ids or {})
+
     # ------------------------------------------------------------------ status / tests
     def user_summaries(self, user_ids: list[str] | None = None) -> dict[str, dict]:
         """``{user_id: {total_sms, processed_sms, pending_sms, quarantined_sms, ungrounded_sms}}``,

@@ -94,14 +94,17 @@ def base_for_old_run(raw: Collection, user_id: str, batch_id: str) -> int:
 
 def record_progress(stats: Collection, checkpoint: dict, now: datetime) -> None:
     """Carry a checkpoint (as it is after its update) into the user's counters."""
+    stats.update_one(*progress_update(checkpoint, now), upsert=True)
+
+
+def progress_update(checkpoint: dict, now: datetime) -> tuple[dict, dict]:
+    """``(filter, update)`` of the upsert that carries a checkpoint into its user's counters."""
     user_id = checkpoint["user_id"]
     processed = int(checkpoint.get(BASE_FIELD) or 0) + int(checkpoint.get("processed_sms") or 0)
-    stats.update_one(
-        {"_id": user_id},
-        {"$max": {"processed_sms": processed, "last_flush_at": now},
-         "$set": {"user_id": user_id, "status": checkpoint.get("status"),
-                  "batch_id": checkpoint.get("batch_id"), "updated_at": now}},
-        upsert=True)
+    return ({"_id": user_id},
+            {"$max": {"processed_sms": processed, "last_flush_at": now},
+             "$set": {"user_id": user_id, "status": checkpoint.get("status"),
+                      "batch_id": checkpoint.get("batch_id"), "updated_at": now}})
 
 
 def record_quarantined(raw: Collection, stats: Collection, user_ids: set[str], now: datetime) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from .combiner import CallCombiner
 from .config import Settings
 from .group_start import prologue
+from .group_writes import GroupWrites
 from .logsetup import bind_context
 
 log = logging.getLogger("smsd.worker")
@@ -45,6 +46,8 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
     """
     combiner = CallCombiner(extractor, max_sms=settings.llm.batch_size,
                             wait_s=settings.pipeline.trickle_wait_ms / 1000.0)
+    # The members' flush writes of one kind, made at the same moment, go out as one command.
+    writes = GroupWrites(settings.pipeline.group_write_wait_ms / 1000.0)
     errors: list[BaseException] = []
     bind_context(user_id=None)   # several users: each log line names its user in the message
     start = prologue(settings, users, store, extractor, stop, reporter.beat)
@@ -54,7 +57,7 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
     def one(user_id: str) -> None:
         member = combiner.member(user_id)
         own = reporter.for_member(user_id)
-        twin = store.sibling()
+        twin = writes.join(store.sibling(), user_id, member.elsewhere)
         try:
             code, info = turn(settings, user_id, twin, member, own, stop, abort, start.members[user_id])
         except BaseException as exc:  # noqa: BLE001 - re-raised in the worker's thread

@@ -17,7 +17,7 @@ import pytest
 
 from smsd.config import Settings
 from smsd.journal import Journal
-from smsd.lab.mongo_ops import count_turns, count_worker_turns, seed_users
+from smsd.lab.mongo_ops import count_group_turns, count_turns, count_worker_turns, seed_users
 from smsd.model import SmsResult, Transaction, Usage, sms_key
 from smsd.store import Store
 
@@ -148,3 +148,34 @@ def test_a_backfill_turn_gathers_its_answers_into_page_flushes(settings):
     assert gathered["find sms_fin_rawdata"] == 2             # the two pages
     assert every["update financial_transactions"] >= 5       # about one per call of 25
     assert sum(gathered.values()) < sum(every.values()) - 3 * 4
+
+
+#: The commands of a group turn's flush (everything after the combined LLM call).
+FLUSH = {
+    "update sms_fin_rawdata": 2,                 # the claim, then isprocessed
+    "find financial_transactions": 1,            # what the one gated $merge stored
+    "update processing_checkpoints": 1,          # the checkpoints' progress ...
+    "find processing_checkpoints": None,         # ... read back (with the turns' starts: not pinned)
+    "update smsd_user_stats": 1,                 # the users' counters
+    "update smsd_answer_cache": 1,               # the flushed answers into the cache
+    "update smsd_llm_costs": 1,                  # the ledger rows
+    "aggregate financial_transactions": 0,       # no per-user count after the $merge
+    "findAndModify processing_checkpoints": 0,   # no per-user checkpoint update
+}
+
+
+@pytest.mark.parametrize("members", [2, 6])
+def test_a_group_turns_flush_costs_the_same_commands_whatever_its_number_of_members(settings, members):
+    # One group turn of `members` users x 3 SMS: one combined LLM call (18 SMS at most, a call
+    # holds 25), then every member flushes at the same moment.  The long write wait makes
+    # the batches close because every member is in, never because time ran out.
+    settings.pipeline.trickle_group_max_users = members
+    settings.pipeline.group_write_wait_ms = 5000
+    seed_users(settings.mongo.uri, settings.mongo.db, members, 3)
+    group = [f"user-{u:05d}" for u in range(members)]
+    counts = count_group_turns(settings, group, by_collection=True)
+    assert {k: counts.get(k, 0) for k, n in FLUSH.items() if n is not None} == \
+        {k: n for k, n in FLUSH.items() if n is not None}, counts
+    # The turns' starts still read per user (not this flush's business): one latest checkpoint
+    # each, plus the one read of the flushed checkpoints.
+    assert counts["find processing_checkpoints"] <= members + 1

@@ -1,0 +1,240 @@
+"""A group turn's flush writes, coalesced: one MongoDB command for all its members.
+
+Why: in a trickle group turn (:mod:`smsd.worker_group`) up to
+``trickle_group_max_users`` users each run their own pipeline in a thread, and
+after one combined LLM call they all flush at about the same moment, each
+issuing the same sequence of commands for its own user (claim, gated
+transaction ``$merge`` and its count, ``isprocessed``, checkpoint and user
+counters, answer cache, costs).  The MongoDB server's CPU per *command* is what
+limits a small-user workload, so k members cost k times the commands of one.
+:class:`GroupWrites` merges calls of the same kind that wait at the same moment
+into one command (:mod:`smsd.group_commands` builds them) and hands each member
+its own result or its own exception.
+
+How: each member's store twin is a :class:`GroupedStore`.  A call of a
+coalesced kind joins the open batch of that kind and waits until every member
+still running is either in a batch (of any kind) or busy elsewhere (waiting for
+or in the combined LLM call, or its turn is over), or until
+``pipeline.group_write_wait_ms`` passed; then the thread that notices issues
+the combined command and everyone returns.  A batch of one member runs that
+member's own per-user path: outside a group turn, and for a member flushing
+alone, nothing changes.  Storage stays behind the store interface (huey's
+model): the pipeline calls the same methods and cannot tell.
+
+What does not move: each call returns only after its write is acknowledged
+with the store's write concern (``j: true``), and only calls of the same kind
+are merged, so each user's order of invariants 2-4 (transactions, then
+``isprocessed``, then the checkpoint, then the journal rows marked, all in the
+member's own thread) is what it was.  Each member's part of a command keeps its
+own epoch filter; where a combined result cannot tell every member's outcome
+(fewer matched than asked, a write error) each member is settled by its own
+existing per-user path, which is idempotent, so StaleEpoch reaches exactly the
+members whose lease moved.  StoreUnavailable reaches every member of the batch,
+as its own call would have raised it.
+
+Crash windows: a kill during a combined command is the window of a kill during
+each member's own command of that kind (DESIGN.md's "after commit, before/mid
+flush"): every write is idempotent and each member's journal replays its flush
+on restart; nothing is asked of the LLM again.  The failpoint
+``group_mid_write`` (after a combined command is acknowledged, before its
+members get their results) hits it deterministically.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import group_commands
+from .fencing import FencedStore
+from .model import FlushItem
+from .store_docs import CHECKPOINT_STATUSES, checkpoint_fields
+
+log = logging.getLogger("smsd.group_writes")
+
+#: How often the first waiter of a batch looks again at the members' state: a member
+#: entering the LLM combiner or ending its turn does not notify this module.
+POLL_S = 0.003
+
+
+@dataclass(eq=False)
+class _Call:
+    member: "_Member"
+    payload: Any
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Batch:
+    kind: str
+    run: Callable[[list[Any]], list[Any]]
+    started: float
+    calls: list[_Call] = field(default_factory=list)
+
+
+class _Member:
+    """One member's state as the coalescer sees it."""
+
+    def __init__(self, name: str, busy: Callable[[], bool]) -> None:
+        self.name = name
+        self.busy = busy          # True while it waits for the LLM combiner, or once its turn is over
+        self.in_batch = 0         # calls of this member waiting in (or being run by) a batch
+
+
+class GroupWrites:
+    """Coalesces the same-kind writes of a group turn's members (module docstring); thread-safe."""
+
+    def __init__(self, wait_s: float = 0.025) -> None:
+        self.wait_s = max(0.0, float(wait_s))
+        self._cond = threading.Condition()
+        self._members: list[_Member] = []
+        self._open: dict[str, _Batch] = {}
+        self.batches = 0          # combined commands issued (a batch of two or more calls)
+        self.calls = 0            # member calls they carried
+
+    def join(self, store: Any, name: str, busy: Callable[[], bool]) -> Any:
+        """``store`` (a member's twin) as a :class:`GroupedStore` of this group.
+
+        ``busy()`` says the member is elsewhere (in the LLM combiner, or done):
+        nobody waits for its calls then.  A store that is not fenced is returned as is.
+        """
+        if not isinstance(store, FencedStore):
+            return store
+        twin = copy.copy(store)
+        twin.__class__ = GroupedStore
+        twin.group_writes = self
+        twin.group_member = _Member(name, busy)
+        with self._cond:
+            self._members.append(twin.group_member)
+        return twin
+
+    def submit(self, member: _Member, kind: str, payload: Any,
+               run: Callable[[list[Any]], list[Any]]) -> Any:
+        """Add ``payload`` to the open batch of ``kind``; its result once the batch ran.
+
+        ``run(payloads)`` issues the combined command and returns one outcome per
+        payload, in order: a result, or an exception to raise in that member's thread.
+        """
+        call = _Call(member, payload)
+        lead: _Batch | None = None
+        with self._cond:
+            batch = self._open.get(kind)
+            if batch is None:
+                batch = self._open[kind] = _Batch(kind, run, time.monotonic())
+            batch.calls.append(call)
+            member.in_batch += 1
+            self._cond.notify_all()
+            while not call.done:
+                if self._open.get(kind) is not batch:
+                    self._cond.wait()           # another thread runs it: wait for the results
+                    continue
+                left = self.wait_s - (time.monotonic() - batch.started)
+                if left <= 0 or self._all_here(batch):
+                    del self._open[kind]
+                    lead = batch
+                    break
+                self._cond.wait(timeout=min(left, POLL_S) if call is batch.calls[0] else left)
+        if lead is not None:
+            self._run(lead)
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _all_here(self, batch: _Batch) -> bool:
+        """Under the lock: no member that may still make a call of this kind is missing."""
+        here = {id(c.member) for c in batch.calls}
+        for m in self._members:
+            if id(m) in here or m.in_batch:
+                continue
+            try:
+                if m.busy():
+                    continue
+            except Exception:  # noqa: BLE001 - a state we cannot read: do not wait for it
+                continue
+            return False
+        return True
+
+    def _run(self, batch: _Batch) -> None:
+        """Issue the batch's command (outside the lock); hand every caller its outcome."""
+        payloads = [c.payload for c in batch.calls]
+        try:
+            outcomes = batch.run(payloads)
+        except BaseException as exc:  # noqa: BLE001 - each member gets its own copy to raise
+            outcomes = [_copy_error(exc) for _ in payloads]
+        with self._cond:
+            if len(payloads) > 1:
+                self.batches += 1
+                self.calls += len(payloads)
+            for c, out in zip(batch.calls, outcomes):
+                if isinstance(out, BaseException):
+                    c.error = out
+                else:
+                    c.result = out
+                c.done = True
+                c.member.in_batch -= 1
+            self._cond.notify_all()
+
+
+def _copy_error(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` for one member's thread (one exception object raised in several
+    threads at once would share, and garble, its traceback)."""
+    try:
+        err = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - an exception that cannot be copied is shared
+        return exc
+    err.__cause__ = exc
+    return err
+
+
+class GroupedStore(FencedStore):
+    """A group member's fenced store: its flush writes go through its :class:`GroupWrites`.
+
+    Every method keeps the contract of the :class:`FencedStore` method it
+    overrides; only the number of commands changes.
+    """
+
+    group_writes: GroupWrites
+    group_member: _Member
+
+    def _grouped(self, kind: str, payload: Any, run: Callable[[list[Any]], list[Any]]) -> Any:
+        return self.group_writes.submit(self.group_member, kind, payload, run)
+
+    def claim(self, items: list[FlushItem]) -> list[FlushItem]:
+        """As :meth:`FencedStore.claim`, in one ``update`` command for the waiting members."""
+        if not items or not self.epoch:
+            return super().claim(items)
+        return self._grouped("claim", (self, items), group_commands.claim)
+
+    def _write_transactions(self, user_id: str, docs: list[dict]) -> None:
+        """As :meth:`FencedStore._write_transactions`: one gated ``$merge`` and one read."""
+        if not self.epoch:
+            super()._write_transactions(user_id, docs)
+            return
+        self._grouped("transactions", (self, user_id, docs), group_commands.transactions)
+
+    def mark_processed(self, user_id: str, raw_ids: list, batch_id: str) -> int:
+        """As :meth:`FencedStore.mark_processed` (the number newly marked), grouped."""
+        if not raw_ids or not self.epoch:
+            return super().mark_processed(user_id, raw_ids, batch_id)
+        return self._grouped("mark", (self, user_id, list(raw_ids), batch_id), group_commands.mark)
+
+    def checkpoint_progress(self, user_id: str, batch_id: str, **kw: Any) -> None:
+        """As :meth:`FencedStore.checkpoint_progress`, grouped (update, read, counters)."""
+        if kw.get("status") not in CHECKPOINT_STATUSES or not self.epoch:
+            super().checkpoint_progress(user_id, batch_id, **kw)
+            return
+        fields = checkpoint_fields(user_id, batch_id, now=group_commands.utcnow(), extra=self.fence_fields,
+                                   **kw)
+        self._latest_seen.pop(user_id, None)
+        self._grouped("checkpoint", (self, user_id, batch_id, fields, kw), group_commands.checkpoint)
+
+    def bulk_upsert(self, name: str, ops: list, *, what: str, write_concern: Any = None) -> dict:
+        """As :meth:`Store.bulk_upsert` (the upserted ``_id`` by op index), grouped by collection."""
+        if not ops:
+            return super().bulk_upsert(name, ops, what=what, write_concern=write_concern)
+        return self._grouped(f"bulk {name}", (self, name, ops, what, write_concern), group_commands.bulk)
