@@ -29,6 +29,7 @@ POINTS = {
     "group_between_commits": "a group turn's combined call answered: the first user committed, the others not",
     "after_claim": "multi-host: after the flush's claim, before its transaction writes",
     "mid_flush": "after the transactions are upserted, before isprocessed is set",
+    "group_mid_write": "a group turn: a write combined for several users is acknowledged, before they get their results",
     "after_flush": "after the Mongo writes, before the journal row is marked flushed",
     "after_mark_flushed": "after the journal row is marked flushed",
     "batch_before_upload": "batch mode: the job and its calls are journaled, before the file upload",
