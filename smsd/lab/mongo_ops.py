@@ -234,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="SMS per LLM call (default: the shipped llm.batch_size)")
     p.add_argument("--by-collection", action="store_true",
                    help="count commands by name and collection (\"update smsd_llm_costs\")")
+    p.add_argument("--mode", action="append", choices=MODES,
+                   help="count only this mode (repeatable; default: every mode)")
+    p.add_argument("--group-write-wait-ms", type=int, default=None,
+                   help="pipeline.group_write_wait_ms of group_turn (0: each flush write alone)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             EmbeddedMongo(Path(tmp) / "mongo", log_path=Path(tmp) / "mongo.log") as mongo, \
             LlmServer(make_extractor("rules")) as llm:
         out: dict[str, Any] = {"users": args.users, "sms_per_user": args.sms}
-        for mode in MODES:
+        for mode in args.mode or MODES:
             keep = mode != "client_per_turn"
             db_name = f"ops_{mode}"
             settings = Settings()
@@ -257,34 +261,48 @@ def main(argv: list[str] | None = None) -> int:
             settings.llm.api_key = "unused"
             settings.llm.batch_size = args.batch_size
             settings.journal.state_dir = str(Path(tmp) / f"state-{db_name}")
+            if args.group_write_wait_ms is not None:
+                settings.pipeline.group_write_wait_ms = args.group_write_wait_ms
             seed_users(mongo.uri, db_name, args.users, args.sms)
             store = make_store_for_indexes(settings)
             users = [f"user-{u:05d}" for u in range(args.users)]
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), _cpu_s(mongo.pid)
             if mode == "worker_turn":
                 counts = count_worker_turns(settings, users, by_collection=args.by_collection)
             elif mode == "group_turn":
                 counts = count_group_turns(settings, users, by_collection=args.by_collection)
             else:
                 counts = count_turns(settings, users, keep_client=keep, by_collection=args.by_collection)
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, _cpu_s(mongo.pid) - cpu
             total = sum(counts.values())
             out[mode] = {
                 "commands": counts, "total": total,
                 "per_user": round(total / args.users, 2),
                 "per_sms": round(total / (args.users * args.sms), 2),
-                "ms_per_turn": round(1000 * elapsed / args.users, 1)}
+                "ms_per_turn": round(1000 * elapsed / args.users, 1),
+                "server_cpu_ms_per_turn": round(1000 * cpu / args.users, 1)}
             store.close()
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print(f"{args.users} users x {args.sms} SMS, batch {args.batch_size}")
-        for mode in MODES:
+        for mode in args.mode or MODES:
             r = out[mode]
             print(f"  {mode}: {r['per_sms']} commands/SMS, {r['per_user']} per user turn "
-                  f"({r['ms_per_turn']} ms per turn, one process, serial): "
+                  f"({r['ms_per_turn']} ms per turn, one process, serial; MongoDB server CPU "
+                  f"{r['server_cpu_ms_per_turn']} ms per turn): "
                   + ", ".join(f"{k} {v / args.users:.2f}" for k, v in r["commands"].items()))
     return 0
+
+
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) the process ``pid`` has used so far (0 when unknown)."""
+    import psutil
+    try:
+        t = psutil.Process(pid).cpu_times() if pid else None
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system if t else 0.0
 
 
 def make_store_for_indexes(settings: Any) -> Any:
