@@ -621,11 +621,9 @@ class Store:
 
     def bulk_upsert(self, name: str, ops: list, *, what: str, write_concern: WriteConcern | None = None) -> dict:
         """One unordered ``bulk_write`` of ``ops`` into ``name``; the upserted ``_id`` by op index."""
-        coll = self.collection(name)
+        coll = self.collection(name).with_options(write_concern=write_concern or self.write_concern)
         with self._errors(what):
-            res = (coll.with_options(write_concern=write_concern) if write_concern else coll).bulk_write(
-                ops, ordered=False)
-        return dict(res.upserted_ids or {})
+            return dict(coll.bulk_write(ops, ordered=False).upserted_ids or {})
 
     # ------------------------------------------------------------------ status / tests
     def user_summaries(self, user_ids: list[str] | None = None) -> dict[str, dict]:
