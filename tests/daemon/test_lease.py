@@ -238,3 +238,58 @@ def test_idle_prefork_workers_count_as_free_slots_in_the_heartbeat(tmp_path):
     assert LeaseView(tmp_path).ask(sup)["free_slots"] == 2
     sup.workers = {i: NS(user_id=f"u{i}") for i in range(3)}
     assert LeaseView(tmp_path).ask(sup)["free_slots"] == 0
+
+
+def test_a_group_takes_renews_and_releases_its_leases_together_with_the_single_takes_rules(store):
+    from smsd.lease_group import release_many, renew_many, take_many
+    db = store._database()
+    a, b = Leases(db, "host-a", ttl=30), Leases(db, "host-b", ttl=30)
+    assert b.take("u3") is not None
+    held, expires = take_many(a, ["u1", "u2", "u3"])
+    # u3 is b's: not ours; the others are born at epoch 1, stamped, with one shared expiry.
+    assert sorted(held) == ["u1", "u2"]
+    assert all(x.epoch == 1 and x.stamped and x.expires_at == expires for x in held.values())
+    assert b.take("u1") is None                       # held: nobody else gets it
+    # This host takes u1 again in another turn (its group turn reported u1 over): a new expiry,
+    # which the group's renewal and release leave alone.
+    again = a.take("u1")
+    assert again.epoch == 1 and again.expires_at != expires
+    gone, later = renew_many(a, held, expires)
+    assert gone == {"u1"} and later > expires
+    assert release_many(a, {"u2": held["u2"]}, expires) == 0   # not at that expiry any more
+    assert release_many(a, held, later) == 1                   # u2 only
+    view = a.read(["u1", "u2"])
+    assert view["u1"]["free"] is False and view["u2"]["free"] is True
+    # Released: another host takes u2 at a higher epoch; this host's next group gets u1 back at once.
+    assert b.take("u2").epoch == 2
+    held2, _ = take_many(a, ["u1", "u2"])
+    assert sorted(held2) == ["u1"] and held2["u1"].epoch == 1
+
+
+def test_the_group_keeper_loses_only_the_member_another_host_took(store):
+    from pymongo.errors import PyMongoError
+
+    from smsd.lease_group import GroupKeeper, take_many
+    db = store._database()
+    a = Leases(db, "host-a", ttl=3.0)
+    taken_at = time.monotonic()
+    held, expires = take_many(a, ["k1", "k2"])
+    keeper = GroupKeeper(a, held, expires, ttl=3.0, fraction=0.1, taken_at=taken_at, errors=(PyMongoError,))
+    lost: list[str] = []
+    one, two = keeper.member("k1", lost.append), keeper.member("k2", lost.append)
+    keeper.start()
+    try:
+        time.sleep(3.5)                     # longer than the TTL: only renewals keep them fresh
+        assert one.fresh() and two.fresh() and not lost
+        # Another host takes k1 (as after an expiry): k1's member loses it, k2's keeps it.
+        a.coll.update_one({"_id": "k1"}, {"$set": {"owner": "host-b", "epoch": 2}})
+        deadline = time.monotonic() + 5
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lost == ["taken by another host"] and one.lost and not one.fresh()
+        time.sleep(0.6)                     # two more renewal periods
+        assert two.fresh() and two.lost is None
+    finally:
+        assert keeper.release(["k1", "k2"]) == 1            # k2: k1 is host-b's now
+    assert a.read(["k1", "k2"])["k2"]["free"] is True
+    assert a.read(["k1"])["k1"]["owner"] == "host-b"
