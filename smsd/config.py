@@ -96,8 +96,8 @@ class PipelineSettings:
     max_text_chars: int = 2000
     page_size: int = 200
     worker_max_sms: int = 500                # per worker turn, for fairness between users
-    trickle_group_max_users: int = 12        # small users one worker serves at once, calls filled across them; 1 = off
-    trickle_group_calls: int = 1             # LLM calls' worth of SMS (llm.batch_size each) one group turn holds
+    trickle_group_max_users: int = 48        # small users one worker serves at once, calls filled across them; 1 = off
+    trickle_group_calls: int = 4             # LLM calls' worth of SMS (llm.batch_size each) one group turn holds
     trickle_wait_ms: int = 1000              # how long a group turn's call waits for the other users' SMS
     flush_gather_sms: int = 200              # answered SMS gathered into one flush while calls are in flight; 1 = every answer
     flush_max_wait_ms: int = 1000            # the oldest gathered answer is flushed after this long; 0 = every answer

@@ -111,9 +111,21 @@ class LeaseView:
         return {"host": self.host, "free_slots": free_slots, "lease_users": self.owed(sup.users.values())}
 
     def turns(self, candidates: list, room: int) -> list:
-        """The candidates (fairest first) that get a worker now; uses up the free quota."""
-        users, self.free_quota = lease_turns(candidates, self.host, room, self.free_quota)
+        """The candidates (fairest first) that may get a worker now, free leases within the quota.
+
+        The quota is used up by :meth:`started`, for the users that did get a turn:
+        the scheduler may take fewer than offered (a group turn is bounded by its
+        SMS), and a user offered but not started must not wait for the next
+        discovery for a share it never used.
+        """
+        users, _ = lease_turns(candidates, self.host, room, self.free_quota)
         return users
+
+    def started(self, users: Iterable[Any]) -> None:
+        """``users`` got a turn: the free leases among them count against this round's quota."""
+        free = sum(1 for u in users
+                   if turn_kind(u.info.get("lease"), self.host, unflushed(u), u.handed_epoch) == "free")
+        self.free_quota = max(0, self.free_quota - free)
 
     def owed(self, users: Iterable[UserState]) -> list[str]:
         """Users with unflushed answers here: the discovery reads their leases too."""

@@ -68,36 +68,52 @@ def next_turns(users: Iterable[UserState], running: set[str], applied_generation
     return candidates
 
 
+class _Calls:
+    """The LLM calls a group's SMS fill, packed as the combiner packs them (in order, next fit)."""
+
+    def __init__(self, size: int, most: int, first: int) -> None:
+        self.size, self.most, self.calls, self.load = size, max(1, most), 1, first
+
+    def add(self, n: int) -> bool:
+        """Take ``n`` more SMS if they fit the last call or a new one within ``most``."""
+        if self.load + n <= self.size:
+            self.load += n
+        elif self.calls < self.most:
+            self.calls, self.load = self.calls + 1, n
+        else:
+            return False
+        return True
+
+
 def group_turns(candidates: Iterable[UserState], room: int, most: int, call_sms: int,
                 calls: int = 1) -> list[list[UserState]]:
     """The next turns (fairest first, at most ``room``): one user each, or a group of small users.
 
     Trickle batching (:mod:`smsd.combiner`): users with fewer pending SMS than one
-    call holds (``call_sms``) share a turn, up to ``most`` users and ``calls`` calls'
-    worth of pending SMS in all, so that their SMS fill LLM calls together (the
-    combiner makes a call per ``call_sms`` SMS held); a bigger group also spreads
-    a worker turn's fixed cost over more users.  A user with a
+    call holds (``call_sms``) share a turn, up to ``most`` users and as many as fill
+    ``calls`` LLM calls of ``call_sms`` SMS, packed in order as the combiner packs
+    them (a 4-SMS user does not fit a call holding 24), so that their SMS fill
+    LLM calls together; a bigger group also spreads a worker turn's fixed cost
+    over more users.  A user with a
     full call's worth of SMS keeps a turn of its own, as before; so does a user
     whose last turn crashed, so that a user whose turn kills its worker crashes
     alone and never drags a group's other users into its crash loop.
     """
     turns: list[list[UserState]] = []
-    load: list[int] = []
-    group_sms = call_sms * max(1, calls)
+    packs: list[_Calls | None] = []   # None: a turn of its own, nobody joins
     for user in candidates:
         n = max(1, int(user.info.get("pending_sms") or 0))
         small = most > 1 and n < call_sms and not user.consecutive_crashes
         if small:
-            fit = next((i for i, t in enumerate(turns) if load[i] and len(t) < most
-                        and load[i] + n <= group_sms), None)
+            fit = next((i for i, t in enumerate(turns) if packs[i] is not None and len(t) < most
+                        and packs[i].add(n)), None)
             if fit is not None:
                 turns[fit].append(user)
-                load[fit] += n
                 continue
         if len(turns) >= room:
             continue   # a small user may still fit an open group further down
         turns.append([user])
-        load.append(n if small else 0)   # 0: a turn of its own, nobody joins
+        packs.append(_Calls(call_sms, calls, n) if small else None)
     return turns
 
 

@@ -59,6 +59,7 @@ class WorkerPool:
             w = idle.pop() if idle else self.spawn_worker()
             if not assign(w, [u.user_id for u in turn]):
                 continue   # it is dying; the reap replaces it and the users wait a loop turn
+            self.lease.started(turn)
             self.figures.worker_started(w.pid, turn[0].user_id)
             for user in turn:
                 user.last_served = time.monotonic()

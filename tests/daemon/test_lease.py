@@ -293,3 +293,23 @@ def test_the_group_keeper_loses_only_the_member_another_host_took(store):
         assert keeper.release(["k1", "k2"]) == 1            # k2: k1 is host-b's now
     assert a.read(["k1", "k2"])["k2"]["free"] is True
     assert a.read(["k1"])["k1"]["owner"] == "host-b"
+
+
+def test_free_leases_count_against_the_quota_only_for_users_that_got_a_turn(tmp_path):
+    """A group turn bounded by its SMS takes fewer users than offered: the rest keep their share."""
+    from smsd.lease_sched import LeaseView
+    from smsd.scheduler import UserState
+    view = LeaseView(tmp_path, _host="me", free_quota=3)
+    users = [UserState(f"new{i}") for i in range(5)]
+    offered = view.turns(users, room=5)
+    assert len(offered) == 3 and view.free_quota == 3     # offering takes nothing yet
+    view.started(offered[:1])
+    assert view.free_quota == 2
+    again = view.turns([u for u in users if u is not offered[0]], room=5)
+    assert len(again) == 2
+    view.started(again)
+    assert view.free_quota == 0 and view.turns(users, room=5) == []
+    mine = UserState("mine", info={"lease": {"owner": "me", "free": False, "epoch": 1}})
+    assert view.turns([mine], room=1) == [mine]           # our own lease needs no quota
+    view.started([mine])
+    assert view.free_quota == 0

@@ -47,6 +47,11 @@ def test_small_users_are_grouped_up_to_a_call_and_big_users_keep_their_own_turn(
     assert [[u.user_id for u in t] for t in turns] == [["a", "b", "c", "d", "e"], ["big"]]
     turns = group_turns(users + [user("f", 24), user("g", 3)], room=2, most=9, call_sms=25, calls=2)
     assert [[u.user_id for u in t] for t in turns] == [["a", "b", "c", "d", "e", "g"], ["big"]]
+    # Packed as the combiner packs its calls: six 4-SMS users fill a call of 25 (24 SMS),
+    # so four calls' worth is 24 such users, not 25 (a 25th would cost a fifth call).
+    many = [user(f"m{i:02d}", 4) for i in range(30)]
+    turns = group_turns(many, room=2, most=48, call_sms=25, calls=4)
+    assert [len(t) for t in turns] == [24, 6]
     # Off (most = 1): one user per turn, fairest first, as before.
     assert [[u.user_id for u in t] for t in group_turns(users, room=2, most=1, call_sms=25)] == [["a"], ["big"]]
 
