@@ -88,7 +88,9 @@ def test_killed_supervisor_takes_its_workers_down_and_a_new_one_finishes(tmp_pat
     expected = {}
     for user in ("fin", "gil", "hob"):
         expected.update(seed(db, user, 50))
-    llm_server.set_faults(latency_ms=100)
+    # Slow answers, so that the kill lands mid-run (answers gather into page flushes:
+    # with fast ones the whole run can be stored within one discovery interval).
+    llm_server.set_faults(latency_ms=400)
     config = _config(tmp_path, mongo_server, mongo_db_name, llm_server)
     d = Daemon(config, tmp_path)
     pids = wait_for(d.worker_pids, what="workers")
@@ -100,12 +102,17 @@ def test_killed_supervisor_takes_its_workers_down_and_a_new_one_finishes(tmp_pat
     wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=5, what="orphans gone", interval=0.05)
     print(f"workers gone {time.monotonic() - killed_at:.2f} s after the supervisor")
     d2 = Daemon(config, tmp_path)
+
+    def finished():
+        # Every SMS stored, and the answers the killed workers had journaled but not
+        # marked flushed are replayed by the new supervisor's workers.
+        report = verify(db, expected, state_dir=tmp_path / "state", billed=llm_server.stats()["billed"])
+        return report if processed(db) == 150 and not report.unflushed_left else None
     try:
-        wait_for(lambda: processed(db) == 150, timeout=90, what="all processed")
+        report = wait_for(finished, timeout=90, what="all processed and every journal flushed")
     finally:
         code, out = d2.stop()
     assert code == 0, out[-3000:]
-    report = verify(db, expected, state_dir=tmp_path / "state", billed=llm_server.stats()["billed"])
     assert report.ok, report.to_dict()
 
 
