@@ -201,7 +201,10 @@ def test_killed_while_mongodb_is_down_buys_nothing_twice(tmp_path, own_mongo, ll
     expected = seed(db, "jo", 40)
     llm_server.set_faults(latency_ms=100)
     config = write_config(tmp_path, mongo_uri=own_mongo.uri, db="smsd_down2", llm_url=llm_server.url,
-                          pipeline={"page_size": 40}, llm={"concurrency": 1})
+                          # Every answer flushed at once: MongoDB dies after some SMS are stored
+                          # and while the rest are still asked (gathered, all 40 would be stored
+                          # in one flush after the last answer, and nothing left to journal).
+                          pipeline={"page_size": 40, "flush_gather_sms": 1}, llm={"concurrency": 1})
     proc = start_smsd(config, "once", "--user-id", "jo")
     _wait_for(lambda: db.sms_fin_rawdata.count_documents({"user_id": "jo", "isprocessed": True}) >= 5)
     own_mongo.kill()

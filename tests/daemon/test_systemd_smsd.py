@@ -76,10 +76,18 @@ def _restarts(c):
     return int(c.show("smsd.service", "NRestarts") or 0)
 
 
-def _wait_idle(c):
-    """Until no worker has a turn (pre-forked workers may stay up, idle)."""
-    c.wait_for(lambda: not json.loads(c.run([SMSCTL, "--socket", "/run/smsd/control.sock", "status",
-                                             "--json"]).stdout)["workers"], timeout=30, what="idle")
+def _wait_idle(c, users=()):
+    """Until no worker has a turn (pre-forked workers may stay up, idle).
+
+    With ``users``: also until the supervisor knows each of them with no unflushed
+    journal rows -- a restarted supervisor is idle before its first discovery has
+    found the answers a killed worker journaled and stored but did not mark.
+    """
+    def idle():
+        st = json.loads(c.run([SMSCTL, "--socket", "/run/smsd/control.sock", "status", "--json"]).stdout)
+        rows = {u["user_id"]: u for u in st.get("users") or []}
+        return not st["workers"] and all(u in rows and not rows[u].get("unflushed") for u in users)
+    c.wait_for(idle, timeout=60 if users else 30, what="idle")
 
 
 def _state_dir(c, tmp_path):
@@ -125,7 +133,7 @@ def test_sigkilled_main_pid_is_restarted_and_the_job_completes(smsd_service, llm
     c.wait_prop("smsd.service", "ActiveState", "active", timeout=30)
     c.wait_for(lambda: db.sms_fin_rawdata.count_documents({"isprocessed": True}) == 80, timeout=120,
                what="all processed after the restart")
-    _wait_idle(c)
+    _wait_idle(c, users=("k1", "k2"))
     assert _restarts(c) == 1
     report = verify(db, expected, state_dir=_state_dir(c, tmp_path), billed=llm.stats()["billed"])
     assert report.ok, report.to_dict()

@@ -59,7 +59,7 @@ def test_small_users_are_grouped_up_to_a_call_and_big_users_keep_their_own_turn(
 def _config(tmp_path, mongo_server, mongo_db_name, server, **supervisor):
     return write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=server.url,
                         llm={"model": "gpt-4o-mini", "batch_size": 25, "concurrency": 1},
-                        pipeline={"trickle_group_max_users": 8, "trickle_wait_ms": 1000},
+                        pipeline={"trickle_group_max_users": 8, "trickle_wait_ms": 3000},
                         supervisor={"max_workers": 1, **supervisor})
 
 
