@@ -171,6 +171,9 @@ def test_a_group_turns_flush_costs_the_same_commands_whatever_its_number_of_memb
     # the batches close because every member is in, never because time ran out.
     settings.pipeline.trickle_group_max_users = members
     settings.pipeline.group_write_wait_ms = 5000
+    # ...and one combined LLM call even on a loaded host: a member that asks late would
+    # get a call of its own, and flush on its own.
+    settings.pipeline.trickle_wait_ms = 5000
     seed_users(settings.mongo.uri, settings.mongo.db, members, 3)
     group = [f"user-{u:05d}" for u in range(members)]
     counts = count_group_turns(settings, group, by_collection=True)
