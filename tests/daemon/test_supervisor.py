@@ -61,7 +61,9 @@ def test_killed_worker_is_replaced_and_its_user_finishes(tmp_path, db, mongo_ser
     expected = {}
     for user in ("dan", "eve"):
         expected.update(seed(db, user, 60))
-    llm_server.set_faults(latency_ms=100)
+    # Slow answers, so that the victim's user still has work when it is killed (answers
+    # gather into page flushes: with fast ones a user can be stored whole before the kill).
+    llm_server.set_faults(latency_ms=400)
     d = Daemon(_config(tmp_path, mongo_server, mongo_db_name, llm_server), tmp_path)
     try:
         pids = wait_for(d.worker_pids, what="workers")
