@@ -111,24 +111,27 @@ def results(wanted: dict[str, str], found: dict[str, dict | None]) -> dict[str, 
 
 
 def remember(collection: Any, entries: Iterable[tuple[str, SmsResult, str, str, str]],
-             bulk: Any = None) -> int:
+             bulk: Any) -> int:
     """Write flushed answers: ``(cache key, result, model, prompt version, call id)``.
 
-    ``$setOnInsert``: the first answer of a text stays, a replay writes nothing.
-    Returns how many entries another call had written first (paid twice: a race).
-    ``bulk(ops) -> {index: upserted _id}`` writes the upserts (default: one
-    ``bulk_write`` on ``collection``; a group turn's store writes its members' together).
+    Inserts: the first answer of a text stays (a second insert of its key is a
+    duplicate and writes nothing), a replay writes nothing.  An insert, not an
+    upsert, because an entry never changes once written, and SecantusDB spends
+    about five times the server time on an upsert (measured: 200 entries, 70 ms
+    upserted, 13 ms inserted).  Returns how many entries another call had
+    written first (paid twice: a race).  ``bulk(ops) -> {op index: created}``
+    writes them (:meth:`smsd.store.Store.bulk_upsert`; a group turn's store
+    writes its members' together).
     """
-    from pymongo import UpdateOne
+    from pymongo import InsertOne
     entries = list({e[0]: e for e in entries}.values())
     if not entries:
         return 0
     now = datetime.now(timezone.utc)
-    ops = [UpdateOne({"_id": ckey}, {"$setOnInsert": {
-        "kind": result.kind, "transactions": _to_doc(result), "model": model,
-        "prompt_version": version, "call_id": call_id, "created_at": now}}, upsert=True)
-        for ckey, result, model, version, call_id in entries]
-    inserted = set(bulk(ops) if bulk is not None else collection.bulk_write(ops, ordered=False).upserted_ids or {})
+    ops = [InsertOne({"_id": ckey, "kind": result.kind, "transactions": _to_doc(result), "model": model,
+                      "prompt_version": version, "call_id": call_id, "created_at": now})
+           for ckey, result, model, version, call_id in entries]
+    inserted = set(bulk(ops))
     matched = [entries[i] for i in range(len(entries)) if i not in inserted]
     if not matched:
         return 0

@@ -12,13 +12,21 @@ check that counts is in the filters of the writes themselves:
   of the user's pending SMS and on its in-progress checkpoints, before its
   first LLM call.  From then on a stale host's writes to those documents match
   nothing.
-* The flush's first write is a claim (:meth:`FencedStore.claim`): it stamps
-  our epoch on the SMS of the flush, filtered as above.  Fewer matched than
-  asked means a newer epoch has them: :class:`smsd.pipeline.StaleEpoch`, and
-  the flush writes nothing at all.  SMS already processed (a replay of a row
-  whose writes landed before a crash, or an SMS another host finished) are
-  left out of the flush: their transactions are stored, so invariants 3-4
-  hold for them and the journal row may be marked.
+* A flush of answers this turn did not ask itself (a replay of journal rows,
+  an SMS asked again) begins with a claim (:meth:`FencedStore.claim`): it
+  stamps our epoch on those SMS, filtered as above.  Fewer matched than asked
+  means a newer epoch has them: :class:`smsd.pipeline.StaleEpoch`, and the
+  flush writes nothing at all.  SMS already processed (a replay of a row whose
+  writes landed before a crash, or an SMS another host finished) are left out
+  of the flush: their transactions are stored, so invariants 3-4 hold for them
+  and the journal row may be marked.  The answers of the turn's own calls skip
+  it: their SMS were read pending by this turn, under its lease, so only a
+  move of the lease can have changed them, and the gated transaction write
+  and the fenced ``isprocessed`` below refuse that by themselves.  The claim
+  was the dearest write of a flush (an update of every SMS, as dear as the
+  ``isprocessed`` one on SecantusDB).  One thing it did for them is gone: an
+  SMS deleted from the collection while its answer was out gets its
+  transactions stored, as if it had been deleted just after its flush.
 * Transaction documents are written by one ``aggregate`` on the user's lease
   document (:meth:`FencedStore._write_transactions`): ``$match`` the lease at
   our epoch, then the documents as a literal, ``$merge`` into
@@ -28,8 +36,11 @@ check that counts is in the filters of the writes themselves:
   it was sent: once a newer epoch took the lease, the ``$match`` finds nothing
   and nothing is written -- an insert of a document the new owner has not
   written yet included (what the per-document epoch filter alone could not
-  refuse).  ``whenMatched`` keeps a document of a newer epoch.  The documents
-  at our epoch are then counted: fewer than sent is StaleEpoch.  A run's new
+  refuse).  ``whenMatched`` keeps a document of a newer epoch.  Then one read
+  of the lease: still at our epoch means the ``$match`` matched and no newer
+  epoch ever existed (epochs only grow), so every document is stored as sent;
+  otherwise the documents at our epoch are counted, and fewer than sent is
+  StaleEpoch.  A run's new
   checkpoint (``checkpoint_start``) is inserted the same way.
 * The checkpoint upsert filters on the epoch: a newer epoch's checkpoint makes
   it collide on its ``_id``: StaleEpoch.  ``isprocessed`` is set only where
@@ -210,9 +221,25 @@ class FencedStore(Store):
                     # Another writer inserted one of these _ids at the same moment: only
                     # another owner writes this user's documents.
                     raise self._refused(user_id, f"write to {into} (duplicate key)") from exc
-                written += db[into].count_documents(
-                    {"_id": {"$in": [d["_id"] for d in chunk]}, EPOCH_FIELD: self.epoch})
+            if self.lease_at_our_epoch(user_id):
+                return len(docs)
+            for start in range(0, len(docs), ID_CHUNK):
+                written += self.count_at_our_epoch(into, docs[start:start + ID_CHUNK])
         return written
+
+    def lease_at_our_epoch(self, user_id: str) -> bool:
+        """Whether the user's lease is (still) at our epoch: one read by ``_id``.
+
+        After a gated write it proves the write's ``$match`` matched and nothing of a
+        newer epoch could be kept by ``whenMatched``: epochs only grow.
+        """
+        doc = self._database()[LEASES_COLLECTION].find_one({"_id": user_id}, {"epoch": 1})
+        return doc is not None and doc.get("epoch") == self.epoch
+
+    def count_at_our_epoch(self, into: str, docs: list[dict]) -> int:
+        """How many of ``docs`` are stored in ``into`` at our epoch (the refused path's count)."""
+        return int(self._database()[into].count_documents(
+            {"_id": {"$in": [d["_id"] for d in docs]}, EPOCH_FIELD: self.epoch}))
 
     def mark_processed(self, user_id: str, raw_ids: list, batch_id: str) -> int:
         """As :meth:`Store.mark_processed`, only on SMS still stamped with an epoch not above ours."""

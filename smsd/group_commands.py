@@ -25,7 +25,7 @@ from pymongo.errors import BulkWriteError, OperationFailure
 
 from . import store_stats
 from .failpoints import failpoint
-from .fencing import EPOCH_FIELD, KEEP_NEWER, FencedStore
+from .fencing import KEEP_NEWER, FencedStore
 from .lease import LEASES_COLLECTION
 from .store import ID_CHUNK
 from .store_docs import BATCH_FIELD, QUARANTINE_FIELD, TRANSACTIONS_COLLECTION
@@ -113,8 +113,9 @@ def transactions(calls: list[tuple[Any, str, list[dict]]]) -> list[Any]:
     ``aggregate`` on ``smsd_leases``: the members' leases, each ``$match``ed at
     its member's epoch; each lease keeps the documents of its own user
     (``$filter`` on ``user_id``), ``$merge`` as :meth:`FencedStore._gated_merge`
-    does.  One ``find`` of the ``_id``s then shows, per member, whether all its
-    documents are stored at its epoch (else StaleEpoch, as its own write says).
+    does.  One ``find`` of the members' leases then shows, per member, that its
+    lease is still at its epoch (so all its documents are stored), else its
+    documents at its epoch are counted (fewer: StaleEpoch, as its own write says).
     """
     total = sum(len(docs) for _, _, docs in calls)
     if len(calls) == 1 or total > ID_CHUNK:
@@ -143,13 +144,15 @@ def transactions(calls: list[tuple[Any, str, list[dict]]]) -> list[Any]:
                 for store, user, docs in calls]
     failpoint(MID_WRITE)
     with lead.errors("gated write"):
-        stored = {doc["_id"]: doc for doc in lead.transactions.find(
-            {"_id": {"$in": [d["_id"] for d in every]}}, {"user_id": 1, EPOCH_FIELD: 1})}
+        epochs = {doc["_id"]: doc.get("epoch") for doc in lead.collection(LEASES_COLLECTION).find(
+            {"_id": {"$in": users}}, {"epoch": 1})}
 
     def settle(store: Any, user: str, docs: list[dict]) -> None:
-        written = sum(1 for d in docs if (s := stored.get(d["_id"])) is not None
-                      and s.get("user_id") == user and s.get(EPOCH_FIELD) == store.epoch)
-        store.check_written(user, written, len(docs))
+        # A lease still at the member's epoch: its $match matched and nothing newer exists
+        # (FencedStore.lease_at_our_epoch); otherwise its stored documents are counted.
+        if epochs.get(user) != store.epoch:
+            with store.errors("gated write"):
+                store.check_written(user, store.count_at_our_epoch(TRANSACTIONS_COLLECTION, docs), len(docs))
     return [_own(lambda s=store, u=user, d=docs: settle(s, u, d)) for store, user, docs in calls]
 
 
@@ -224,7 +227,8 @@ def checkpoint(calls: list[tuple[Any, str, str, dict, dict]]) -> list[Any]:
 # ------------------------------------------------------------ cache and costs
 def bulk(calls: list[tuple[Any, str, list, str, Any]]) -> list[Any]:
     """Every member's upserts into one collection (answer cache, costs) in one ``update``;
-    each member gets the upserted ``_id``s of its own ops, by its own op index."""
+    each member gets what :meth:`smsd.store.Store.bulk_upsert` returns for its own ops
+    (the ops that created their document), by its own op index."""
     if len(calls) == 1:
         store, name, ops, what, wc = calls[0]
         return [_own(lambda: FencedStore.bulk_upsert(store, name, ops, what=what, write_concern=wc))]

@@ -234,7 +234,7 @@ class GroupedStore(FencedStore):
         self._grouped("checkpoint", (self, user_id, batch_id, fields, kw), group_commands.checkpoint)
 
     def bulk_upsert(self, name: str, ops: list, *, what: str, write_concern: Any = None) -> dict:
-        """As :meth:`Store.bulk_upsert` (the upserted ``_id`` by op index), grouped by collection."""
+        """As :meth:`Store.bulk_upsert` (the ops that created their document), grouped by collection."""
         if not ops:
             return super().bulk_upsert(name, ops, what=what, write_concern=write_concern)
         return self._grouped(f"bulk {name}", (self, name, ops, what, write_concern), group_commands.bulk)

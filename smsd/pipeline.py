@@ -430,12 +430,6 @@ class Pipeline(FreeAnswers):
         items = [FlushItem(raw_id=raw_id, user_id=self.user_id, result=result,
                            provenance=answer.provenance())
                  for answer in answers for raw_id, result in answer.items]
-        if self.fence is not None:
-            items = self.fence(items)      # raises StaleEpoch: a newer owner has the user
-            if not items:                  # all processed already: invariant 3 holds for them
-                self.journal.mark_flushed([a.call_id for a in answers])
-                return 0
-            failpoint("after_claim")
         # Within one journal an SMS has one result (the first answer wins), so an older
         # answer's extra transaction documents can only exist where this pipeline did not
         # see the SMS's whole history: rows journaled before it started (a replay: another
@@ -444,6 +438,18 @@ class Pipeline(FreeAnswers):
         stale = {result.key for answer in answers
                  if answer.call_id not in self._fresh_calls or answer.repeated_sms
                  for _, result in answer.items}
+        if self.fence is not None:
+            # Only those pay the claim, too (smsd.fencing: what the claim is for).  A fresh
+            # answer's SMS were read pending by this turn under its lease: the gated
+            # transaction write and the fenced isprocessed refuse them if the lease moved.
+            claimed = [item for item in items if item.result.key in stale]
+            if claimed:
+                kept = {id(item) for item in self.fence(claimed)}   # StaleEpoch: a newer owner
+                items = [item for item in items if item.result.key not in stale or id(item) in kept]
+            if not items:                  # all processed already: invariant 3 holds for them
+                self.journal.mark_flushed([a.call_id for a in answers])
+                return 0
+            failpoint("after_claim")
         self.store.upsert_transactions(items, replace_stale=stale)
         failpoint("mid_flush")
         raw_ids = [item.raw_id for item in items]

@@ -41,10 +41,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pymongo
-from pymongo import ReplaceOne, ReturnDocument, UpdateOne, WriteConcern
+from pymongo import InsertOne, ReplaceOne, ReturnDocument, UpdateOne, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import PyMongoError
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from smsd.model import FlushItem, Malformed, Quarantine, Sms, sms_key
 # Names callers import from smsd.store (collections, indexes, malformed reasons,
@@ -64,6 +64,8 @@ log = logging.getLogger("smsd.store")
 
 #: ``_id`` lists longer than this are split over several commands.
 ID_CHUNK = 500
+#: MongoDB's error code of a duplicate ``_id`` (or unique key).
+DUPLICATE_KEY = 11000
 #: How long a checkpoint read by latest_checkpoint stands in for checkpoint_start's own read.
 LATEST_FRESH_S = 30.0
 
@@ -620,10 +622,26 @@ class Store:
         return self._database()[name]
 
     def bulk_upsert(self, name: str, ops: list, *, what: str, write_concern: WriteConcern | None = None) -> dict:
-        """One unordered ``bulk_write`` of ``ops`` into ``name``; the upserted ``_id`` by op index."""
+        """One unordered ``bulk_write`` of ``ops`` into ``name``: ``{op index: True}`` for
+        each op that created its document.
+
+        ``ops`` are upserts, or ``InsertOne`` of documents that are written once and
+        never changed (the answer cache): an insert whose ``_id`` exists already
+        created nothing, and is not an error.  Any other write error raises.
+        """
         coll = self.collection(name).with_options(write_concern=write_concern or self.write_concern)
+        inserts = {i for i, op in enumerate(ops) if isinstance(op, InsertOne)}
         with self._errors(what):
-            return dict(coll.bulk_write(ops, ordered=False).upserted_ids or {})
+            try:
+                res = coll.bulk_write(ops, ordered=False)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if any(e.get("code") != DUPLICATE_KEY or e.get("index") not in inserts for e in errors):
+                    raise
+                failed = {e["index"] for e in errors}
+                created = {u["index"] for u in exc.details.get("upserted", [])} | (inserts - failed)
+                return dict.fromkeys(sorted(created), True)
+        return dict.fromkeys(sorted(set(res.upserted_ids or {}) | inserts), True)
 
     # ------------------------------------------------------------------ status / tests
     def user_summaries(self, user_ids: list[str] | None = None) -> dict[str, dict]:

@@ -49,6 +49,10 @@ class CommandCounter(monitoring.CommandListener):
     def __init__(self) -> None:
         self.counts: collections.Counter = collections.Counter()
         self.by_collection: collections.Counter = collections.Counter()
+        #: Microseconds from start to reply, by name and collection: on a server that runs one
+        #: command at a time (one serial client) that is the server's time for it, plus the wire.
+        self.micros: collections.Counter = collections.Counter()
+        self._open: dict[int, str] = {}
         self.active = threading.Event()
         self._lock = threading.Lock()
 
@@ -57,6 +61,8 @@ class CommandCounter(monitoring.CommandListener):
         with self._lock:
             self.counts.clear()
             self.by_collection.clear()
+            self.micros.clear()
+            self._open.clear()
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if self.active.is_set():
@@ -66,12 +72,19 @@ class CommandCounter(monitoring.CommandListener):
             with self._lock:
                 self.counts[event.command_name] += 1
                 self.by_collection[where] += 1
+                self._open[event.request_id] = where
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
+        self._ended(event.request_id, event.duration_micros)
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
+        self._ended(event.request_id, event.duration_micros)
+
+    def _ended(self, request_id: int, micros: int) -> None:
+        with self._lock:
+            where = self._open.pop(request_id, None)
+            if where is not None:
+                self.micros[where] += micros
 
 
 _COUNTER: CommandCounter | None = None
@@ -234,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="SMS per LLM call (default: the shipped llm.batch_size)")
     p.add_argument("--by-collection", action="store_true",
                    help="count commands by name and collection (\"update smsd_llm_costs\")")
+    p.add_argument("--by-time", action="store_true",
+                   help="also print the milliseconds per user turn each command by collection took "
+                        "(start to reply: the server's time for it, as one client runs serially)")
     p.add_argument("--mode", action="append", choices=MODES,
                    help="count only this mode (repeatable; default: every mode)")
     p.add_argument("--group-write-wait-ms", type=int, default=None,
@@ -280,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
                 "per_user": round(total / args.users, 2),
                 "per_sms": round(total / (args.users * args.sms), 2),
                 "ms_per_turn": round(1000 * elapsed / args.users, 1),
-                "server_cpu_ms_per_turn": round(1000 * cpu / args.users, 1)}
+                "server_cpu_ms_per_turn": round(1000 * cpu / args.users, 1),
+                "ms_per_turn_by_command": {
+                    k: round(v / 1000 / args.users, 2)
+                    for k, v in sorted(counter().micros.items(), key=lambda kv: -kv[1])
+                    if k.split()[0] not in HOUSEKEEPING}}
             store.close()
     if args.json:
         print(json.dumps(out, indent=2))
@@ -292,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r['ms_per_turn']} ms per turn, one process, serial; MongoDB server CPU "
                   f"{r['server_cpu_ms_per_turn']} ms per turn): "
                   + ", ".join(f"{k} {v / args.users:.2f}" for k, v in r["commands"].items()))
+            if args.by_time:
+                print("    ms per user turn by command: "
+                      + ", ".join(f"{k} {v}" for k, v in r["ms_per_turn_by_command"].items()))
     return 0
 
 

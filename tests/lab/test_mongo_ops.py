@@ -57,7 +57,7 @@ def test_a_turn_of_three_sms_flushes_once_with_no_extra_reads(settings):
         "update sms_fin_rawdata": 1,            # its one update_many of isprocessed
         "findAndModify processing_checkpoints": 1,   # its one checkpoint update
         "update smsd_user_stats": 1,            # the user's counters, from that checkpoint
-        "update smsd_answer_cache": 1,          # the flushed answers fill the cache
+        "insert smsd_answer_cache": 1,          # the flushed answers fill the cache
         "update smsd_llm_costs": 1,             # the journal's changed ledger row
         "hello": 1 / USERS}                     # one client for every turn
 
@@ -109,20 +109,20 @@ def test_a_new_users_worker_turn_takes_its_lease_in_one_command_and_stamps_nothi
     assert per_turn == {
         "findAndModify smsd_leases": 1,          # the take (epoch 1, born stamped)
         "update smsd_leases": 1,                 # the release at the turn's end
-        "update sms_fin_rawdata": 2,             # the flush's claim, then isprocessed
+        "update sms_fin_rawdata": 1,             # isprocessed (its own fresh answers: no claim)
         "aggregate sms_fin_rawdata": 2,
         "find processing_checkpoints": 1,
         "find sms_fin_rawdata": 1,
         "find smsd_handover": 1,                 # answers another host handed over, if any
         "find smsd_answer_cache": 1,
         # The run's checkpoint and the flush's transactions are written by one aggregate
-        # each on the lease ($merge, the server checks our epoch), then counted.
+        # each on the lease ($merge, the server checks our epoch), each proved by one read
+        # of the lease, still at our epoch (nothing stored needs counting).
         "aggregate smsd_leases": 2,
-        "aggregate processing_checkpoints": 1,
-        "aggregate financial_transactions": 1,
+        "find smsd_leases": 2,
         "findAndModify processing_checkpoints": 1,
         "update smsd_user_stats": 1,
-        "update smsd_answer_cache": 1,
+        "insert smsd_answer_cache": 1,
         "update smsd_llm_costs": 1}
     # The server's clock offset is measured once per client, not once per turn.
     assert counts.get("hello", 0) <= 2
@@ -143,7 +143,7 @@ def test_a_backfill_turn_gathers_its_answers_into_page_flushes(settings):
     # The page's flush, then the turn's end (one, if the last answers came before it).
     assert flushes in (1, 2)
     assert gathered["update sms_fin_rawdata"] == gathered["findAndModify processing_checkpoints"] == flushes
-    assert gathered["update smsd_answer_cache"] == flushes
+    assert gathered["insert smsd_answer_cache"] == flushes
     assert gathered["find smsd_answer_cache"] == 2           # one lookup per page, not per call
     assert gathered["find sms_fin_rawdata"] == 2             # the two pages
     assert every["update financial_transactions"] >= 5       # about one per call of 25
@@ -152,12 +152,14 @@ def test_a_backfill_turn_gathers_its_answers_into_page_flushes(settings):
 
 #: The commands of a group turn's flush (everything after the combined LLM call).
 FLUSH = {
-    "update sms_fin_rawdata": 2,                 # the claim, then isprocessed
-    "find financial_transactions": 1,            # what the one gated $merge stored
+    "update sms_fin_rawdata": 1,                 # isprocessed (fresh answers need no claim)
+    "find financial_transactions": 0,            # nothing stored needs counting: ...
+    "find smsd_leases": None,                    # ... the leases, read once, are at their epochs
+                                                 # (with the turns' starts: not pinned)
     "update processing_checkpoints": 1,          # the checkpoints' progress ...
     "find processing_checkpoints": None,         # ... read back (with the turns' starts: not pinned)
     "update smsd_user_stats": 1,                 # the users' counters
-    "update smsd_answer_cache": 1,               # the flushed answers into the cache
+    "insert smsd_answer_cache": 1,               # the flushed answers into the cache
     "update smsd_llm_costs": 1,                  # the ledger rows
     "aggregate financial_transactions": 0,       # no per-user count after the $merge
     "findAndModify processing_checkpoints": 0,   # no per-user checkpoint update
