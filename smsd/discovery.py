@@ -18,7 +18,6 @@ from pymongo.errors import PyMongoError
 
 from .config import Settings
 from .lease import Leases
-from .lease import Leases
 from .store import Store, StoreUnavailable
 from .worker import make_store
 

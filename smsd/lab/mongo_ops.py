@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="SMS per LLM call (default: the shipped llm.batch_size)")
     p.add_argument("--by-collection", action="store_true",
                    help="count commands by name and collection (\"update smsd_llm_costs\")")
+    p.add_argument("--group", type=int, default=GROUP,
+                   help=f"users per group turn in mode group_turn (default {GROUP})")
     p.add_argument("--by-time", action="store_true",
                    help="also print the milliseconds per user turn each command by collection took "
                         "(start to reply: the server's time for it, as one client runs serially)")
@@ -286,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "worker_turn":
                 counts = count_worker_turns(settings, users, by_collection=args.by_collection)
             elif mode == "group_turn":
-                counts = count_group_turns(settings, users, by_collection=args.by_collection)
+                settings.pipeline.trickle_group_max_users = max(settings.pipeline.trickle_group_max_users,
+                                                                args.group)
+                counts = count_group_turns(settings, users, group=args.group, by_collection=args.by_collection)
             else:
                 counts = count_turns(settings, users, keep_client=keep, by_collection=args.by_collection)
             elapsed, cpu = time.perf_counter() - started, _cpu_s(mongo.pid) - cpu
