@@ -41,10 +41,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pymongo
-from pymongo import InsertOne, ReplaceOne, ReturnDocument, UpdateOne, WriteConcern
+from pymongo import ReplaceOne, ReturnDocument, UpdateOne, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import PyMongoError
 
 from smsd.model import FlushItem, Malformed, Quarantine, Sms, sms_key
 # Names callers import from smsd.store (collections, indexes, malformed reasons,
@@ -56,7 +56,7 @@ from smsd.store_docs import (
     RAW_COLLECTION, STATUS_COMPLETED, STATUS_IN_PROGRESS, TRANSACTIONS_COLLECTION, _get_path,
     checkpoint_fields, delete_stale_transactions, transaction_doc,
 )
-from smsd.store_errors import StoreUnavailable, _is_transient, guarded  # noqa: F401 - re-exported
+from smsd.store_errors import StoreUnavailable, _is_transient, bulk_created, guarded  # noqa: F401 - re-exported
 from smsd import store_stats
 from smsd.store_stats import BASE_FIELD, STATS_COLLECTION
 
@@ -64,8 +64,6 @@ log = logging.getLogger("smsd.store")
 
 #: ``_id`` lists longer than this are split over several commands.
 ID_CHUNK = 500
-#: MongoDB's error code of a duplicate ``_id`` (or unique key).
-DUPLICATE_KEY = 11000
 #: How long a checkpoint read by latest_checkpoint stands in for checkpoint_start's own read.
 LATEST_FRESH_S = 30.0
 
@@ -80,7 +78,6 @@ def new_run_doc(user_id: str, total_sms: int, base: int, extra: dict) -> dict:
     return {"_id": batch_id, "user_id": user_id, "batch_id": batch_id, "total_sms": int(total_sms),
             "processed_sms": 0, "last_processed_id": None, "checkpoint_timestamp": _utcnow(),
             "status": STATUS_IN_PROGRESS, BASE_FIELD: base, **extra}
-
 
 
 class Store:
@@ -622,26 +619,11 @@ class Store:
         return self._database()[name]
 
     def bulk_upsert(self, name: str, ops: list, *, what: str, write_concern: WriteConcern | None = None) -> dict:
-        """One unordered ``bulk_write`` of ``ops`` into ``name``: ``{op index: True}`` for
-        each op that created its document.
-
-        ``ops`` are upserts, or ``InsertOne`` of documents that are written once and
-        never changed (the answer cache): an insert whose ``_id`` exists already
-        created nothing, and is not an error.  Any other write error raises.
-        """
+        """One unordered ``bulk_write`` of ``ops`` (upserts, or ``InsertOne`` of write-once
+        documents) into ``name``: :func:`smsd.store_errors.bulk_created`."""
         coll = self.collection(name).with_options(write_concern=write_concern or self.write_concern)
-        inserts = {i for i, op in enumerate(ops) if isinstance(op, InsertOne)}
         with self._errors(what):
-            try:
-                res = coll.bulk_write(ops, ordered=False)
-            except BulkWriteError as exc:
-                errors = exc.details.get("writeErrors", [])
-                if any(e.get("code") != DUPLICATE_KEY or e.get("index") not in inserts for e in errors):
-                    raise
-                failed = {e["index"] for e in errors}
-                created = {u["index"] for u in exc.details.get("upserted", [])} | (inserts - failed)
-                return dict.fromkeys(sorted(created), True)
-        return dict.fromkeys(sorted(set(res.upserted_ids or {}) | inserts), True)
+            return bulk_created(coll, ops)
 
     # ------------------------------------------------------------------ status / tests
     def user_summaries(self, user_ids: list[str] | None = None) -> dict[str, dict]:

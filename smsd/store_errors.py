@@ -9,6 +9,7 @@ so that the policy sits in one short place.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 from contextlib import contextmanager
 
 from pymongo.errors import (
@@ -76,3 +77,21 @@ def guarded(what: str) -> Iterator[None]:
         if _is_transient(exc):
             raise StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
         raise
+
+
+def bulk_created(coll: Any, ops: list) -> dict:
+    """One unordered ``bulk_write`` of ``ops``: ``{op index: True}`` for each op that created
+    its document.  An ``InsertOne`` whose ``_id`` exists already (duplicate key, code 11000)
+    created nothing and is not an error; any other write error raises."""
+    from pymongo import InsertOne
+    from pymongo.errors import BulkWriteError
+    inserts = {i for i, op in enumerate(ops) if isinstance(op, InsertOne)}
+    try:
+        res = coll.bulk_write(ops, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(e.get("code") != 11000 or e.get("index") not in inserts for e in errors):
+            raise
+        created = {u["index"] for u in exc.details.get("upserted", [])} | (inserts - {e["index"] for e in errors})
+        return dict.fromkeys(sorted(created), True)
+    return dict.fromkeys(sorted(set(res.upserted_ids or {}) | inserts), True)
