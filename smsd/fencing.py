@@ -76,12 +76,12 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 from .model import FlushItem
 from .pipeline import StaleEpoch
 from .store import ID_CHUNK, Store
+from .store_errors import DUPLICATE_KEY
 from .lease import LEASES_COLLECTION
 from .store_docs import (CHECKPOINTS_COLLECTION, RAW_COLLECTION, STATUS_IN_PROGRESS,
                          TRANSACTIONS_COLLECTION)
 
 EPOCH_FIELD = "smsd_epoch"
-DUPLICATE_KEY = 11000
 
 log = logging.getLogger("smsd.fencing")
 

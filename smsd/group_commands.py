@@ -226,7 +226,7 @@ def checkpoint(calls: list[tuple[Any, str, str, dict, dict]]) -> list[Any]:
 
 # ------------------------------------------------------------ cache and costs
 def bulk(calls: list[tuple[Any, str, list, str, Any]]) -> list[Any]:
-    """Every member's upserts into one collection (answer cache, costs) in one ``update``;
+    """Every member's writes into one collection (answer cache inserts, cost upserts) in one command;
     each member gets what :meth:`smsd.store.Store.bulk_upsert` returns for its own ops
     (the ops that created their document), by its own op index."""
     if len(calls) == 1:

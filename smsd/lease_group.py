@@ -39,10 +39,9 @@ from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError
 
 from .lease import _EPOCH0, Lease, Leases
+from .store_errors import DUPLICATE_KEY
 
 log = logging.getLogger("smsd.lease")
-
-DUPLICATE_KEY = 11000
 
 
 def _whole_ms(t: datetime) -> datetime:

@@ -9,8 +9,8 @@ so that the policy sits in one short place.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 from contextlib import contextmanager
+from typing import Any
 
 from pymongo.errors import (
     PyMongoError,
@@ -79,9 +79,13 @@ def guarded(what: str) -> Iterator[None]:
         raise
 
 
+#: MongoDB's error code of a duplicate ``_id`` (or other unique key).
+DUPLICATE_KEY = 11000
+
+
 def bulk_created(coll: Any, ops: list) -> dict:
     """One unordered ``bulk_write`` of ``ops``: ``{op index: True}`` for each op that created
-    its document.  An ``InsertOne`` whose ``_id`` exists already (duplicate key, code 11000)
+    its document.  An ``InsertOne`` whose ``_id`` exists already (:data:`DUPLICATE_KEY`)
     created nothing and is not an error; any other write error raises."""
     from pymongo import InsertOne
     from pymongo.errors import BulkWriteError
@@ -90,7 +94,7 @@ def bulk_created(coll: Any, ops: list) -> dict:
         res = coll.bulk_write(ops, ordered=False)
     except BulkWriteError as exc:
         errors = exc.details.get("writeErrors", [])
-        if any(e.get("code") != 11000 or e.get("index") not in inserts for e in errors):
+        if any(e.get("code") != DUPLICATE_KEY or e.get("index") not in inserts for e in errors):
             raise
         created = {u["index"] for u in exc.details.get("upserted", [])} | (inserts - {e["index"] for e in errors})
         return dict.fromkeys(sorted(created), True)
