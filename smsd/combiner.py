@@ -42,7 +42,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 from .failpoints import enabled, failpoint
 from .llm import LlmAnswer
@@ -165,7 +165,8 @@ class CallCombiner:
             return []
         held = sum(len(r.sms) for r in self._pending)
         waiting = {id(r.member) for r in self._pending}
-        idle = [m for m in self._members if m.active and m.in_flight == 0 and id(m) not in waiting]
+        idle = [m for m in self._members
+                if m.active and m.in_flight == 0 and id(m) not in waiting and not m.writing()]
         waited = time.monotonic() - started
         limit = self.wait_s * (FIRST_ASK_FACTOR if any(not m.asked for m in idle) else 1)
         if held < self.max_sms and idle and waited < limit:
@@ -223,6 +224,10 @@ def split_answer(answer: LlmAnswer, parts: list[list[Sms]]) -> list[LlmAnswer]:
     return out
 
 
+def _never() -> bool:
+    return False
+
+
 class Member:
     """One pipeline's view of the combiner: answers like the LLM client it wraps."""
 
@@ -233,6 +238,9 @@ class Member:
         self.asked = False        # has made a request (a member still starting is waited for longer)
         self.waiting = 0
         self.in_flight = 0
+        # Set by the group turn: the member is in a flush write (waiting for the others'
+        # answers, smsd.group_writes), so a held call does not wait for it to ask.
+        self.writing: Callable[[], bool] = _never
         self._last = threading.local()
 
     def __getattr__(self, name: str) -> Any:
@@ -265,6 +273,10 @@ class Member:
     def leave(self) -> None:
         """This member's pipeline has finished."""
         self._combiner.leave(self)
+
+    def answering(self) -> bool:
+        """Its request is held or its combined call is in flight: it commits, then flushes, next."""
+        return self.active and (self.waiting > 0 or self.in_flight > 0)
 
     def elsewhere(self) -> bool:
         """Waiting for a combined call or in one, or finished: making no MongoDB writes now."""

@@ -10,6 +10,8 @@ user to its own reads.
 """
 from __future__ import annotations
 
+from bson import ObjectId
+
 from .answer_cache import COLLECTION as CACHE_COLLECTION
 from .fencing import EPOCH_FIELD, FencedStore
 from .handover import HANDOVER_COLLECTION
@@ -35,28 +37,77 @@ def latest_checkpoints(store: Store, user_ids: list[str]) -> dict[str, dict | No
     return out
 
 
-def pending_pages(store: Store, limits: dict[str, int]) -> tuple[dict[str, list[dict]], bool]:
-    """The oldest pending raw documents of each user, in one ``find`` sorted by ``_id``.
+def pending_pages(store: Store, limits: dict[str, int]) -> tuple[dict[str, list[dict]], set[str]]:
+    """The oldest pending raw documents of each user, in two ``find`` commands sorted by ``_id``.
 
     ``limits[u]`` is what user ``u``'s own read would ask for (its page plus its
-    excluded keys).  Returns ``({user_id: docs}, complete)``: with ``complete`` the
-    answer holds every pending document of every user; otherwise it was cut at
-    the sum of the limits, and a user's documents are its own read's answer only
-    when there are at least ``limits[u]`` of them (a prefix of its sorted set).
+    excluded keys).  Returns ``({user_id: docs}, complete)``: the users in
+    ``complete`` have every pending document in the answer; for the others the
+    answer was cut at the sum of the limits, and a user's documents are its own
+    read's answer only when there are at least ``limits[u]`` of them (a prefix of
+    its sorted set).
+
+    Why two reads: "``isprocessed`` false or missing" is an ``$in``, and with the
+    users' ``$in`` the filter has two, which the MongoDB-wire server's planner
+    answers with a collection scan (a group turn's read then grew with every SMS
+    ever stored).  ``isprocessed: false`` and ``isprocessed: null`` are each
+    "equalities and one ``$in``", served by ``smsd_pending_by_user``.  A user
+    with documents in both (a collector that sets the field on some SMS only) has
+    them merged by ``_id`` where Python orders its ids as MongoDB does (all
+    ObjectIds, all strings or all integers); otherwise it is left to its own read.
     """
     total = sum(limits.values())
-    flt = store.pending_filter()
-    flt = {"user_id": {"$in": list(limits)}, **flt}
-    out: dict[str, list[dict]] = {u: [] for u in limits}
-    n = 0
+    users = list(limits)
+    parts: list[dict[str, list[dict]]] = []
+    whole: list[bool] = []
     with store.errors("pending_pages"):
-        # One more than the limits: a full answer says nothing was left out.
-        for doc in store.raw.find(flt, store.sms_projection, sort=[("_id", 1)], limit=total + 1,
-                                  batch_size=min(total + 1, 1000)):
-            n += 1
-            if doc.get("user_id") in out:
-                out[doc["user_id"]].append(doc)
-    return out, n <= total
+        for flt in pending_filters(users):
+            got: dict[str, list[dict]] = {u: [] for u in users}
+            n = 0
+            # One more than the limits: a full answer says nothing was left out.
+            for doc in store.raw.find(flt, store.sms_projection, sort=[("_id", 1)], limit=total + 1,
+                                      batch_size=min(total + 1, 1000)):
+                n += 1
+                if doc.get("user_id") in got:
+                    got[doc["user_id"]].append(doc)
+            parts.append(got)
+            whole.append(n <= total)
+    out: dict[str, list[dict]] = {}
+    complete: set[str] = set()
+    (false_whole, null_whole) = whole
+    for u in users:
+        false_docs, null_docs = parts[0][u], parts[1][u]
+        if false_docs and null_docs:
+            merged = _merged(false_docs, null_docs) if false_whole and null_whole else None
+            out[u] = merged or []
+            if merged is not None:
+                complete.add(u)
+        elif false_whole and null_whole:
+            out[u] = false_docs or null_docs
+            complete.add(u)
+        elif null_whole and not null_docs:
+            out[u] = false_docs      # a cut read holds a prefix of each user's documents
+        elif false_whole and not false_docs:
+            out[u] = null_docs
+        else:
+            out[u] = []              # its own read tells
+    return out, complete
+
+
+def pending_filters(user_ids: list[str]) -> list[dict]:
+    """The filters of :func:`pending_pages`' two reads: the users' SMS with ``isprocessed``
+    false, and those without it (each "equalities and one ``$in``", index-served)."""
+    return [{"user_id": {"$in": list(user_ids)}, QUARANTINE_FIELD: None, "isprocessed": value}
+            for value in (False, None)]
+
+
+def _merged(a: list[dict], b: list[dict]) -> list[dict] | None:
+    """``a + b`` in MongoDB's ``_id`` order, or ``None`` where Python cannot order the ids alike."""
+    ids = [d["_id"] for d in a + b]
+    for kind in (ObjectId, str, int):
+        if all(type(i) is kind for i in ids):
+            return sorted(a + b, key=lambda d: d["_id"])
+    return None
 
 
 def processed_counts(store: Store, user_ids: list[str]) -> dict[str, int]:

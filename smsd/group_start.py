@@ -9,7 +9,7 @@ server's CPU per command is what bounds smsd, so the group thread does them
 once for all members, before their threads start:
 
 1. open the members' journals (a busy one: ``EXIT_LOCKED``, as a single turn);
-2. take all their leases (:func:`smsd.lease_group.take_many`: two commands);
+2. take all their leases (:func:`smsd.lease_group.take_many`: a few commands for all);
    a lease another host holds: that member hands its unflushed answers over
    and reports ``EXIT_LEASED``;
 3. start one keeper renewing every lease of the group in one command per period
@@ -270,12 +270,14 @@ def _read(settings: Settings, store: FencedStore, extractor: Any, journals: dict
     docs, complete = group_reads.pending_pages(store, limits)
     new_runs = [u for u in users if not (latest[u] and latest[u].get("status") == STATUS_IN_PROGRESS)]
     first = [u for u in new_runs if latest[u] is None or latest[u].get(BASE_FIELD) is None]
-    counts = group_reads.processed_counts(store, first) if complete and first else {}
+    first = [u for u in first if u in complete]
+    counts = group_reads.processed_counts(store, first) if first else {}
     starts: dict[str, RunStart] = {u: RunStart(latest[u]) for u in users}
-    if complete:   # each user's pending count is known: open the new runs here
-        opened = [new_run_doc(u, len(docs[u]), counts[u] if u in first else
-                              store_stats.base_for_new_run(store.raw, u, latest[u]),
-                              {EPOCH_FIELD: held[u].epoch}) for u in new_runs]
+    # A user whose pending count is known has its new run opened here.
+    opened = [new_run_doc(u, len(docs[u]), counts[u] if u in first else
+                          store_stats.base_for_new_run(store.raw, u, latest[u]),
+                          {EPOCH_FIELD: held[u].epoch}) for u in new_runs if u in complete]
+    if opened:
         written = group_reads.insert_checkpoints(store, opened)
         for doc in opened:
             if doc["user_id"] in written:
@@ -292,6 +294,6 @@ def _read(settings: Settings, store: FencedStore, extractor: Any, journals: dict
             hits[u] = {key: got.get(key) for key in wanted[u]}
     tag = (gate.version, gate.model) if gate is not None else None
     db = store._database()
-    return {u: (Prestart(u, store, starts[u], docs[u], complete, hits[u], tag),
+    return {u: (Prestart(u, store, starts[u], docs[u], u in complete, hits[u], tag),
                 PreHandover(db, u, {m.key for m in sms[u]}, found[u]))
             for u in users}

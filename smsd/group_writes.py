@@ -14,9 +14,18 @@ its own result or its own exception.
 How: each member's store twin is a :class:`GroupedStore`.  A call of a
 coalesced kind joins the open batch of that kind and waits until every member
 still running is either in a batch (of any kind) or busy elsewhere (waiting for
-or in the combined LLM call, or its turn is over), or until
+the combined LLM call, or its turn is over), or until
 ``pipeline.group_write_wait_ms`` passed; then the thread that notices issues
-the combined command and everyone returns.  A batch of one member runs that
+the combined command and everyone returns.  A member whose request is in the
+LLM combiner (held, or its call in flight) is waited for longer, up to
+``pipeline.flush_max_wait_ms`` (the gathered flush's own bound): a group's
+calls are made and answered one after the other (``llm.concurrency`` at a
+time), and without that wait each call's answers made a flush round of their
+own -- every command of a flush once per call instead of once per group.  The
+answers are journaled the moment they arrive, so the wait delays only the
+MongoDB write, never what a crash keeps; and a member in a write batch is not
+waited for by the combiner (``Member.writing``), so the two waits never wait
+on each other.  A batch of one member runs that
 member's own per-user path: outside a group turn, and for a member flushing
 alone, nothing changes.  Storage stays behind the store interface (huey's
 model): the pipeline calls the same methods and cannot tell.
@@ -80,35 +89,50 @@ class _Batch:
 class _Member:
     """One member's state as the coalescer sees it."""
 
-    def __init__(self, name: str, busy: Callable[[], bool]) -> None:
+    def __init__(self, name: str, busy: Callable[[], bool], answering: Callable[[], bool]) -> None:
         self.name = name
         self.busy = busy          # True while it waits for the LLM combiner, or once its turn is over
+        self.answering = answering  # True while its LLM request is held or in flight: it flushes next
         self.in_batch = 0         # calls of this member waiting in (or being run by) a batch
+        self.answered_at = float("-inf")   # when a batch last saw its LLM call in flight
+
+
+def _never() -> bool:
+    return False
 
 
 class GroupWrites:
     """Coalesces the same-kind writes of a group turn's members (module docstring); thread-safe."""
 
-    def __init__(self, wait_s: float = 0.025) -> None:
+    def __init__(self, wait_s: float = 0.025, answer_wait_s: float = 0.0) -> None:
         self.wait_s = max(0.0, float(wait_s))
+        self.answer_wait_s = max(0.0, float(answer_wait_s))
         self._cond = threading.Condition()
         self._members: list[_Member] = []
         self._open: dict[str, _Batch] = {}
         self.batches = 0          # combined commands issued (a batch of two or more calls)
         self.calls = 0            # member calls they carried
 
-    def join(self, store: Any, name: str, busy: Callable[[], bool]) -> Any:
+    def writing(self, twin: Any) -> Callable[[], bool]:
+        """For the LLM combiner: whether ``twin``'s member is in a write batch now."""
+        member = getattr(twin, "group_member", None)
+        return (lambda: member.in_batch > 0) if member is not None else _never
+
+    def join(self, store: Any, name: str, busy: Callable[[], bool],
+             answering: Callable[[], bool] = _never) -> Any:
         """``store`` (a member's twin) as a :class:`GroupedStore` of this group.
 
         ``busy()`` says the member is elsewhere (in the LLM combiner, or done):
-        nobody waits for its calls then.  A store that is not fenced is returned as is.
+        nobody waits for its calls then, except while ``answering()`` says its
+        LLM request is held or in flight (waited for up to ``answer_wait_s``).  A store that
+        is not fenced is returned as is.
         """
         if not isinstance(store, FencedStore):
             return store
         twin = copy.copy(store)
         twin.__class__ = GroupedStore
         twin.group_writes = self
-        twin.group_member = _Member(name, busy)
+        twin.group_member = _Member(name, busy, answering)
         with self._cond:
             self._members.append(twin.group_member)
         return twin
@@ -133,11 +157,12 @@ class GroupWrites:
                 if self._open.get(kind) is not batch:
                     self._cond.wait()           # another thread runs it: wait for the results
                     continue
-                left = self.wait_s - (time.monotonic() - batch.started)
-                if left <= 0 or self._all_here(batch):
+                waited = time.monotonic() - batch.started
+                if self._ready(batch, waited):
                     del self._open[kind]
                     lead = batch
                     break
+                left = max(self.wait_s, self.answer_wait_s) - waited
                 self._cond.wait(timeout=min(left, POLL_S) if call is batch.calls[0] else left)
         if lead is not None:
             self._run(lead)
@@ -145,18 +170,31 @@ class GroupWrites:
             raise call.error
         return call.result
 
-    def _all_here(self, batch: _Batch) -> bool:
-        """Under the lock: no member that may still make a call of this kind is missing."""
+    def _ready(self, batch: _Batch, waited: float) -> bool:
+        """Under the lock: whether ``batch`` goes out now, ``waited`` seconds after it opened.
+
+        It waits for a member that may still make a call of this kind: one
+        working (up to ``wait_s``) or one whose LLM request is held or in flight
+        (up to ``answer_wait_s``); not for one in another batch or done.
+        """
         here = {id(c.member) for c in batch.calls}
+        now = time.monotonic()
         for m in self._members:
             if id(m) in here or m.in_batch:
                 continue
             try:
+                if m.answering():
+                    if waited < self.answer_wait_s:
+                        m.answered_at = now
+                        return False
+                    continue
                 if m.busy():
                     continue
             except Exception:  # noqa: BLE001 - a state we cannot read: do not wait for it
                 continue
-            return False
+            # Working: waited for wait_s, counted from its answer if it was waited for.
+            if waited < self.wait_s or now - m.answered_at < self.wait_s:
+                return False
         return True
 
     def _run(self, batch: _Batch) -> None:

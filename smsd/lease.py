@@ -170,6 +170,12 @@ class Leases:
             "expires_at": {"$literal": now + self.ttl},
         }}]
 
+    def first_doc(self, user_id: str, now: datetime) -> dict:
+        """The document :meth:`take_update` makes where ``user_id`` has none (epoch 1, stamped:
+        nothing was ever written before the first epoch), for an insert in its place."""
+        return {"_id": user_id, "epoch": 1, "stamped": True, "taken_at": now, "owner": self.host,
+                "expires_at": now + self.ttl}
+
     def renew(self, lease: Lease) -> Lease | None:
         """Extend ``lease`` by the TTL; ``None`` when it is no longer ours at that epoch."""
         # Not a released one: a renewal racing the worker's release must not take it back.

@@ -5,12 +5,19 @@ once; taking, renewing and releasing each on its own was one MongoDB command
 per user for each of them.  Here each is one command for the whole group (one
 per distinct epoch for renewals and releases; a single host has only epoch 1):
 
-* :func:`take_many` -- one unordered ``bulk_write`` of the single take's upsert
-  (:meth:`smsd.lease.Leases.take_filter` / :meth:`~smsd.lease.Leases.take_update`,
-  so epochs, expiry by the server clock, the holder and the first epoch born
-  stamped are exactly the single take's), then one ``find`` that reads back
-  which leases are ours and at which epoch.  A lease another host holds makes
-  its upsert collide on ``_id`` (a write error of that op only).
+* :func:`take_many` -- one ``find`` of the users' leases, then what the single
+  take's pipeline upsert (:meth:`smsd.lease.Leases.take_filter` /
+  :meth:`~smsd.lease.Leases.take_update`) would do, in the cheapest command for
+  each kind of lease: users without one get its first document in one
+  ``insert`` (:meth:`~smsd.lease.Leases.first_doc`), leases already ours get
+  their new expiry in one ``update_many`` (the pipeline keeps their epoch,
+  stamp and ``taken_at``), and only the rest (expired leases of another host,
+  a document that appeared since the read) go through the pipeline upserts,
+  where a lease another host holds collides on ``_id`` (a write error of that
+  op only).  One ``find`` then reads back which leases are ours and at which
+  epoch.  On the MongoDB-wire server a pipeline upsert costs several times an
+  insert or a plain ``$set`` per document, and a steady single host only ever
+  has the first two kinds.
 * :class:`GroupKeeper` -- one thread renewing every lease of the group in one
   ``update_many``.  Every lease of the group carries the same ``expires_at``
   (the take's and each renewal's one value, in whole milliseconds as MongoDB
@@ -52,25 +59,55 @@ def _whole_ms(t: datetime) -> datetime:
 def take_many(leases: Leases, user_ids: list[str]) -> tuple[dict[str, Lease], datetime]:
     """Take the leases of ``user_ids`` at once: ``({user_id: Lease} of those now ours, expires_at)``.
 
-    Users missing from the answer are held by another host.  Two commands
-    whatever the number of users.
+    Users missing from the answer are held by another host.  Two to five
+    commands whatever the number of users.
     """
     now = _whole_ms(leases.now())
-    update = leases.take_update(now)
-    ops = [UpdateOne(leases.take_filter(u, now), update, upsert=True) for u in user_ids]
-    try:
-        leases.coll.bulk_write(ops, ordered=False)
-    except BulkWriteError as exc:
-        other = [e for e in exc.details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY]
-        if other:
-            raise   # not "held by another host": a real failure
     expires = now + leases.ttl
+    seen = {doc["_id"]: doc for doc in leases.coll.find({"_id": {"$in": list(user_ids)}},
+                                                         {"owner": 1, "taken_at": 1})}
+    mine = [u for u in user_ids if u in seen and seen[u].get("owner") == leases.host
+            and seen[u].get("taken_at") is not None]
+    rest = [u for u in user_ids if u in seen and u not in mine]
+    new = [u for u in user_ids if u not in seen]
+    if new:
+        rest += _insert_first(leases, new, now)
+    if mine:
+        # Ours whatever its expiry (the take's filter): only the expiry moves. A lease
+        # another host took since the read no longer matches, and the read-back says so.
+        leases.coll.update_many({"_id": {"$in": mine}, "owner": leases.host}, {"$set": {"expires_at": expires}})
+    if rest:
+        update = leases.take_update(now)
+        _tolerate_held(lambda: leases.coll.bulk_write(
+            [UpdateOne(leases.take_filter(u, now), update, upsert=True) for u in rest], ordered=False))
     ours = {}
     for doc in leases.coll.find({"_id": {"$in": list(user_ids)}}):
         lease = Lease.from_doc(doc)
         if lease.owner == leases.host and lease.expires_at == expires:
             ours[lease.user_id] = lease
     return ours, expires
+
+
+def _insert_first(leases: Leases, user_ids: list[str], now: datetime) -> list[str]:
+    """Insert the first lease of each of ``user_ids``; those whose ``_id`` exists by now
+    (another host, or another turn of ours, created it since the read) are returned."""
+    try:
+        leases.coll.insert_many([leases.first_doc(u, now) for u in user_ids], ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(e.get("code") != DUPLICATE_KEY for e in errors):
+            raise
+        return [user_ids[int(e["index"])] for e in errors]
+    return []
+
+
+def _tolerate_held(write: Callable[[], object]) -> None:
+    """Run a bulk take; a lease another host holds (its upsert's duplicate key) is no error."""
+    try:
+        write()
+    except BulkWriteError as exc:
+        if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
+            raise   # not "held by another host": a real failure
 
 
 def _by_epoch(held: dict[str, Lease]) -> dict[int, list[str]]:

@@ -46,8 +46,10 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
     """
     combiner = CallCombiner(extractor, max_sms=settings.llm.batch_size,
                             wait_s=settings.pipeline.trickle_wait_ms / 1000.0)
-    # The members' flush writes of one kind, made at the same moment, go out as one command.
-    writes = GroupWrites(settings.pipeline.group_write_wait_ms / 1000.0)
+    # The members' flush writes of one kind, made at the same moment, go out as one command;
+    # a member whose call is in flight is waited for as long as a gathered flush waits.
+    writes = GroupWrites(settings.pipeline.group_write_wait_ms / 1000.0,
+                         settings.pipeline.flush_max_wait_ms / 1000.0)
     errors: list[BaseException] = []
     bind_context(user_id=None)   # several users: each log line names its user in the message
     start = prologue(settings, users, store, extractor, stop, reporter.beat)
@@ -57,7 +59,8 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
     def one(user_id: str) -> None:
         member = combiner.member(user_id)
         own = reporter.for_member(user_id)
-        twin = writes.join(store.sibling(), user_id, member.elsewhere)
+        twin = writes.join(store.sibling(), user_id, member.elsewhere, member.answering)
+        member.writing = writes.writing(twin)
         try:
             code, info = turn(settings, user_id, twin, member, own, stop, abort, start.members[user_id])
         except BaseException as exc:  # noqa: BLE001 - re-raised in the worker's thread

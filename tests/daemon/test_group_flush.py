@@ -7,6 +7,7 @@ do; the end-to-end crash runs `smsd run` and SIGKILLs it inside a combined write
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -37,14 +38,18 @@ class _Group:
     """Members of one group turn: a fenced store each (its own client and epoch), joined to one
     GroupWrites; a member counts as elsewhere once its thread is over."""
 
-    def __init__(self, mongo_server, db_name: str, epochs: dict[str, int], wait_s: float = 10.0) -> None:
-        self.writes = GroupWrites(wait_s)   # long: the batches close because everyone is in, not by time
+    def __init__(self, mongo_server, db_name: str, epochs: dict[str, int], wait_s: float = 10.0,
+                 answer_wait_s: float = 0.0) -> None:
+        # Long: the batches close because everyone is in, not by time.
+        self.writes = GroupWrites(wait_s, answer_wait_s)
         self.done = {u: threading.Event() for u in epochs}
+        self.answering = {u: threading.Event() for u in epochs}   # set: its LLM call is in flight
         self.stores = {}
         for user, epoch in epochs.items():
             base = FencedStore(mongo_server.uri, db_name, timeout_ms=3000)
             base.set_epoch(epoch)
-            self.stores[user] = self.writes.join(base, user, self.done[user].is_set)
+            self.stores[user] = self.writes.join(base, user, self.done[user].is_set,
+                                                 self.answering[user].is_set)
 
     def run(self, work) -> dict:
         """``work(user, store)`` in one thread per member, at once; each member's result or exception."""
@@ -176,6 +181,40 @@ def test_each_member_gets_its_own_count_of_newly_processed_sms(store, seed, mong
     # A replay of the same marks changes nothing, and says so, member by member.
     group = _Group(mongo_server, mongo_db_name, dict.fromkeys(users, 1))
     assert group.run(lambda user, s: s.mark_processed(user, ids[user], f"run-{user}")) == {"ka": 0, "kb": 0}
+
+
+@pytest.mark.parametrize("answer_wait_s, rounds", [(10.0, 1), (0.0, 2)], ids=["waited-for", "not-waited-for"])
+def test_a_member_whose_llm_call_is_in_flight_is_waited_for_so_the_group_flushes_once(
+        answer_wait_s, rounds, store, seed, mongo_server, mongo_db_name):
+    """A group's calls are answered one after another: the members answered first wait
+    (up to ``answer_wait_s``) for those whose call is in flight, instead of a flush each."""
+    users = ["wa", "wb"]
+    ids = {u: seed(u, EACH, id_type="str") for u in users}
+    runs = _leased(store, mongo_server, mongo_db_name, users)
+    group = _Group(mongo_server, mongo_db_name, dict.fromkeys(users, 1), wait_s=0.025,
+                   answer_wait_s=answer_wait_s)
+    group.answering["wb"].set()
+    flush = _flush(ids, runs)
+
+    def work(user: str, s) -> int:
+        if user == "wb":       # its answer arrives 0.4 s after wa's
+            time.sleep(0.4)
+            group.answering["wb"].clear()
+        return flush(user, s)
+    c = counter()
+    c.clear()
+    c.active.set()
+    try:
+        out = group.run(work)
+    finally:
+        c.active.clear()
+    assert out == {"wa": EACH, "wb": EACH}, out
+    commands = c.by_collection
+    assert commands["aggregate smsd_leases"] == rounds, sorted(commands.items())
+    # A member flushing alone writes its checkpoint with its own findAndModify.
+    assert (commands["update processing_checkpoints"] + commands["findAndModify processing_checkpoints"]
+            == rounds), sorted(commands.items())
+    assert all(len(store.transactions_for(u)) == EACH for u in users)
 
 
 USERS = 5

@@ -157,6 +157,40 @@ def test_a_member_the_combined_read_cut_off_reads_for_itself_and_completes(
     assert db.sms_fin_rawdata.find_one({"_id": bad})["smsd_quarantine"]["reason"].startswith("malformed")
 
 
+def test_the_group_read_merges_sms_with_isprocessed_false_and_missing_in_id_order(store):
+    """The contract's "missing counts as false": a user whose collector sets the field on
+    some SMS only gets them all, oldest first; ids Python cannot order as MongoDB does
+    (an int and a string) leave that user to its own read."""
+    from bson import ObjectId
+
+    from smsd.group_reads import pending_pages
+    ids = [ObjectId() for _ in range(6)]
+    raw = store.raw
+    raw.insert_many([{"_id": i, "user_id": "m-mixed", "body": f"Rs {n} debited", **(
+        {"isprocessed": False} if n % 2 else {})} for n, i in enumerate(ids)])
+    raw.insert_many([{"_id": f"s{n}", "user_id": "m-unset", "body": "Rs 1 debited"} for n in range(3)])
+    raw.insert_many([{"_id": 7, "user_id": "m-odd", "body": "Rs 1 debited", "isprocessed": False},
+                     {"_id": "seven", "user_id": "m-odd", "body": "Rs 1 debited"}])
+    raw.insert_one({"_id": ObjectId(), "user_id": "m-mixed", "body": "done", "isprocessed": True})
+    docs, complete = pending_pages(store, dict.fromkeys(["m-mixed", "m-unset", "m-odd"], 200))
+    assert [d["_id"] for d in docs["m-mixed"]] == ids
+    assert [d["_id"] for d in docs["m-unset"]] == ["s0", "s1", "s2"]
+    assert complete == {"m-mixed", "m-unset"} and docs["m-odd"] == []
+
+
+def test_the_group_read_of_pending_sms_is_served_by_an_index(store, seed):
+    """Two ``$in`` in one filter (users, and "false or missing") made the server scan the
+    whole collection on every group turn; each of the two reads is one ``$in``."""
+    from smsd.group_reads import pending_filters
+    seed("x1", 3)
+    seed("x2", 3, start=3)
+    db = store._database()
+    for flt in pending_filters(["x1", "x2"]):
+        plan = db.command("explain", {"find": "sms_fin_rawdata", "filter": flt, "sort": {"_id": 1}})
+        winning = json.dumps(plan["queryPlanner"]["winningPlan"], default=str)
+        assert "IXSCAN" in winning and "COLLSCAN" not in winning, winning
+
+
 def test_the_prologue_costs_the_same_commands_for_three_members_as_for_twelve(
         tmp_path, db, mongo_server, mongo_db_name, make_llm_server):
     from smsd.lab.mongo_ops import seed_users
@@ -168,7 +202,11 @@ def test_the_prologue_costs_the_same_commands_for_three_members_as_for_twelve(
     twelve = count_group_prologue(settings, users[3:], by_collection=True)
     three.pop("hello", None), twelve.pop("hello", None)   # the driver's own, once per client
     assert three == twelve, (three, twelve)
-    assert sum(twelve.values()) <= 10, twelve
+    # Leases: read, insert the new ones, read back; checkpoints: latest, insert, read back;
+    # pending SMS: two index-served reads; processed counts, handovers, answer cache.
+    assert sum(twelve.values()) <= 12, sorted(twelve.items())
+    assert twelve["find sms_fin_rawdata"] == 2 and twelve["insert smsd_leases"] == 1, sorted(twelve.items())
+    assert "update smsd_leases" not in twelve     # new leases are inserted, not upserted
     # Every member's run was opened by the prologue, at epoch 1 (born stamped).
     assert db.processing_checkpoints.count_documents({"user_id": {"$in": users}}) == 15
 

@@ -266,6 +266,35 @@ def test_a_group_takes_renews_and_releases_its_leases_together_with_the_single_t
     assert sorted(held2) == ["u1"] and held2["u1"].epoch == 1
 
 
+def test_a_group_take_writes_the_documents_the_single_take_writes(store):
+    """New leases are inserted and ours only get a new expiry (cheaper commands), yet each
+    document is what the single take's pipeline upsert makes of it."""
+    from smsd.lease_group import take_many
+    db = store._database()
+    a, b = Leases(db, "host-a", ttl=30), Leases(db, "host-b", ttl=30)
+    # Reference: single takes of a new lease, of our own released one, of another host's expired one.
+    assert a.take("s-new") and a.take("s-mine") and a.release("s-mine")
+    assert b.take("s-other") and b.release("s-other")
+    assert a.take("s-mine") and a.take("s-other")
+    assert a.take("g-mine") and a.release("g-mine")
+    assert b.take("g-other") and b.release("g-other")
+    held, expires = take_many(a, ["g-new", "g-mine", "g-other"])
+    assert sorted(held) == ["g-mine", "g-new", "g-other"]
+
+    def shape(user_id: str) -> dict:
+        doc = db["smsd_leases"].find_one({"_id": user_id})
+        return {k: v for k, v in doc.items() if k not in ("_id", "taken_at", "expires_at")}
+    for kind in ("new", "mine", "other"):
+        assert shape(f"g-{kind}") == shape(f"s-{kind}"), kind
+    assert shape("g-other")["epoch"] == 2 and shape("g-other")["stamped"] is False
+    assert shape("g-new") == {"epoch": 1, "stamped": True, "owner": "host-a"}
+    assert all(x.expires_at == expires for x in held.values())
+    # A lease another host holds (its upsert collides on _id) is not ours; the others still are.
+    assert b.take("g-late") is not None
+    again, _ = take_many(a, ["g-new", "g-late"])
+    assert sorted(again) == ["g-new"]
+
+
 def test_the_group_keeper_loses_only_the_member_another_host_took(store):
     from pymongo.errors import PyMongoError
 

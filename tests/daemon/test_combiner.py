@@ -1,0 +1,69 @@
+"""The group turn's LLM call combiner (smsd.combiner) and the flush writes waiting on it.
+
+The extractor is smsd's own rules extractor (no paid call), so only the combiner's
+holding rules are under test: who a held call waits for.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from smsd.combiner import CallCombiner
+from smsd.extractor import RulesExtractor
+from smsd.model import Sms, sms_key
+
+TEXT = "INR 120.00 debited from A/c XX1234 on 05-09-26 UPI/P2M/000000000001/SHOP - Demo Bank"
+
+
+def _sms(user: str, i: int) -> Sms:
+    raw_id = f"{user}-{i}"
+    return Sms(raw_id=raw_id, key=sms_key(raw_id), user_id=user, text=TEXT)
+
+
+def _ask(member, sms: list[Sms], out: dict) -> None:
+    answer = member.extract(sms)
+    out[member.user_id] = (time.monotonic(), sorted(answer.results))
+
+
+def test_a_held_call_does_not_wait_for_a_member_that_is_writing_its_flush():
+    """A member in a flush write batch waits for the others' answers (smsd.group_writes);
+    if the held call waited for that member to ask, each would wait for the other."""
+    wait_s = 3.0
+    combiner = CallCombiner(RulesExtractor(), max_sms=25, wait_s=wait_s)
+    writer, asker, idle = combiner.member("w"), combiner.member("a"), combiner.member("i")
+    writer.asked = True                  # it asked earlier, got its answer, and is flushing now
+    writer.writing = lambda: True
+    idle.asked = True                    # asked before and is between steps: waited for
+    out: dict = {}
+    started = time.monotonic()
+    t = threading.Thread(target=_ask, args=(asker, [_sms("a", 1)], out))
+    t.start()
+    time.sleep(0.3)
+    assert "a" not in out                # held: the idle member may still ask
+    idle.leave()                         # its turn is over: only the writer is left
+    t.join(timeout=2 * wait_s)
+    assert out["a"][1] == [sms_key("a-1")]
+    # Released as soon as the idle member left, not after the held call's wait.
+    assert out["a"][0] - started < wait_s, out["a"][0] - started
+    assert combiner.calls == 1
+
+
+def test_answering_says_a_member_has_a_request_held_or_in_flight():
+    combiner = CallCombiner(RulesExtractor(), max_sms=2, wait_s=5.0)
+    one, two = combiner.member("one"), combiner.member("two")
+    assert not one.answering() and not two.answering()
+    seen: list[bool] = []
+    out: dict = {}
+    t = threading.Thread(target=_ask, args=(one, [_sms("one", 1)], out))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not one.answering() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    seen.append(one.answering())         # held: two has not asked yet
+    t2 = threading.Thread(target=_ask, args=(two, [_sms("two", 1)], out))
+    t2.start()
+    t.join(5), t2.join(5)
+    assert seen == [True] and set(out) == {"one", "two"}
+    assert not one.answering() and not two.answering()
+    one.leave()
+    assert not one.answering()
