@@ -10,6 +10,8 @@ user to its own reads.
 """
 from __future__ import annotations
 
+from datetime import datetime
+
 from bson import ObjectId
 
 from .answer_cache import COLLECTION as CACHE_COLLECTION
@@ -18,22 +20,35 @@ from .handover import HANDOVER_COLLECTION
 from .lease import LEASES_COLLECTION
 from .model import SmsResult
 from .store import Store
-from .store_docs import CHECKPOINTS_COLLECTION, QUARANTINE_FIELD
+from .store_docs import CHECKPOINTS_COLLECTION, LATEST_ORDER, QUARANTINE_FIELD, latest_run
 
 #: A group turn has a few small users; more ids than this go in several commands.
 ID_CHUNK = 500
 
 
-def latest_checkpoints(store: Store, user_ids: list[str]) -> dict[str, dict | None]:
+def latest_checkpoints(store: Store, user_ids: list[str],
+                       since: dict[str, datetime] | None = None) -> dict[str, dict | None]:
     """``{user_id: its checkpoint with the newest checkpoint_timestamp (or None)}``, as
-    :meth:`smsd.store.Store.latest_checkpoint` orders them (timestamp, then ``_id``, newest first)."""
+    :meth:`smsd.store.Store.latest_checkpoint` orders them (timestamp, then ``_id``, newest first).
+
+    A user with a bound in ``since`` (its journal's note, :mod:`smsd.journal_runs`)
+    is read through an index range of its runs since, one ``find`` each: in one
+    command the users' ``$in`` and the range would make the server scan every
+    checkpoint.  The others (new to this host) share one aggregation.
+    """
+    since = since or {}
     out: dict[str, dict | None] = dict.fromkeys(user_ids)
     with store.errors("latest_checkpoints"):
-        for row in store.checkpoints.aggregate([
-                {"$match": {"user_id": {"$in": list(user_ids)}}},
-                {"$sort": {"user_id": 1, "checkpoint_timestamp": -1, "_id": -1}},
-                {"$group": {"_id": "$user_id", "doc": {"$first": "$$ROOT"}}}]):
-            out[row["_id"]] = row["doc"]
+        bounded = [u for u in user_ids if since.get(u) is not None]
+        for user_id in bounded:
+            out[user_id] = latest_run(store.checkpoints, user_id, since[user_id])
+        rest = [u for u in user_ids if u not in bounded]
+        if rest:
+            for row in store.checkpoints.aggregate([
+                    {"$match": {"user_id": {"$in": rest}}},
+                    {"$sort": {"user_id": 1, **dict(LATEST_ORDER)}},
+                    {"$group": {"_id": "$user_id", "doc": {"$first": "$$ROOT"}}}]):
+                out[row["_id"]] = row["doc"]
     return out
 
 

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import answer_cache, batch, group_reads, store_stats
+from . import answer_cache, batch, group_reads, journal_runs, store_stats
 from .answer_cache import CacheGate
 from .config import Settings
 from .exit_codes import EXIT_DONE, EXIT_LEASED, EXIT_LOCKED
@@ -264,7 +264,8 @@ def _read(settings: Settings, store: FencedStore, extractor: Any, journals: dict
     """The members' start, read in one command per kind (see :mod:`smsd.group_reads`)."""
     users = list(journals)
     page_size = settings.pipeline.page_size
-    latest = group_reads.latest_checkpoints(store, users)
+    latest = group_reads.latest_checkpoints(store, users,
+                                            {u: journal_runs.latest_run_at(j) for u, j in journals.items()})
     # What each member's own first read asks for: its page plus the keys its claim excludes.
     limits = {u: page_size + len(set(j.unflushed_keys()) | batch.open_keys(j)) for u, j in journals.items()}
     docs, complete = group_reads.pending_pages(store, limits)

@@ -34,6 +34,7 @@ from .config import Settings
 from .failpoints import failpoint
 from .flush_policy import FlushPolicy
 from .histogram import FLUSH_BUCKETS, LLM_BUCKETS, Histogram
+from . import journal_runs
 from .journal import Answer, Journal
 from .pipeline_free import FreeAnswers, _as_result  # noqa: F401 - _as_result re-exported
 from . import answer_cache
@@ -561,8 +562,10 @@ class Pipeline(FreeAnswers):
     def _start_run(self, resume: bool, limit: int | None) -> bool:
         s = self.summary
         run = self.start.take_run() if self.start is not None and resume and limit is None else None
-        latest = run.latest if run else self.store.latest_checkpoint(self.user_id) if resume else None
+        latest = run.latest if run else self.store.latest_checkpoint(
+            self.user_id, since=journal_runs.latest_run_at(self.journal)) if resume else None
         if latest and latest.get("status") == "in_progress":
+            started = latest
             self._batch_id = latest["batch_id"]
             s.resumed_from = dict(latest)
             s.total_sms = int(latest.get("total_sms") or 0)
@@ -572,14 +575,16 @@ class Pipeline(FreeAnswers):
                                   self.store.count_processed_in_batch(self.user_id, self._batch_id))
             s.last_processed_id = latest.get("last_processed_id")
         elif run and run.checkpoint:   # opened by the group's prologue
+            started = run.checkpoint
             self._batch_id, s.total_sms = run.checkpoint["batch_id"], run.checkpoint["total_sms"]
         else:
             pending = self.store.count_pending(self.user_id)
             total = pending if limit is None else min(pending, limit)
-            checkpoint = self.store.checkpoint_start(self.user_id, total)
-            self._batch_id = checkpoint["batch_id"]
+            started = self.store.checkpoint_start(self.user_id, total)
+            self._batch_id = started["batch_id"]
             s.total_sms = total
         s.batch_id = self._batch_id
+        journal_runs.note_run(self.journal, started)   # the next turn's read starts there
         return True
 
     def _finish_run(self, limit: int | None) -> bool:

@@ -54,7 +54,7 @@ from smsd.store_docs import (
     IDX_LATEST_CHECKPOINT, IDX_PENDING, IDX_TX_BY_SMS, MALFORMED_TEXT_EMPTY, MALFORMED_TEXT_MISSING,
     MALFORMED_TEXT_NOT_STRING, MALFORMED_TEXT_TOO_LONG, MALFORMED_USER_ID, QUARANTINE_FIELD,
     RAW_COLLECTION, STATUS_COMPLETED, STATUS_IN_PROGRESS, TRANSACTIONS_COLLECTION, _get_path,
-    checkpoint_fields, delete_stale_transactions, transaction_doc,
+    checkpoint_fields, delete_stale_transactions, latest_run, transaction_doc,
 )
 from smsd.store_errors import StoreUnavailable, _is_transient, bulk_created, guarded  # noqa: F401 - re-exported
 from smsd import store_stats
@@ -563,11 +563,11 @@ class Store:
     def _insert_checkpoint(self, doc: dict) -> None:
         self.checkpoints.insert_one(doc)
 
-    def latest_checkpoint(self, user_id: str) -> dict | None:
-        """The checkpoint of ``user_id`` with the newest ``checkpoint_timestamp``, or ``None``."""
+    def latest_checkpoint(self, user_id: str, since: datetime | None = None) -> dict | None:
+        """The checkpoint of ``user_id`` with the newest ``checkpoint_timestamp``, or ``None``;
+        ``since``: a run's timestamp, which bounds the read (:func:`smsd.store_docs.latest_run`)."""
         with self._errors("latest_checkpoint"):
-            doc = self.checkpoints.find_one({"user_id": user_id},
-                                            sort=[("checkpoint_timestamp", -1), ("_id", -1)])
+            doc = latest_run(self.checkpoints, user_id, since)
         self._latest_seen[user_id] = (time.monotonic(), doc)
         return doc
 

@@ -155,6 +155,25 @@ def checkpoint_fields(user_id: str, batch_id: str, *, processed_sms: int, total_
     return fields
 
 
+#: The newest run first: the order of every "latest checkpoint" read.
+LATEST_ORDER = [("checkpoint_timestamp", -1), ("_id", -1)]
+
+
+def latest_run(checkpoints: Any, user_id: str, since: datetime | None) -> dict | None:
+    """The user's checkpoint with the newest ``checkpoint_timestamp`` (then ``_id``), or ``None``.
+
+    With ``since`` (some run's timestamp, :mod:`smsd.journal_runs`) only the runs
+    since are read, an index range: the newest is among them, as timestamps only
+    grow.  Nothing there (the run was removed by hand) reads them all.
+    """
+    if since is not None:
+        doc = checkpoints.find_one({"user_id": user_id, "checkpoint_timestamp": {"$gte": since}},
+                                   sort=LATEST_ORDER)
+        if doc is not None:
+            return doc
+    return checkpoints.find_one({"user_id": user_id}, sort=LATEST_ORDER)
+
+
 def delete_stale_transactions(transactions: Any, items: list[FlushItem], new_ids: set[str],
                               fence_filter: dict, chunk_size: int) -> int:
     """Delete the items' SMS's transaction documents not in ``new_ids`` (an older, longer answer's).

@@ -107,6 +107,59 @@ def test_counter_reads_are_index_served(store: Store):
     assert ("IXSCAN", IDX_DISCOVERY) in plan, plan
 
 
+def _history(store: Store, user_id: str, runs: int) -> None:
+    """``runs`` completed runs of ``user_id`` in the past, as a 24/7 user piles them up."""
+    t0 = datetime.now(timezone.utc) - timedelta(days=30)
+    store.checkpoints.insert_many([{"_id": f"{user_id}-old-{r}", "user_id": user_id, "batch_id": f"{user_id}-old-{r}",
+                                    "total_sms": 1, "processed_sms": 1, "last_processed_id": None,
+                                    "checkpoint_timestamp": t0 + timedelta(minutes=r), "status": "completed",
+                                    BASE_FIELD: r} for r in range(runs)])
+
+
+def test_a_users_latest_run_is_read_from_the_runs_since_its_journals_note_not_from_all(
+        store: Store, tmp_path):
+    from smsd import journal_runs
+    from smsd.group_reads import latest_checkpoints
+    from smsd.journal import Journal
+    seed_sms(store, "u1", 4)
+    _history(store, "u1", 300)
+    _history(store, "u2", 3)
+    with Journal.open(tmp_path, "u1") as journal:
+        assert journal_runs.latest_run_at(journal) is None
+        journal_runs.note_run(journal, store.latest_checkpoint("u1"))   # the last turn's run
+        since = journal_runs.latest_run_at(journal)
+    opened = store.checkpoint_start("u1", 2)        # a run opened since, never progressed
+    store._latest_seen.clear()
+    COMMANDS.db = store.db_name
+    COMMANDS.seen.clear()
+    try:
+        latest = store.latest_checkpoint("u1", since=since)
+        group = latest_checkpoints(store, ["u1", "u2", "u3"], {"u1": since})
+    finally:
+        COMMANDS.db = None
+    assert latest["_id"] == opened["batch_id"] and latest["status"] == "in_progress"
+    assert group["u1"]["_id"] == opened["batch_id"] and group["u2"]["_id"] == "u2-old-2" and group["u3"] is None
+    db = store._database()
+    looked = [_examined(db, c) for c in COMMANDS.seen if c.get("find", c.get("aggregate")) == "processing_checkpoints"]
+    assert len(looked) == 2 + 1 and all(n <= 12 for _, n in looked), looked   # not the 300 runs before
+    # The runs since the note are gone (removed by hand): every run is read again.
+    store.checkpoints.delete_many({"user_id": "u1", "checkpoint_timestamp": {"$gte": since}})
+    assert store.latest_checkpoint("u1", since=since)["_id"] == "u1-old-298"
+
+
+def test_a_turn_notes_its_run_in_the_journal_for_the_next_turns_read(store: Store, tmp_path):
+    from smsd import journal_runs
+    from smsd.journal import Journal
+    cp = store.checkpoint_start("u1", 0)
+    with Journal.open(tmp_path, "u1") as journal:
+        journal_runs.note_run(journal, cp)
+        noted = journal_runs.latest_run_at(journal)
+    stored = store.checkpoints.find_one({"_id": cp["batch_id"]})["checkpoint_timestamp"]
+    # Milliseconds, as stored: the bound finds the run it came from.
+    assert noted == stored.replace(tzinfo=noted.tzinfo)
+    assert store.latest_checkpoint("u1", since=noted)["_id"] == cp["batch_id"]
+
+
 # --------------------------------------------------------------------------- the tick at 10,000 users
 class _Commands(monitoring.CommandListener):
     """pymongo's command monitoring (its public API): the read commands sent to one database."""

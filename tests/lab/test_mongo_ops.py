@@ -60,6 +60,17 @@ def test_a_turn_of_three_sms_flushes_once_with_no_extra_reads(settings):
         "insert smsd_answer_cache": 1,          # the flushed answers fill the cache
         "update smsd_llm_costs": 1,             # the journal's changed ledger row
         "hello": 1 / USERS}                     # one client for every turn
+    # Each journal notes its run, so the next turn's checkpoint read is bounded (smsd.journal_runs).
+    from smsd import journal_runs
+    store = Store(settings.mongo.uri, settings.mongo.db)
+    try:
+        for user in users():
+            with Journal.open(settings.state_dir, user) as journal:
+                noted = journal_runs.latest_run_at(journal)
+            latest = store.latest_checkpoint(user)
+            assert noted is not None and store.latest_checkpoint(user, since=noted)["_id"] == latest["_id"]
+    finally:
+        store.close()
 
 
 def test_a_replay_of_several_answers_is_one_flush_with_the_stale_find(settings):
