@@ -25,8 +25,9 @@ own -- every command of a flush once per call instead of once per group.  The
 answers are journaled the moment they arrive, so the wait delays only the
 MongoDB write, never what a crash keeps; and a member in a write batch is not
 waited for by the combiner (``Member.writing``), so the two waits never wait
-on each other.  A batch of one member runs that
-member's own per-user path: outside a group turn, and for a member flushing
+on each other.  A member waited for that long is not waited for again by the
+flush's next kinds while the same request is still out.  A batch of one member
+runs that member's own per-user path: outside a group turn, and for a member flushing
 alone, nothing changes.  Storage stays behind the store interface (huey's
 model): the pipeline calls the same methods and cannot tell.
 
@@ -95,6 +96,7 @@ class _Member:
         self.answering = answering  # True while its LLM request is held or in flight: it flushes next
         self.in_batch = 0         # calls of this member waiting in (or being run by) a batch
         self.answered_at = float("-inf")   # when a batch last saw its LLM call in flight
+        self.given_up = False     # a batch went out without it while it was answering
 
 
 def _never() -> bool:
@@ -152,6 +154,7 @@ class GroupWrites:
                 batch = self._open[kind] = _Batch(kind, run, time.monotonic())
             batch.calls.append(call)
             member.in_batch += 1
+            member.given_up = False
             self._cond.notify_all()
             while not call.done:
                 if self._open.get(kind) is not batch:
@@ -184,10 +187,13 @@ class GroupWrites:
                 continue
             try:
                 if m.answering():
-                    if waited < self.answer_wait_s:
+                    if not m.given_up and waited < self.answer_wait_s:
                         m.answered_at = now
                         return False
+                    # Waited for once: the next kinds of this flush do not wait for it again.
+                    m.given_up = True
                     continue
+                m.given_up = False
                 if m.busy():
                     continue
             except Exception:  # noqa: BLE001 - a state we cannot read: do not wait for it

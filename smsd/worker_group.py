@@ -56,8 +56,12 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
     for user_id, code, info in start.over:   # journal busy, lease held elsewhere, stopped
         reporter.for_member(user_id).send({"turn_over": user_id, "code": code, "pid": os.getpid(), **info})
 
+    # Every member joins the combiner before any thread starts: a member that asked while
+    # the others were still being started saw itself alone and made a call of its own.
+    joined = {u: combiner.member(u) for u in start.members}
+
     def one(user_id: str) -> None:
-        member = combiner.member(user_id)
+        member = joined[user_id]
         own = reporter.for_member(user_id)
         twin = writes.join(store.sibling(), user_id, member.elsewhere, member.answering)
         member.writing = writes.writing(twin)

@@ -157,6 +157,21 @@ def test_a_member_the_combined_read_cut_off_reads_for_itself_and_completes(
     assert db.sms_fin_rawdata.find_one({"_id": bad})["smsd_quarantine"]["reason"].startswith("malformed")
 
 
+def test_a_group_of_small_users_is_asked_in_one_call(
+        tmp_path, db, mongo_server, mongo_db_name, make_llm_server):
+    """Twelve users with two SMS each: one call of 24 SMS, not one per user (the prefix is
+    paid per call).  Every member joins the combiner before any member's thread starts."""
+    server = make_llm_server()
+    settings = _settings(tmp_path, mongo_server, mongo_db_name, server, trickle_wait_ms=3000)
+    users = [f"one-{u:02d}" for u in range(12)]
+    expected = {}
+    for n, u in enumerate(users):
+        expected.update(seed(db, u, 2, start=2 * n))
+    assert set(_group(settings, users).values()) == {worker.EXIT_DONE}
+    assert server.stats()["calls"] == 1      # 24 SMS: one call of llm.batch_size 25
+    _verified_once(db, expected, tmp_path, server)
+
+
 def test_the_group_read_merges_sms_with_isprocessed_false_and_missing_in_id_order(store):
     """The contract's "missing counts as false": a user whose collector sets the field on
     some SMS only gets them all, oldest first; ids Python cannot order as MongoDB does

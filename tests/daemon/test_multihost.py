@@ -117,8 +117,11 @@ def check_moved(db, client, db_name: str, old: dict, took: dict, cut: int, repor
 
 def test_two_hosts_share_the_users_and_keep_every_invariant(db, hosts, make_llm_server):
     llm = make_llm_server(latency_ms=40)
-    a = hosts("a", llm.url, supervisor={"max_workers": 3})
-    b = hosts("b", llm.url, supervisor={"max_workers": 3})
+    # A host counts as alive for max(TTL, 3 discovery rounds) after its last tick: with
+    # 3 s, one slow tick of b on a loaded host let a see itself alone and take every user.
+    # Nothing here moves a lease from a host, so a long TTL costs no time.
+    a = hosts("a", llm.url, supervisor={"max_workers": 3}, lease={"ttl": 15.0})
+    b = hosts("b", llm.url, supervisor={"max_workers": 3}, lease={"ttl": 15.0})
     wait_for(lambda: both_alive(db), timeout=20, what="both hosts heartbeating")
     expected = {}
     for i in range(6):

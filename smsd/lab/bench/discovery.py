@@ -89,12 +89,16 @@ def _old_tick(settings, uri: str) -> int:
     summed (with a longer socket timeout than smsd's 30 s, which it outlasts at 10,000 users)."""
     from ...journal_scan import scan
     from ...store import Store
+    import pymongo
     journals = scan(settings.state_dir)
     store = Store(uri, settings.mongo.db, timeout_ms=settings.mongo.timeout_ms,
                   socket_timeout_ms=int(OLD_TICK_TIMEOUT_S * 1000))
     try:
-        pending = store.pending_users()
-        return len(store.user_summaries(list(set(pending) | set(journals))))
+        # The driver's timeout also sends maxTimeMS: the server gives up too, instead of
+        # going on with an aggregation nobody waits for (and the database's drop behind it).
+        with pymongo.timeout(OLD_TICK_TIMEOUT_S):
+            pending = store.pending_users()
+            return len(store.user_summaries(list(set(pending) | set(journals))))
     finally:
         store.close()
 
