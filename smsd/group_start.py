@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -62,6 +63,9 @@ from .store_docs import STATUS_IN_PROGRESS
 from .store_stats import BASE_FIELD
 
 log = logging.getLogger("smsd.worker")
+
+#: Threads opening a group's journals at once (the disk's fsyncs overlap).
+JOURNAL_OPENERS = 8
 
 
 @dataclass
@@ -200,11 +204,18 @@ def prologue(settings: Settings, users: list[str], store: FencedStore, extractor
     """Open the journals, take the leases, read what the members start from (module docstring)."""
     g = GroupStart(settings)
     journals: dict[str, Journal] = {}
-    for user_id in users:
+
+    def open_one(user_id: str) -> Journal:
+        return Journal.open(settings.state_dir, user_id, wait=2.0, synchronous=settings.journal.synchronous,
+                            background_sync=settings.journal.background_sync)
+    # In threads: a new journal is a file, its schema and its fsyncs (tens of ms on a busy
+    # disk), and SQLite lets go of the GIL meanwhile; one after the other they were most of
+    # a group's start.  Each connection is per thread (journal_conn), so none is shared.
+    with ThreadPoolExecutor(max_workers=JOURNAL_OPENERS, thread_name_prefix="smsd-journal-open") as pool:
+        opened = [(u, pool.submit(open_one, u)) for u in users]
+    for user_id, fut in opened:
         try:
-            journals[user_id] = Journal.open(settings.state_dir, user_id, wait=2.0,
-                                             synchronous=settings.journal.synchronous,
-                                             background_sync=settings.journal.background_sync)
+            journals[user_id] = fut.result()
         except JournalLocked as exc:
             log.warning("user %s: journal busy (%s); the supervisor will try again", user_id, exc)
             g.over.append((user_id, EXIT_LOCKED, {}))

@@ -72,10 +72,16 @@ class ContractRun:
         """True while ``smsd run`` has not exited."""
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_done(self, total: int, timeout: float, poll: float = 0.2,
+    def wait_done(self, total: int, timeout: float, poll: float = 1.0,
                   on_poll: Any = None) -> tuple[float, float]:
         """Wait until no SMS is pending and ``total`` are processed; returns the wall-clock
-        ``(first, last)`` ``processed_at``.  Raises if smsd exits or the time runs out."""
+        ``(first, last)`` ``processed_at``.  Raises if smsd exits or the time runs out.
+
+        The times come from the documents, so how often this looks changes only when
+        it returns.  Each look reads the pending set on the same server smsd is
+        measured on (the bare loop's trials are not polled at all): every 0.2 s it
+        was a tenth of that server's time during a 300-user trial.
+        """
         raw = self.bench.client[self.db_name]["sms_fin_rawdata"]
         deadline = time.monotonic() + timeout
         while raw.find_one(PENDING, {"_id": 1}) is not None:

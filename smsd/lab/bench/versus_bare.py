@@ -58,8 +58,11 @@ def bench_bare(bench: Bench) -> BenchResult:
     cfg = shipped_settings()
     _bare_trial(bench, 4, 20, tmpl)          # warm-up: server caches, imports, page cache
     res.details.append(
-        "**smsd**: `smsd run` with the shipped `config.toml` copied unchanged (defaults: 4 workers, "
-        "batch 10, concurrency 2, page 200, discovery every 5 s, journal `synchronous=FULL`), only "
+        "**smsd**: `smsd run` with the shipped `config.toml` copied unchanged (defaults: "
+        f"{cfg.supervisor.max_workers} workers, batch {cfg.llm.batch_size}, concurrency {cfg.llm.concurrency}, "
+        f"page {cfg.pipeline.page_size}, discovery every {cfg.supervisor.discovery_interval:g} s, "
+        f"groups of up to {cfg.pipeline.trickle_group_max_users} small users, journal "
+        f"`synchronous={cfg.journal.synchronous}`), only "
         "`SMSD_MONGO_URI`, `SMSD_MONGO_DB`, `SMSD_LLM_BASE_URL`, `SMSD_STATE_DIR` and "
         "`SMSD_RUNTIME_DIR` set; the local LLM server (a separate process) answers at once; done "
         "when no SMS is pending in MongoDB.  **Bare loop**: 4 processes (`spawn`), users dealt "
