@@ -280,4 +280,4 @@ class Member:
 
     def elsewhere(self) -> bool:
         """Waiting for a combined call or in one, or finished: making no MongoDB writes now."""
-        return not self.active or self.waiting > 0 or self.in_flight > 0
+        return not self.active or self.answering()

@@ -42,11 +42,11 @@ import time
 from datetime import datetime, timedelta
 from typing import Callable
 
-from pymongo import UpdateOne
+from pymongo import InsertOne, UpdateOne
 from pymongo.errors import BulkWriteError
 
 from .lease import _EPOCH0, Lease, Leases
-from .store_errors import DUPLICATE_KEY
+from .store_errors import DUPLICATE_KEY, bulk_created
 
 log = logging.getLogger("smsd.lease")
 
@@ -91,14 +91,8 @@ def take_many(leases: Leases, user_ids: list[str]) -> tuple[dict[str, Lease], da
 def _insert_first(leases: Leases, user_ids: list[str], now: datetime) -> list[str]:
     """Insert the first lease of each of ``user_ids``; those whose ``_id`` exists by now
     (another host, or another turn of ours, created it since the read) are returned."""
-    try:
-        leases.coll.insert_many([leases.first_doc(u, now) for u in user_ids], ordered=False)
-    except BulkWriteError as exc:
-        errors = exc.details.get("writeErrors", [])
-        if any(e.get("code") != DUPLICATE_KEY for e in errors):
-            raise
-        return [user_ids[int(e["index"])] for e in errors]
-    return []
+    created = bulk_created(leases.coll, [InsertOne(leases.first_doc(u, now)) for u in user_ids])
+    return [u for i, u in enumerate(user_ids) if i not in created]
 
 
 def _tolerate_held(write: Callable[[], object]) -> None:
