@@ -96,17 +96,59 @@ def close_fds(keep: set[int]) -> None:
                 keep.add(stream.fileno())
             except (OSError, ValueError):
                 pass
-    # Finalize inherited garbage now, while its descriptors are still its own:
-    # e.g. the EmbeddedMongo, kept alive by a traceback cycle of its start-up
-    # pings, owns the server's log file object; collected later, it would close
-    # whatever reuses that fd number (a journal's WAL: "disk I/O error").
-    gc.collect()
+    # Inherited garbage is never finalized here (fork() froze it): e.g. the
+    # EmbeddedMongo, kept alive by a traceback cycle of its start-up pings, owns
+    # the server's log file object; collected in the child after this, it would
+    # close whatever reuses that fd number (a journal's WAL: "disk I/O error").
     last = 3
     for fd in sorted(keep):
         if fd >= last:
             os.closerange(last, fd)
             last = fd + 1
     os.closerange(last, 65536)
+
+
+#: What the SDK imports only on a client's first use (its chat resources; its HTTP
+#: transport's core): about half a second of CPU in each worker that did it itself.
+LAZY_SDK_MODULES = ("openai.resources.chat.chat", "openai.resources.chat.completions.completions", "httpcore2",
+                    "httpcore")
+
+
+def preload() -> None:
+    """Import now what an LLM client would import on its first call.
+
+    The supervisor calls this once, before it forks: every worker then shares
+    the modules (copy-on-write) instead of importing them again in each process.
+    A module this SDK version does not have is skipped.
+    """
+    import importlib
+    for name in LAZY_SDK_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+
+
+def fork() -> int:
+    """``os.fork()`` with the parent's objects frozen for the child's garbage collector.
+
+    The child never collects (so never finalizes) what it inherited: a cycle that
+    owns a file descriptor cannot close a number the child has reused, and the
+    collector does not walk -- and so copy, page by page -- the parent's heap.
+    A full ``gc.collect()`` in each child did the first at the price of the
+    second: with a discovery child every few seconds it was 3 of the 30 s that
+    smsd's processes held the GIL in a 300-user run (py-spy).  The parent
+    unfreezes at once, so its own garbage is collected as before.
+    """
+    gc.freeze()
+    try:
+        pid = os.fork()
+    except BaseException:
+        gc.unfreeze()
+        raise
+    if pid != 0:
+        gc.unfreeze()
+    return pid
 
 
 def start_worker(settings: Settings, parent_pid: int, mongo_uri: str | None,
@@ -120,7 +162,7 @@ def start_worker(settings: Settings, parent_pid: int, mongo_uri: str | None,
     # and reaches the worker's handler once _serve unblocks it (WORKER_SIGNALS).
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
     try:
-        pid = os.fork()
+        pid = fork()
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
@@ -170,7 +212,7 @@ def start_child(kind: str, fn: Callable[[], dict], parent_pid: int,
                 close_inherited: Callable[..., None], signals: Iterable[int]) -> Child:
     """Fork a child that runs ``fn`` and writes its answer as JSON on a pipe, then exits."""
     r, w = os.pipe()
-    pid = os.fork()
+    pid = fork()
     if pid == 0:
         code = 1
         try:

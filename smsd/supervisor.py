@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, discovery, failpoints
-from .children import (Child, WorkerProc, close_fds, close_worker_fds, read_answer, read_status,
+from .children import (Child, WorkerProc, close_fds, preload, close_worker_fds, read_answer, read_status,
                        running_users, start_child)
 from .config import ConfigError, Settings, load_settings
 from .control import CommandError, ControlServer, Peer, UnknownCommand
@@ -140,6 +140,7 @@ class Supervisor(WorkerPool):
         for sig in self.SIGNALS:
             signal.signal(sig, self._signal)
         self._load_paused()
+        preload()   # before any fork: the workers share the SDK's lazy imports
         if s.mongo.uri == "embedded":
             from .embedded import EmbeddedMongo
             path = Path(s.mongo.embedded_path or s.state_dir / "embedded-mongo")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any, Callable
 
 from .combiner import CallCombiner
@@ -52,7 +53,9 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
                          settings.pipeline.flush_max_wait_ms / 1000.0)
     errors: list[BaseException] = []
     bind_context(user_id=None)   # several users: each log line names its user in the message
+    began = time.monotonic()
     start = prologue(settings, users, store, extractor, stop, reporter.beat)
+    prologue_s = time.monotonic() - began
     for user_id, code, info in start.over:   # journal busy, lease held elsewhere, stopped
         reporter.for_member(user_id).send({"turn_over": user_id, "code": code, "pid": os.getpid(), **info})
 
@@ -82,8 +85,10 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
         t.start()
     for t in threads:
         t.join()
+    members_s = time.monotonic() - began - prologue_s
     start.epilogue()
-    log.info("group turn of %d users: %d LLM calls for %d requests", len(users), combiner.calls,
-             combiner.requests)
+    log.info("group turn of %d users: %d LLM calls for %d requests; %.2f s start, %.2f s members, "
+             "%.2f s end", len(users), combiner.calls, combiner.requests, prologue_s, members_s,
+             time.monotonic() - began - prologue_s - members_s)
     if errors:
         raise errors[0]

@@ -19,11 +19,23 @@ outage) must not depend on patching the clients.
 Admin API (JSON over HTTP on its own port):
 
 - ``GET  /stats``   ``{"commands": {name: n}, "messages": n, "connections_total": n,
-  "connections_open": n, "delay_ms": x, "down": bool}``
+  "connections_open": n, "delay_ms": x, "down": bool, "server_time": {label: {"n": n,
+  "busy_s": x, "wall_s": x}}}``
 - ``POST /config``  ``{"delay_ms": x}`` and/or ``{"down": true|false}``
 - ``POST /reset``   zero the counters
 
 The ready line on stdout is ``smsd-mongoproxy listening on HOST:PORT admin http://HOST:APORT``.
+*Server time* says where the server's time goes, command by command, as seen
+from outside it: a request is outstanding from the moment it is forwarded until
+the whole reply is read back (a connection has at most one
+request out: drivers do not pipeline on one socket).  While k requests are
+outstanding, each is charged 1/k of the elapsed time (``busy_s``, which sums to
+the time the server had work, at most the run's length); ``wall_s`` is the plain
+sum of their round trips.  The label is the command and, where the command's
+first value names one, its collection (``"update smsd_leases"``).  The drivers'
+monitoring (:data:`MONITORING`, an awaitable ``hello`` is held for seconds on
+purpose) and requests that want no reply are not timed.
+
 It never logs message contents.
 """
 from __future__ import annotations
@@ -39,6 +51,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
@@ -51,6 +64,8 @@ READY_PREFIX = "smsd-mongoproxy listening on "
 OP_QUERY = 2004
 OP_COMPRESSED = 2012
 OP_MSG = 2013
+#: ``OP_MSG`` flagBits: the sender wants no reply (an unacknowledged write, or exhaust).
+MORE_TO_COME = 1 << 1
 HEADER = struct.Struct("<iiii")
 #: Largest message accepted (MongoDB's maxMessageSizeBytes is 48 MB).
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -68,27 +83,56 @@ def _first_key(doc: bytes, offset: int) -> str:
     return doc[start:end].decode("utf-8", "replace") or "?"
 
 
+def _first_string(doc: bytes, offset: int) -> str | None:
+    """The value of the first element of the BSON document at ``offset`` if it is a string."""
+    try:
+        if doc[offset + 4] != 0x02:
+            return None
+        end = doc.index(b"\x00", offset + 5)
+        (size,) = struct.unpack_from("<i", doc, end + 1)
+        if not 0 < size <= 1024:
+            return None
+        return doc[end + 5:end + 4 + size].decode("utf-8", "replace")
+    except (ValueError, IndexError, struct.error):
+        return None
+
+
+def _command_doc(op_code: int, body: bytes) -> int | None:
+    """Where the command document starts in ``body`` (the message after its header)."""
+    try:
+        if op_code == OP_MSG:
+            pos = 4
+            while pos < len(body):
+                if body[pos] == 0:
+                    return pos + 1
+                (size,) = struct.unpack_from("<i", body, pos + 1)   # kind 1: a document sequence
+                pos += 1 + size
+            return None
+        if op_code == OP_QUERY:
+            return body.index(b"\x00", 4) + 1 + 8
+    except (ValueError, IndexError, struct.error):
+        return None
+    return None
+
+
+def command_label(op_code: int, body: bytes) -> str:
+    """``command_name`` and, when the command's first value is a string, that value
+    (the collection of ``find``, ``update``, ``aggregate``...): ``"find sms_fin_rawdata"``."""
+    name = command_name(op_code, body)
+    at = _command_doc(op_code, body)
+    target = _first_string(body, at) if at is not None else None
+    return f"{name} {target}" if target else name
+
+
 def command_name(op_code: int, body: bytes) -> str:
     """The command a client→server message carries (``body`` = the message after its header).
 
     ``OP_MSG``: flagBits, then sections; the kind-0 section is the command document.
     ``OP_QUERY``: flags, collection cstring, skip, return, then the query document."""
-    try:
-        if op_code == OP_MSG:
-            pos = 4
-            while pos < len(body):
-                kind = body[pos]
-                if kind == 0:
-                    return _first_key(body, pos + 1)
-                (size,) = struct.unpack_from("<i", body, pos + 1)   # kind 1: a document sequence
-                pos += 1 + size
-            return "?"
-        if op_code == OP_QUERY:
-            end = body.index(b"\x00", 4)
-            return _first_key(body, end + 1 + 8)
-    except (ValueError, IndexError, struct.error):
-        return "?"
-    return f"op_{op_code}"
+    if op_code not in (OP_MSG, OP_QUERY):
+        return f"op_{op_code}"
+    at = _command_doc(op_code, body)
+    return _first_key(body, at) if at is not None else "?"
 
 
 class Proxy:
@@ -105,6 +149,10 @@ class Proxy:
         self.commands: collections.Counter = collections.Counter()
         self.messages = 0
         self.connections_total = 0
+        # Server time (module docstring): requests out now, by connection; label -> [n, busy, wall].
+        self._out: dict[int, tuple[str, float]] = {}
+        self._since = time.monotonic()
+        self.server_time: dict[str, list[float]] = {}
         self._open: set[asyncio.StreamWriter] = set()
         self._server: asyncio.base_events.Server | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -139,19 +187,53 @@ class Proxy:
         with self.lock:
             self.connections_total += 1
         self._open.update((writer, up_writer))
-        tasks = [asyncio.ensure_future(self._client_to_server(reader, up_writer)),
-                 asyncio.ensure_future(self._server_to_client(up_reader, writer))]
+        conn = id(writer)
+        tasks = [asyncio.ensure_future(self._client_to_server(reader, up_writer, conn)),
+                 asyncio.ensure_future(self._server_to_client(up_reader, writer, conn))]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in tasks:
                 t.cancel()
+            with self.lock:
+                self._advance(time.monotonic())
+                self._out.pop(conn, None)      # cut mid-request: its time so far stays charged
             for w in (writer, up_writer):
                 self._open.discard(w)
                 with contextlib.suppress(Exception):
                     w.transport.abort()
 
-    async def _client_to_server(self, reader: asyncio.StreamReader, up: asyncio.StreamWriter) -> None:
+    def _advance(self, now: float) -> None:
+        """Under the lock: share the time since the last event among the requests out."""
+        if self._out:
+            share = (now - self._since) / len(self._out)
+            for label, _ in self._out.values():
+                self.server_time.setdefault(label, [0, 0.0, 0.0])[1] += share
+        self._since = now
+
+    def _sent(self, conn: int, op_code: int, body: bytes, name: str) -> None:
+        if name in MONITORING or (op_code == OP_MSG and len(body) >= 4
+                                  and struct.unpack_from("<I", body)[0] & MORE_TO_COME):
+            return
+        label = command_label(op_code, body)
+        with self.lock:
+            now = time.monotonic()
+            self._advance(now)
+            self._out[conn] = (label, now)
+
+    def _answered(self, conn: int) -> None:
+        with self.lock:
+            if conn not in self._out:
+                return
+            now = time.monotonic()
+            self._advance(now)
+            label, started = self._out.pop(conn)
+            entry = self.server_time.setdefault(label, [0, 0.0, 0.0])
+            entry[0] += 1
+            entry[2] += now - started
+
+    async def _client_to_server(self, reader: asyncio.StreamReader, up: asyncio.StreamWriter,
+                                conn: int = 0) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
             while True:
                 header = await reader.readexactly(HEADER.size)
@@ -166,17 +248,22 @@ class Proxy:
                     self.messages += 1
                 if self.delay_ms > 0:
                     await asyncio.sleep(self.delay_ms / 1000.0)
+                self._sent(conn, op_code, body, name)
                 up.write(header + body)
                 await up.drain()
 
-    @staticmethod
-    async def _server_to_client(up: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
+    async def _server_to_client(self, up: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                conn: int = 0) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
             while True:
-                data = await up.read(65536)
-                if not data:
+                header = await up.readexactly(HEADER.size)
+                (length,) = struct.unpack_from("<i", header)
+                if not HEADER.size <= length <= MAX_MESSAGE:
+                    log.warning("reply of %d bytes: not MongoDB wire protocol; closing", length)
                     return
-                writer.write(data)
+                message = header + await up.readexactly(length - HEADER.size)
+                self._answered(conn)
+                writer.write(message)
                 await writer.drain()
 
     def stats(self) -> dict:
@@ -185,7 +272,9 @@ class Proxy:
             return {"commands": dict(self.commands), "messages": self.messages,
                     "connections_total": self.connections_total,
                     "connections_open": len(self._open) // 2, "delay_ms": self.delay_ms,
-                    "down": self.down, "port": self.port}
+                    "down": self.down, "port": self.port,
+                    "server_time": {label: {"n": int(n), "busy_s": round(busy, 6), "wall_s": round(wall, 6)}
+                                    for label, (n, busy, wall) in sorted(self.server_time.items())}}
 
     def reset(self) -> None:
         """Zero the counters."""
@@ -193,6 +282,7 @@ class Proxy:
             self.commands.clear()
             self.messages = 0
             self.connections_total = 0
+            self.server_time.clear()
 
     def configure(self, changes: dict) -> dict:
         """Apply ``{"delay_ms", "down"}`` from the admin thread; returns the new stats."""

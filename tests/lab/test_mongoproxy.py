@@ -40,6 +40,27 @@ def test_forwards_and_counts_commands_by_name(proxy, mongo_server, mongo_db_name
         direct.close()
 
 
+def test_server_time_is_charged_to_each_command_and_collection(proxy, mongo_db_name):
+    c = client(proxy.uri)
+    try:
+        c[mongo_db_name]["light"].find_one()                # connected, monitoring settled
+        proxy.configure(delay_ms=50)                        # the proxy's own delay is not the server's
+        proxy.reset()
+        t0 = time.perf_counter()
+        c[mongo_db_name]["heavy"].insert_many([{"n": i, "pad": "x" * 200} for i in range(3000)])
+        c[mongo_db_name]["light"].find_one({"n": 1})
+        c[mongo_db_name]["light"].find_one({"n": 2})
+        elapsed = time.perf_counter() - t0
+        timed = proxy.stats()["server_time"]
+    finally:
+        c.close()
+    assert timed["insert heavy"]["n"] == 1 and timed["find light"]["n"] == 2
+    assert 0 < timed["insert heavy"]["busy_s"] <= timed["insert heavy"]["wall_s"]
+    assert timed["insert heavy"]["busy_s"] > timed["find light"]["busy_s"]
+    assert sum(t["busy_s"] for t in timed.values()) < elapsed - 3 * 0.050
+    assert not any(label.split()[0] in ("hello", "ismaster", "isMaster") for label in timed)
+
+
 def test_delays_every_command(proxy, mongo_db_name):
     c = client(proxy.uri)
     try:

@@ -2,7 +2,9 @@
 
 Every MongoDB connection of ``smsd run`` (supervisor, discovery children, workers)
 goes through :mod:`smsd.lab.mongoproxy`, a separate process that counts each
-client→server message by command name.  One run per shape of
+client→server message by command name and times each one from the server's
+side (how long the server had it, shared among the commands it had at once:
+where its time goes).  One run per shape of
 :attr:`Params.ops_shapes` (shipped defaults, zero-latency LLM), and the same shape
 through the bare loop (:mod:`.bare_loop`) for the floor.  The driver's own
 monitoring (``hello``, ``ping``, ``endSessions``...) is counted apart: it depends on
@@ -31,9 +33,9 @@ def _smsd(bench: Bench, proxy: ProxyProcess, n_users: int, sms_each: int) -> dic
         first, last = run.wait_done(total, bench.params.run_timeout)
     finally:
         run.stop()
-    commands = proxy.stats()["commands"]
+    stats = proxy.stats()
     bench.drop(db_name)
-    return {"commands": commands, "seconds": last - run.launched}
+    return {"commands": stats["commands"], "server_time": stats["server_time"], "seconds": last - run.launched}
 
 
 def _bare(bench: Bench, proxy: ProxyProcess, n_users: int, sms_each: int, tmpl: dict) -> dict:
@@ -41,9 +43,28 @@ def _bare(bench: Bench, proxy: ProxyProcess, n_users: int, sms_each: int, tmpl: 
     users = seed_users(bench, db_name, n_users, sms_each)
     proxy.reset()
     run = run_bare(bench, db_name, users, n_users * sms_each, tmpl=tmpl, uri=proxy.uri)
-    commands = proxy.stats()["commands"]
+    stats = proxy.stats()
     bench.drop(db_name)
-    return {"commands": commands, "seconds": run.end_to_end_s}
+    return {"commands": stats["commands"], "server_time": stats["server_time"], "seconds": run.end_to_end_s}
+
+
+def _server_time_table(shape: str, sides: dict[str, dict]) -> list[str]:
+    """Markdown: each side's server time by command and collection, the largest first."""
+    labels = set(sides["smsd"]["server_time"]) | set(sides["bare"]["server_time"])
+
+    def cell(side: str, label: str) -> str:
+        t = sides[side]["server_time"].get(label)
+        return f"{t['busy_s']:.2f} ({t['n']})" if t else "-"
+
+    order = sorted(labels, key=lambda k: -max(sides[s]["server_time"].get(k, {}).get("busy_s", 0.0)
+                                                for s in sides))
+    rows = [f"Server time of {shape} by command and collection, seconds (commands): while k commands "
+            "are out, each is charged 1/k of the time.", "",
+            "| command | smsd | bare loop |", "|---|---|---|"]
+    rows += [f"| `{label}` | {cell('smsd', label)} | {cell('bare', label)} |" for label in order]
+    totals = {s: sum(t["busy_s"] for t in sides[s]["server_time"].values()) for s in sides}
+    rows.append(f"| **server busy** | **{totals['smsd']:.2f}** | **{totals['bare']:.2f}** |")
+    return rows
 
 
 def bench_mongoops(bench: Bench) -> BenchResult:
@@ -89,6 +110,10 @@ def bench_mongoops(bench: Bench) -> BenchResult:
         res.details.append(f"| **all but monitoring** | **{sum(per['smsd'][0].values()) / total:.3f}** | "
                            f"**{sum(per['bare'][0].values()) / total:.3f}** |")
         res.details.append(f"| monitoring (whole run) | {per['smsd'][1]} | {per['bare'][1]} |")
+        res.details += ["", *_server_time_table(shape, sides)]
+        for side, r in sides.items():
+            res.figures.append(Figure("mongoops", f"{shape}: {side} server busy (proxy)",
+                                      sum(t["busy_s"] for t in r["server_time"].values()), "s"))
     res.extra["commands"] = {shape: {side: r["commands"] for side, r in sides.items()}
                              for shape, sides in runs.items()}
     return res

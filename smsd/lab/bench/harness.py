@@ -76,7 +76,7 @@ class Params:
     steady_seconds: float = 120.0
     steady_latency_ms: float = 200.0
     steady_drain_s: float = 60.0        # after the inserts stop, how long to wait for the rest
-    ops_shapes: tuple[tuple[int, int], ...] = ((100, 4), (4, 500))
+    ops_shapes: tuple[tuple[int, int], ...] = ((300, 4), (4, 1000))
     discovery_users: int = 10_000
     discovery_processed_each: int = 5
     cost_sms: int = 1000                # SMS of the cost bench's backfill corpus and runs
