@@ -130,6 +130,16 @@ class CallCombiner:
             member.active = False
             self._cond.notify_all()
 
+    def poke(self) -> None:
+        """A member's state changed outside the combiner (it entered a flush write,
+        :mod:`smsd.group_writes`): a held call waiting for it looks again now.
+
+        Without it the held call slept out its whole wait (``trickle_wait_ms``) while
+        the writer's batch waited for the held call's members: each waited for the other.
+        """
+        with self._cond:
+            self._cond.notify_all()
+
     def ask(self, member: "Member", sms: list[Sms], stop: threading.Event | None) -> _Request:
         """Hold ``sms`` until the combined call is due, make it (in some member's thread), answer."""
         req = _Request(member, list(sms), stop)

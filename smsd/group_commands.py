@@ -28,6 +28,7 @@ from .failpoints import failpoint
 from .fencing import KEEP_NEWER, FencedStore
 from .lease import LEASES_COLLECTION
 from .store import ID_CHUNK
+from .store_errors import bulk_created
 from .store_docs import BATCH_FIELD, QUARANTINE_FIELD, TRANSACTIONS_COLLECTION
 from .store_stats import BASE_FIELD
 
@@ -216,10 +217,11 @@ def checkpoint(calls: list[tuple[Any, str, str, dict, dict]]) -> list[Any]:
         if doc is None or doc.get("user_id") != user or doc.get(BASE_FIELD) is None:
             alone.add(i)     # gone, or a run older than the counters: the member's own path
         else:
-            progress.append(UpdateOne(*store_stats.progress_update(doc, now), upsert=True))
+            progress.append(store_stats.progress_op(lead.stats, doc, now))
     if progress:
         with lead.errors("checkpoint_progress"):
-            lead.stats.bulk_write(progress, ordered=False)
+            bulk_created(lead.stats, progress)
+        store_stats.counted(lead.stats, [calls[i][1] for i in mine if i not in alone])
     return [_own(lambda c=call: FencedStore.checkpoint_progress(c[0], c[1], c[2], **c[4]))
             if i in alone else None for i, call in enumerate(calls)]
 

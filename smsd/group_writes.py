@@ -24,8 +24,9 @@ time), and without that wait each call's answers made a flush round of their
 own -- every command of a flush once per call instead of once per group.  The
 answers are journaled the moment they arrive, so the wait delays only the
 MongoDB write, never what a crash keeps; and a member in a write batch is not
-waited for by the combiner (``Member.writing``), so the two waits never wait
-on each other.  A member waited for that long is not waited for again by the
+waited for by the combiner (``Member.writing``), and entering a batch tells the
+combiner (``notify``: :meth:`smsd.combiner.CallCombiner.poke`), so the two waits
+never wait on each other.  A member waited for that long is not waited for again by the
 flush's next kinds while the same request is still out.  A batch of one member
 runs that member's own per-user path: outside a group turn, and for a member flushing
 alone, nothing changes.  Storage stays behind the store interface (huey's
@@ -103,12 +104,20 @@ def _never() -> bool:
     return False
 
 
+def _nothing() -> None:
+    pass
+
+
 class GroupWrites:
     """Coalesces the same-kind writes of a group turn's members (module docstring); thread-safe."""
 
-    def __init__(self, wait_s: float = 0.025, answer_wait_s: float = 0.0) -> None:
+    def __init__(self, wait_s: float = 0.025, answer_wait_s: float = 0.0,
+                 notify: Callable[[], None] | None = None) -> None:
         self.wait_s = max(0.0, float(wait_s))
         self.answer_wait_s = max(0.0, float(answer_wait_s))
+        # Told when a member enters a batch: the LLM combiner's held call waits for members
+        # that are not writing, and nothing else would wake it (CallCombiner.poke).
+        self.notify = notify or _nothing
         self._cond = threading.Condition()
         self._members: list[_Member] = []
         self._open: dict[str, _Batch] = {}
@@ -156,6 +165,7 @@ class GroupWrites:
             member.in_batch += 1
             member.given_up = False
             self._cond.notify_all()
+            self.notify()
             while not call.done:
                 if self._open.get(kind) is not batch:
                     self._cond.wait()           # another thread runs it: wait for the results

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping
 from bson.decimal128 import Decimal128
 
 from .model import Usage
+from .store_errors import InsertElse, bulk_created
 
 log = logging.getLogger("smsd.ledger")
 
@@ -216,23 +217,31 @@ def sync_costs(collection: Any, user_id: str, rows: list[dict]) -> None:
     """
     ops = cost_ops(user_id, rows)
     if ops:
-        collection.bulk_write(ops, ordered=False)
+        bulk_created(collection, ops)
 
 
 def cost_ops(user_id: str, rows: list[dict]) -> list:
-    """The ``$max`` upserts of :func:`sync_costs`, one per ledger row."""
+    """The ``$max`` upserts of :func:`sync_costs`, one per ledger row.
+
+    A row this journal never wrote to MongoDB (``synced_rev`` 0: the user's first
+    calls of a day and model here) is most likely a new document: an insert, and
+    the upsert only where it exists (:class:`smsd.store_errors.InsertElse`)."""
     from pymongo import UpdateOne
-    return [UpdateOne(
-        {"_id": cost_doc_id(user_id, r["day"], r["model"])},
-        {"$setOnInsert": {"user_id": user_id, "day": r["day"], "model": r["model"]},
-         "$max": {"calls": int(r["calls"]), "sms": int(r["sms"]), "cache_races": int(r["cache_races"]),
-                  "prompt_tokens": int(r["prompt_tokens"]), "cached_tokens": int(r["cached_tokens"]),
-                  "completion_tokens": int(r["completion_tokens"]),
-                  "repeated_calls": int(r["repeated_calls"]), "repeated_sms": int(r["repeated_sms"]),
-                  "unpriced_calls": int(r["unpriced_calls"]),
-                  "cost_usd": Decimal128(Decimal(r["cost_usd"])),
-                  "repeated_usd": Decimal128(Decimal(r["repeated_usd"]))}},
-        upsert=True) for r in rows]
+    ops: list = []
+    for r in rows:
+        flt = {"_id": cost_doc_id(user_id, r["day"], r["model"])}
+        update = {
+            "$setOnInsert": {"user_id": user_id, "day": r["day"], "model": r["model"]},
+            "$max": {"calls": int(r["calls"]), "sms": int(r["sms"]), "cache_races": int(r["cache_races"]),
+                     "prompt_tokens": int(r["prompt_tokens"]), "cached_tokens": int(r["cached_tokens"]),
+                     "completion_tokens": int(r["completion_tokens"]),
+                     "repeated_calls": int(r["repeated_calls"]), "repeated_sms": int(r["repeated_sms"]),
+                     "unpriced_calls": int(r["unpriced_calls"]),
+                     "cost_usd": Decimal128(Decimal(r["cost_usd"])),
+                     "repeated_usd": Decimal128(Decimal(r["repeated_usd"]))}}
+        new = not int(r.get("synced_rev") or 0)
+        ops.append(InsertElse.of_upsert(flt, update) if new else UpdateOne(flt, update, upsert=True))
+    return ops
 
 
 def write_costs(store: Any, user_id: str, rows: list[dict]) -> None:

@@ -83,19 +83,59 @@ def guarded(what: str) -> Iterator[None]:
 DUPLICATE_KEY = 11000
 
 
+class InsertElse:
+    """A write of a document expected to be new: an insert of ``doc``, and only where its
+    ``_id`` exists already, ``otherwise`` (an upsert that gives an existing document the
+    same values).  :func:`bulk_created` runs it.
+
+    Why: on the MongoDB-wire server smsd is measured on, an inserted document costs a
+    fraction of an update statement (docs/BENCHMARKS.md, issue 12), and a user's first
+    counters and its first bill of a day are new documents.  Either way the stored
+    document is the one the upsert alone would leave, so a kill between the two writes
+    and a replay change nothing.
+    """
+
+    __slots__ = ("doc", "otherwise")
+
+    def __init__(self, doc: dict, otherwise: Any) -> None:
+        self.doc = doc
+        self.otherwise = otherwise
+
+    @classmethod
+    def of_upsert(cls, flt: dict, update: dict) -> "InsertElse":
+        """For the upsert ``update_one(flt, update, upsert=True)``: the document it would
+        create (``flt``'s equalities, then ``$setOnInsert``, ``$set``, ``$max``, ``$min``)."""
+        from pymongo import UpdateOne
+        unknown = set(update) - {"$setOnInsert", "$set", "$max", "$min"}
+        if unknown or any(k.startswith("$") or isinstance(v, dict) for k, v in flt.items()):
+            raise ValueError(f"not an upsert of plain fields: {sorted(unknown) or flt}")
+        doc = dict(flt)
+        for op in ("$setOnInsert", "$set", "$max", "$min"):
+            doc.update(update.get(op, {}))
+        return cls(doc, UpdateOne(flt, update, upsert=True))
+
+
 def bulk_created(coll: Any, ops: list) -> dict:
     """One unordered ``bulk_write`` of ``ops``: ``{op index: True}`` for each op that created
     its document.  An ``InsertOne`` whose ``_id`` exists already (:data:`DUPLICATE_KEY`)
-    created nothing and is not an error; any other write error raises."""
+    created nothing and is not an error; an :class:`InsertElse` whose ``_id`` exists runs
+    its ``otherwise`` upsert in a second ``bulk_write``; any other write error raises."""
     from pymongo import InsertOne
     from pymongo.errors import BulkWriteError
-    inserts = {i for i, op in enumerate(ops) if isinstance(op, InsertOne)}
+    first = [InsertOne(op.doc) if isinstance(op, InsertElse) else op for op in ops]
+    inserts = {i for i, op in enumerate(first) if isinstance(op, InsertOne)}
+    duplicates: set[int] = set()
     try:
-        res = coll.bulk_write(ops, ordered=False)
+        res = coll.bulk_write(first, ordered=False)
+        created = set(res.upserted_ids or {}) | inserts
     except BulkWriteError as exc:
         errors = exc.details.get("writeErrors", [])
         if any(e.get("code") != DUPLICATE_KEY or e.get("index") not in inserts for e in errors):
             raise
-        created = {u["index"] for u in exc.details.get("upserted", [])} | (inserts - {e["index"] for e in errors})
-        return dict.fromkeys(sorted(created), True)
-    return dict.fromkeys(sorted(set(res.upserted_ids or {}) | inserts), True)
+        duplicates = {e["index"] for e in errors}
+        created = {u["index"] for u in exc.details.get("upserted", [])} | (inserts - duplicates)
+    again = sorted(i for i in duplicates if isinstance(ops[i], InsertElse))
+    if again:
+        res = coll.bulk_write([ops[i].otherwise for i in again], ordered=False)
+        created |= {again[j] for j in (res.upserted_ids or {})}
+    return dict.fromkeys(sorted(created), True)

@@ -32,13 +32,14 @@ changed, not all of them.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterable
 
 import pymongo
 from pymongo.collection import Collection
 
 from smsd.grounding import PREFIX as UNGROUNDED_PREFIX
 from smsd.store_docs import BATCH_FIELD, QUARANTINE_FIELD, STATUS_IN_PROGRESS
+from smsd.store_errors import InsertElse, bulk_created
 
 STATS_COLLECTION = "smsd_user_stats"
 IDX_STATS_UPDATED = "smsd_stats_by_update"
@@ -92,9 +93,38 @@ def base_for_old_run(raw: Collection, user_id: str, batch_id: str) -> int:
     return max(0, count_processed(raw, user_id) - count_processed(raw, user_id, batch_id))
 
 
+#: ``(collection, user)`` whose counters this process has written (so their document exists):
+#: a hint that picks the cheaper first write, never a fact anything relies on (both writes
+#: store the same).
+_COUNTED: set[tuple[str, str]] = set()
+_COUNTED_MAX = 100_000
+
+
 def record_progress(stats: Collection, checkpoint: dict, now: datetime) -> None:
     """Carry a checkpoint (as it is after its update) into the user's counters."""
-    stats.update_one(*progress_update(checkpoint, now), upsert=True)
+    bulk_created(stats, [progress_op(stats, checkpoint, now)])
+    counted(stats, [checkpoint["user_id"]])
+
+
+def progress_op(stats: Collection, checkpoint: dict, now: datetime) -> Any:
+    """The write that carries a checkpoint into its user's counters (:func:`progress_update`).
+
+    A user with nothing processed before this run whose counters this process has not
+    written yet most likely has no document: an insert, else the upsert
+    (:class:`smsd.store_errors.InsertElse`); everyone else: the upsert.  Run it with
+    :func:`smsd.store_errors.bulk_created`, then tell :func:`counted`.
+    """
+    flt, update = progress_update(checkpoint, now)
+    if int(checkpoint.get(BASE_FIELD) or 0) == 0 and (stats.full_name, checkpoint["user_id"]) not in _COUNTED:
+        return InsertElse.of_upsert(flt, update)
+    return pymongo.UpdateOne(flt, update, upsert=True)
+
+
+def counted(stats: Collection, user_ids: Iterable[str]) -> None:
+    """These users' counters are written in ``stats`` (their next progress is an upsert)."""
+    if len(_COUNTED) > _COUNTED_MAX:
+        _COUNTED.clear()
+    _COUNTED.update((stats.full_name, u) for u in user_ids)
 
 
 def progress_update(checkpoint: dict, now: datetime) -> tuple[dict, dict]:

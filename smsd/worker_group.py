@@ -50,7 +50,7 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
     # The members' flush writes of one kind, made at the same moment, go out as one command;
     # a member whose call is in flight is waited for as long as a gathered flush waits.
     writes = GroupWrites(settings.pipeline.group_write_wait_ms / 1000.0,
-                         settings.pipeline.flush_max_wait_ms / 1000.0)
+                         settings.pipeline.flush_max_wait_ms / 1000.0, notify=combiner.poke)
     errors: list[BaseException] = []
     bind_context(user_id=None)   # several users: each log line names its user in the message
     began = time.monotonic()

@@ -67,3 +67,35 @@ def test_answering_says_a_member_has_a_request_held_or_in_flight():
     assert not one.answering() and not two.answering()
     one.leave()
     assert not one.answering()
+
+
+def test_a_held_call_goes_out_once_the_member_it_waits_for_starts_writing_its_flush():
+    """The member a held call waits for enters a flush write batch (which itself waits for
+    the held call's members): the batch tells the combiner, and the call goes at once
+    instead of after the combiner's whole wait."""
+    from smsd.group_writes import GroupWrites, _Member
+    wait_s = 3.0
+    combiner = CallCombiner(RulesExtractor(), max_sms=25, wait_s=wait_s)
+    writes = GroupWrites(wait_s=0.2, answer_wait_s=wait_s, notify=combiner.poke)
+    writer, asker = combiner.member("w"), combiner.member("a")
+    writer.asked = True                       # asked earlier and got its answer: it flushes next
+    w = _Member("w", writer.elsewhere, writer.answering)
+    a = _Member("a", asker.elsewhere, asker.answering)
+    writes._members += [w, a]
+    writer.writing = lambda: w.in_batch > 0
+    out: dict = {}
+    started = time.monotonic()
+    t = threading.Thread(target=_ask, args=(asker, [_sms("a", 1)], out))
+    t.start()
+    time.sleep(0.3)
+    assert "a" not in out                     # held: the writer, not writing yet, may ask again
+    wrote: list[float] = []
+    tw = threading.Thread(target=lambda: wrote.append(
+        writes.submit(w, "transactions", None, lambda payloads: [time.monotonic()] * len(payloads))))
+    tw.start()
+    t.join(timeout=2 * wait_s)
+    tw.join(timeout=2 * wait_s)
+    assert out["a"][1] == [sms_key("a-1")]
+    assert out["a"][0] - started < 1.5, out["a"][0] - started   # not the combiner's 3 s wait
+    assert wrote and wrote[0] - started < 2.0, wrote
+    assert combiner.calls == 1

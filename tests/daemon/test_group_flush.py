@@ -142,7 +142,7 @@ def test_a_member_whose_lease_moved_and_was_stamped_gets_stale_epoch_and_the_oth
     assert "find financial_transactions" not in commands     # so nothing stored needs counting
     assert commands["update processing_checkpoints"] == 1    # three checkpoints, then one read of them
     assert commands["find processing_checkpoints"] == 1
-    assert commands["update smsd_user_stats"] == 1
+    assert commands["insert smsd_user_stats"] == 1               # their first counters
     assert commands["update sms_fin_rawdata"] == 1 + 4 + 1   # claim, each member's own claim, isprocessed
     assert "findAndModify processing_checkpoints" not in commands
     assert group.writes.batches == 4 and group.writes.calls == 4 + 3 * 3

@@ -212,3 +212,21 @@ def test_smsctl_status_shows_the_bill_in_json_and_table(tmp_path, db, mongo_serv
         assert f"LLM cost USD {ledger.usd_text(billed)}" in table and "COST USD" in table
     finally:
         d.stop()
+
+
+def test_a_ledger_row_new_to_mongodb_is_inserted_and_a_later_total_still_moves_by_max(db):
+    row = {"day": "2026-12-03", "model": "gpt-4o-mini", "calls": 2, "sms": 40, "cache_races": 0,
+           "prompt_tokens": 3000, "cached_tokens": 1000, "completion_tokens": 900, "repeated_calls": 0,
+           "repeated_sms": 0, "unpriced_calls": 0, "cost_usd": "0.000765", "repeated_usd": "0",
+           "rev": 2, "synced_rev": 0}
+    costs = db[ledger.COSTS_COLLECTION]
+    ledger.sync_costs(costs, "u1", [row])                     # never written: an insert
+    doc = costs.find_one({"_id": ledger.cost_doc_id("u1", row["day"], row["model"])})
+    assert (doc["user_id"], doc["calls"], doc["cost_usd"]) == ("u1", 2, Decimal128("0.000765"))
+    # A journal that lost its note (synced_rev 0 again) with a larger total, and a replay of an
+    # older one: the stored document ends at the largest totals either way.
+    ledger.sync_costs(costs, "u1", [dict(row, calls=3, cost_usd="0.001", rev=3)])
+    ledger.sync_costs(costs, "u1", [dict(row, synced_rev=3)])
+    doc = costs.find_one({"_id": doc["_id"]})
+    assert (doc["calls"], doc["sms"], doc["cost_usd"]) == (3, 40, Decimal128("0.001"))
+    assert costs.count_documents({}) == 1

@@ -7,6 +7,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pymongo
+import pytest
 from pymongo import monitoring
 
 from smsd import discovery
@@ -14,6 +15,8 @@ from smsd.config import load_settings
 from smsd.model import Quarantine, sms_key
 from smsd.store import Store
 from smsd.store_docs import IDX_DISCOVERY, IDX_PENDING
+from smsd import store_stats
+from smsd.store_errors import InsertElse, bulk_created
 from smsd.store_stats import BASE_FIELD, IDX_STATS_UPDATED, STATS_COLLECTION
 from tests.fixtures_mongo import seed_sms
 
@@ -86,6 +89,75 @@ def test_a_run_started_before_the_counters_gets_its_base_once(store: Store):
                               status="completed")
     assert store.checkpoints.find_one({"_id": old})[BASE_FIELD] == 5
     assert _stats(store, "u1")["processed_sms"] == 8
+
+
+class _Writes(monitoring.CommandListener):
+    """The write commands sent (name, collection), by any client created after it registered."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name in ("insert", "update"):
+            self.seen.append((event.command_name, event.command.get(event.command_name)))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def test_a_new_users_counters_are_inserted_and_an_existing_document_still_gets_the_upsert(
+        mongo_server, mongo_db_name):
+    writes = _Writes()
+    monitoring.register(writes)
+    store = Store(mongo_server.uri, mongo_db_name, timeout_ms=3000)
+    try:
+        store.ensure_indexes()
+        ids = seed_sms(store, "fresh-u1", 6)
+        b1 = _run(store, "fresh-u1", ids[:3], complete=False)
+        assert ("insert", STATS_COLLECTION) in writes.seen and ("update", STATS_COLLECTION) not in writes.seen
+        writes.seen.clear()
+        store.checkpoint_progress("fresh-u1", b1, processed_sms=5, total_sms=6, last_processed_id=ids[4],
+                                  status="in_progress")
+        assert ("update", STATS_COLLECTION) in writes.seen and ("insert", STATS_COLLECTION) not in writes.seen
+        assert _stats(store, "fresh-u1")["processed_sms"] == 5
+        # Another process (a restart) has not written this user's counters: its insert finds the
+        # document, and the upsert it falls back to keeps the larger total ($max) as always.
+        store_stats._COUNTED.clear()
+        writes.seen.clear()
+        store.checkpoint_progress("fresh-u1", b1, processed_sms=4, total_sms=6, last_processed_id=ids[3],
+                                  status="in_progress")
+        assert writes.seen.count(("insert", STATS_COLLECTION)) == 1
+        assert writes.seen.count(("update", STATS_COLLECTION)) == 1
+        doc = _stats(store, "fresh-u1")
+        assert (doc["processed_sms"], doc["user_id"], doc["batch_id"]) == (5, "fresh-u1", b1)
+    finally:
+        store.close()
+        monitoring._LISTENERS.command_listeners.remove(writes)
+
+
+def test_insert_else_stores_what_the_upsert_alone_would(store: Store):
+    from pymongo import UpdateOne
+    coll = store.collection("insert_else_probe")
+    update = {"$setOnInsert": {"kind": "k"}, "$max": {"n": 3}, "$set": {"at": 1}}
+    assert bulk_created(coll, [InsertElse.of_upsert({"_id": "a"}, update)]) == {0: True}
+    coll.update_one({"_id": "b"}, {"$set": {"n": 9, "other": True}}, upsert=True)
+    created = bulk_created(coll, [InsertElse.of_upsert({"_id": "b"}, update),
+                                  InsertElse.of_upsert({"_id": "c"}, update),
+                                  UpdateOne({"_id": "d"}, update, upsert=True)])
+    assert created == {1: True, 2: True}
+    twin = store.collection("insert_else_twin")
+    for _id in "abcd":
+        if _id == "b":
+            twin.insert_one({"_id": "b", "n": 9, "other": True})
+        twin.update_one({"_id": _id}, update, upsert=True)
+    assert list(coll.find(sort=[("_id", 1)])) == list(twin.find(sort=[("_id", 1)]))
+    with pytest.raises(ValueError):
+        InsertElse.of_upsert({"_id": {"$in": ["a"]}}, update)
+    with pytest.raises(ValueError):
+        InsertElse.of_upsert({"_id": "a"}, {"$inc": {"n": 1}})
 
 
 def test_counter_reads_are_index_served(store: Store):

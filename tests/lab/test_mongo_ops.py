@@ -7,7 +7,10 @@ by what it is.  The LLM bill (issue 14) adds at most three per turn, one for eac
 of its collections: the answer-cache lookup before a call (``find
 smsd_answer_cache``), the cache fill from the flushed answers (``update
 smsd_answer_cache``, ``$setOnInsert``) and the journal's changed ledger rows
-(``update smsd_llm_costs``, ``$max``).
+(``smsd_llm_costs``, ``$max``).  A user's first counters and a ledger row new to
+MongoDB are inserts (``insert smsd_user_stats``, ``insert smsd_llm_costs``): an
+insert costs the server a fraction of an update statement, and the store's write is
+the one the upsert would make.
 """
 from __future__ import annotations
 
@@ -56,9 +59,9 @@ def test_a_turn_of_three_sms_flushes_once_with_no_extra_reads(settings):
         "update financial_transactions": 1,     # the flush's one bulk upsert
         "update sms_fin_rawdata": 1,            # its one update_many of isprocessed
         "findAndModify processing_checkpoints": 1,   # its one checkpoint update
-        "update smsd_user_stats": 1,            # the user's counters, from that checkpoint
+        "insert smsd_user_stats": 1,            # the user's first counters, from that checkpoint
         "insert smsd_answer_cache": 1,          # the flushed answers fill the cache
-        "update smsd_llm_costs": 1,             # the journal's changed ledger row
+        "insert smsd_llm_costs": 1,             # the journal's ledger row, new to MongoDB
         "hello": 1 / USERS}                     # one client for every turn
     # Each journal notes its run, so the next turn's checkpoint read is bounded (smsd.journal_runs).
     from smsd import journal_runs
@@ -100,10 +103,10 @@ def test_a_replay_of_several_answers_is_one_flush_with_the_stale_find(settings):
         "update financial_transactions": 1,     # the three answers in one flush
         "update sms_fin_rawdata": 1,
         "findAndModify processing_checkpoints": 1,
-        "update smsd_user_stats": 1,
+        "insert smsd_user_stats": 1,
         # The dead process's ledger row (three calls) reaches MongoDB with the replay.  No
         # cache fill: those calls were journaled without their texts' cache keys.
-        "update smsd_llm_costs": 1,
+        "insert smsd_llm_costs": 1,
         "hello": 1}
     with Journal.open(settings.state_dir, user) as journal:
         assert journal.unflushed_count() == 0
@@ -132,9 +135,9 @@ def test_a_new_users_worker_turn_takes_its_lease_in_one_command_and_stamps_nothi
         "aggregate smsd_leases": 2,
         "find smsd_leases": 2,
         "findAndModify processing_checkpoints": 1,
-        "update smsd_user_stats": 1,
+        "insert smsd_user_stats": 1,
         "insert smsd_answer_cache": 1,
-        "update smsd_llm_costs": 1}
+        "insert smsd_llm_costs": 1}
     # The server's clock offset is measured once per client, not once per turn.
     assert counts.get("hello", 0) <= 2
 
@@ -169,9 +172,9 @@ FLUSH = {
                                                  # (with the turns' starts: not pinned)
     "update processing_checkpoints": 1,          # the checkpoints' progress ...
     "find processing_checkpoints": None,         # ... read back (with the turns' starts: not pinned)
-    "update smsd_user_stats": 1,                 # the users' counters
+    "insert smsd_user_stats": 1,                 # the users' first counters
     "insert smsd_answer_cache": 1,               # the flushed answers into the cache
-    "update smsd_llm_costs": 1,                  # the ledger rows
+    "insert smsd_llm_costs": 1,                  # the ledger rows, new to MongoDB
     "aggregate financial_transactions": 0,       # no per-user count after the $merge
     "findAndModify processing_checkpoints": 0,   # no per-user checkpoint update
 }
