@@ -66,6 +66,8 @@ log = logging.getLogger("smsd.worker")
 
 #: Threads opening a group's journals at once (the disk's fsyncs overlap).
 JOURNAL_OPENERS = 8
+#: Threads of the prologue's reads that do not wait for each other (:func:`_read`).
+PRESTART_READERS = 3
 
 
 @dataclass
@@ -272,20 +274,52 @@ def prologue(settings: Settings, users: list[str], store: FencedStore, extractor
 
 def _read(settings: Settings, store: FencedStore, extractor: Any, journals: dict[str, Journal],
           held: dict[str, Lease]) -> dict[str, tuple[Prestart, PreHandover]]:
-    """The members' start, read in one command per kind (see :mod:`smsd.group_reads`)."""
+    """The members' start, read in one command per kind (see :mod:`smsd.group_reads`).
+
+    Reads that do not depend on each other go out at once, each in its own thread (and
+    pymongo connection): the latest checkpoints with the pending pages; then the new
+    runs' checkpoints (counts, then the gated insert) with the handover and answer-cache
+    lookups.  Under load each command waits its turn on the server, and one after the
+    other they were most of a group's start.
+    """
     users = list(journals)
     page_size = settings.pipeline.page_size
-    latest = group_reads.latest_checkpoints(store, users,
-                                            {u: journal_runs.latest_run_at(j) for u, j in journals.items()})
     # What each member's own first read asks for: its page plus the keys its claim excludes.
     limits = {u: page_size + len(set(j.unflushed_keys()) | batch.open_keys(j)) for u, j in journals.items()}
-    docs, complete = group_reads.pending_pages(store, limits)
+    since = {u: journal_runs.latest_run_at(j) for u, j in journals.items()}
+    gate = CacheGate.for_pipeline(settings, extractor, store, None)
+    with ThreadPoolExecutor(max_workers=PRESTART_READERS, thread_name_prefix="smsd-prestart") as pool:
+        latest_f = pool.submit(group_reads.latest_checkpoints, store, users, since)
+        docs, complete = group_reads.pending_pages(store, limits)
+        sms = {u: store.page_of(docs[u], max(1, len(docs[u])))[0] for u in users}   # well-formed ones
+        found_f = pool.submit(group_reads.handovers, store, {u: [m.key for m in sms[u]] for u in users})
+        wanted = {u: {m.key: gate.key(m) for m in sms[u]} for u in users} if gate is not None else {}
+        entries_f = pool.submit(group_reads.cache_entries, store,
+                                {k for w in wanted.values() for k in w.values()}) if gate is not None else None
+        latest = latest_f.result()
+        starts = _open_runs(store, users, latest, docs, complete, held)
+        found = found_f.result()
+        entries = entries_f.result() if entries_f is not None else {}
+    hits: dict[str, dict[str, SmsResult | None]] = {u: {} for u in users}
+    for u in wanted:
+        got = answer_cache.results(wanted[u], entries)
+        hits[u] = {key: got.get(key) for key in wanted[u]}
+    tag = (gate.version, gate.model) if gate is not None else None
+    db = store._database()
+    return {u: (Prestart(u, store, starts[u], docs[u], u in complete, hits[u], tag),
+                PreHandover(db, u, {m.key for m in sms[u]}, found[u]))
+            for u in users}
+
+
+def _open_runs(store: FencedStore, users: list[str], latest: dict[str, dict | None],
+               docs: dict[str, list[dict]], complete: set[str], held: dict[str, Lease]) -> dict[str, RunStart]:
+    """Each member's run start; the new runs of users whose pending count is known are
+    opened here, in one lease-gated insert (their counters' base read first)."""
     new_runs = [u for u in users if not (latest[u] and latest[u].get("status") == STATUS_IN_PROGRESS)]
     first = [u for u in new_runs if latest[u] is None or latest[u].get(BASE_FIELD) is None]
     first = [u for u in first if u in complete]
     counts = group_reads.processed_counts(store, first) if first else {}
     starts: dict[str, RunStart] = {u: RunStart(latest[u]) for u in users}
-    # A user whose pending count is known has its new run opened here.
     opened = [new_run_doc(u, len(docs[u]), counts[u] if u in first else
                           store_stats.base_for_new_run(store.raw, u, latest[u]),
                           {EPOCH_FIELD: held[u].epoch}) for u in new_runs if u in complete]
@@ -294,18 +328,4 @@ def _read(settings: Settings, store: FencedStore, extractor: Any, journals: dict
         for doc in opened:
             if doc["user_id"] in written:
                 starts[doc["user_id"]].checkpoint = doc
-    sms = {u: store.page_of(docs[u], max(1, len(docs[u])))[0] for u in users}   # well-formed ones
-    found = group_reads.handovers(store, {u: [m.key for m in sms[u]] for u in users})
-    gate = CacheGate.for_pipeline(settings, extractor, store, None)
-    hits: dict[str, dict[str, SmsResult | None]] = {u: {} for u in users}
-    if gate is not None:
-        wanted = {u: {m.key: gate.key(m) for m in sms[u]} for u in users}
-        entries = group_reads.cache_entries(store, {k for w in wanted.values() for k in w.values()})
-        for u in users:
-            got = answer_cache.results(wanted[u], entries)
-            hits[u] = {key: got.get(key) for key in wanted[u]}
-    tag = (gate.version, gate.model) if gate is not None else None
-    db = store._database()
-    return {u: (Prestart(u, store, starts[u], docs[u], u in complete, hits[u], tag),
-                PreHandover(db, u, {m.key for m in sms[u]}, found[u]))
-            for u in users}
+    return starts
