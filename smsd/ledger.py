@@ -23,7 +23,6 @@ from typing import Any, Iterable, Mapping
 from bson.decimal128 import Decimal128
 
 from .model import Usage
-from .store_errors import InsertElse, bulk_created
 
 log = logging.getLogger("smsd.ledger")
 
@@ -215,6 +214,7 @@ def sync_costs(collection: Any, user_id: str, rows: list[dict]) -> None:
     The journal's totals only grow, so a replay, a late write or two writers
     can only leave the largest (the latest) total, never a sum counted twice.
     """
+    from .store_errors import bulk_created   # pymongo: not for the config's price table
     ops = cost_ops(user_id, rows)
     if ops:
         bulk_created(collection, ops)
@@ -227,6 +227,8 @@ def cost_ops(user_id: str, rows: list[dict]) -> list:
     calls of a day and model here) is most likely a new document: an insert, and
     the upsert only where it exists (:class:`smsd.store_errors.InsertElse`)."""
     from pymongo import UpdateOne
+
+    from .store_errors import InsertElse
     ops: list = []
     for r in rows:
         flt = {"_id": cost_doc_id(user_id, r["day"], r["model"])}
