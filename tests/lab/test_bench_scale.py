@@ -113,4 +113,6 @@ def test_steady_bench_stores_every_arriving_sms_and_counts_worker_starts(bench):
     assert figures["SMS not stored by the end of the drain wait"] == 0
     assert len(res.extra["latencies_s"]) == 12 and all(x > 0 for x in res.extra["latencies_s"])
     assert figures["worker starts per minute (supervisor log)"] > 0
-    assert res.extra["worker_pids"] >= 1
+    # The status shows busy workers only, polled every 0.5 s: a turn of a few SMS can fall
+    # between two polls, so the pids it saw are a lower bound of the workers started.
+    assert 0 <= res.extra["worker_pids"] <= res.extra["log_starts"]
