@@ -186,33 +186,40 @@ def mark(calls: list[tuple[Any, str, list, str]]) -> list[Any]:
 
 
 # ------------------------------------------------------------------ checkpoint
-def checkpoint(calls: list[tuple[Any, str, str, dict, dict]]) -> list[Any]:
-    """Every member's checkpoint update in one ``update``, one ``find`` of the results,
-    one ``update`` of the users' counters (:func:`smsd.store_stats.record_progress`)."""
+def checkpoint(calls: list[tuple[Any, str, str, dict, dict, dict | None]]) -> list[Any]:
+    """Every member's checkpoint update in one ``update``, one ``find`` of the results
+    (of those whose member does not know it: :meth:`GroupedStore._after`), one write of
+    the users' counters (:func:`smsd.store_stats.progress_op`)."""
     if len(calls) == 1:
-        store, user, batch_id, _, kw = calls[0]
+        store, user, batch_id, _, kw, _ = calls[0]
         return [_own(lambda: FencedStore.checkpoint_progress(store, user, batch_id, **kw))]
     lead = calls[0][0]
     ops = [UpdateOne({"_id": batch_id, "user_id": user, **store.fence_filter}, [{"$set": fields}], upsert=True)
-           for store, user, batch_id, fields, _ in calls]
+           for store, user, batch_id, fields, _, _ in calls]
     alone: set[int] = set()
+    created: set[int] = set()
     try:
         with lead.errors("checkpoint_progress"):
-            lead.checkpoints.bulk_write(ops, ordered=False)
+            created = set(lead.checkpoints.bulk_write(ops, ordered=False).upserted_ids or {})
     except BulkWriteError as exc:
         # A newer epoch's checkpoint under one of these _ids (or another error): those
         # members' own update raises what it should; the others' statements are done.
         alone = {int(e["index"]) for e in exc.details.get("writeErrors", [])}
+        created = {int(u["index"]) for u in exc.details.get("upserted", [])}
     failpoint(MID_WRITE)
     mine = [i for i in range(len(calls)) if i not in alone]
+    # A member's known state stands for the read, unless its update created the document
+    # (it was gone: the read shows it without its counters' base, and the member's own path sets it).
+    docs = {calls[i][2]: calls[i][5] for i in mine if calls[i][5] is not None and i not in created}
+    unknown = [calls[i][2] for i in mine if calls[i][2] not in docs]
     projection = {"user_id": 1, "batch_id": 1, "processed_sms": 1, "status": 1, BASE_FIELD: 1}
-    with lead.errors("checkpoint_progress"):
-        docs = {d["_id"]: d for d in lead.checkpoints.find({"_id": {"$in": [calls[i][2] for i in mine]}},
-                                                             projection)} if mine else {}
+    if unknown:
+        with lead.errors("checkpoint_progress"):
+            docs.update((d["_id"], d) for d in lead.checkpoints.find({"_id": {"$in": unknown}}, projection))
     now = utcnow()
     progress = []
     for i in mine:
-        store, user, batch_id, _, _ = calls[i]
+        store, user, batch_id, _, _, _ = calls[i]
         doc = docs.get(batch_id)
         if doc is None or doc.get("user_id") != user or doc.get(BASE_FIELD) is None:
             alone.add(i)     # gone, or a run older than the counters: the member's own path

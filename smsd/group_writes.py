@@ -62,7 +62,8 @@ from typing import Any, Callable
 from . import group_commands
 from .fencing import FencedStore
 from .model import FlushItem
-from .store_docs import CHECKPOINT_STATUSES, checkpoint_fields
+from .store_docs import CHECKPOINT_STATUSES, STATUS_COMPLETED, checkpoint_fields
+from .store_stats import BASE_FIELD
 
 log = logging.getLogger("smsd.group_writes")
 
@@ -254,6 +255,16 @@ class GroupedStore(FencedStore):
 
     group_writes: GroupWrites
     group_member: _Member
+    #: ``{batch_id: known}`` of the runs the group's prologue opened for this member: the
+    #: checkpoint as this member alone has written it (see :meth:`checkpoint_progress`).
+    opened_runs: dict[str, dict]
+
+    def opened(self, checkpoint: dict) -> None:
+        """The prologue inserted ``checkpoint`` (a new run) for this member, under its lease."""
+        self.opened_runs = {**getattr(self, "opened_runs", {}), checkpoint["batch_id"]: {
+            "user_id": checkpoint["user_id"], "batch_id": checkpoint["batch_id"],
+            "processed_sms": int(checkpoint.get("processed_sms") or 0), "status": checkpoint["status"],
+            BASE_FIELD: checkpoint[BASE_FIELD]}}
 
     def _grouped(self, kind: str, payload: Any, run: Callable[[list[Any]], list[Any]]) -> Any:
         return self.group_writes.submit(self.group_member, kind, payload, run)
@@ -285,7 +296,24 @@ class GroupedStore(FencedStore):
         fields = checkpoint_fields(user_id, batch_id, now=group_commands.utcnow(), extra=self.fence_fields,
                                    **kw)
         self._latest_seen.pop(user_id, None)
-        self._grouped("checkpoint", (self, user_id, batch_id, fields, kw), group_commands.checkpoint)
+        self._grouped("checkpoint", (self, user_id, batch_id, fields, kw, self._after(batch_id, kw)),
+                      group_commands.checkpoint)
+
+    def _after(self, batch_id: str, kw: dict) -> dict | None:
+        """The run's checkpoint as it is once this update lands, when this member knows it.
+
+        A run the prologue opened this turn has had no writer but this member (its
+        ``batch_id`` is new, and its writes are fenced by the member's lease), so its
+        counters are this member's own ``$max`` and a ``completed`` stays completed;
+        the flush needs no read of it back for the users' counters.  Other runs: ``None``.
+        """
+        known = getattr(self, "opened_runs", {}).get(batch_id)
+        if known is None:
+            return None
+        known["processed_sms"] = max(known["processed_sms"], int(kw["processed_sms"]))
+        if known["status"] != STATUS_COMPLETED:
+            known["status"] = kw["status"]
+        return dict(known)
 
     def bulk_upsert(self, name: str, ops: list, *, what: str, write_concern: Any = None) -> dict:
         """As :meth:`Store.bulk_upsert` (the ops that created their document), grouped by collection."""

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from .combiner import CallCombiner
 from .config import Settings
 from .group_start import prologue
-from .group_writes import GroupWrites
+from .group_writes import GroupedStore, GroupWrites
 from .logsetup import bind_context
 
 log = logging.getLogger("smsd.worker")
@@ -68,6 +68,9 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
         own = reporter.for_member(user_id)
         twin = writes.join(store.sibling(), user_id, member.elsewhere, member.answering)
         member.writing = writes.writing(twin)
+        pre = start.members[user_id].pre
+        if isinstance(twin, GroupedStore) and pre is not None and pre.run is not None and pre.run.checkpoint:
+            twin.opened(pre.run.checkpoint)   # its flushes need no read of it back
         try:
             code, info = turn(settings, user_id, twin, member, own, stop, abort, start.members[user_id])
         except BaseException as exc:  # noqa: BLE001 - re-raised in the worker's thread
