@@ -28,25 +28,36 @@ def _smsd_trial(bench: Bench, n_users: int, sms_each: int) -> dict:
     total = n_users * sms_each
     seed_users(bench, db_name, n_users, sms_each)
     bench.llm.reset()
+    before = bench.cpu_snapshot()
     run = ContractRun(bench, db_name, directory).start()
     try:
         first, last = run.wait_done(total, bench.params.run_timeout)
     finally:
         run.stop()
+    after = bench.cpu_snapshot()
     stats = bench.llm.stats()
     bench.drop(db_name)
     first_call = min(stats["call_times"]) if stats["call_times"] else first
     return {"end_to_end_s": last - run.launched, "after_startup_s": max(1e-6, last - first_call),
-            "llm_calls": stats["calls"]}
+            "llm_calls": stats["calls"], **_cpu(before, after)}
+
+
+def _cpu(before: dict, after: dict) -> dict:
+    """CPU seconds of the MongoDB-wire server and of the side's own processes (reaped
+    children: ``smsd run`` and its workers, or the bare loop's processes) over a trial."""
+    return {"server_cpu_s": after["mongo"] - before["mongo"], "own_cpu_s": after["children"] - before["children"]}
 
 
 def _bare_trial(bench: Bench, n_users: int, sms_each: int, tmpl: dict) -> dict:
     db_name, _ = bench.fresh("bare")
     total = n_users * sms_each
     users = seed_users(bench, db_name, n_users, sms_each)
+    before = bench.cpu_snapshot()
     res = run_bare(bench, db_name, users, total, processes=4, page_size=200, tmpl=tmpl)
+    after = bench.cpu_snapshot()
     bench.drop(db_name)
-    return {"end_to_end_s": res.end_to_end_s, "after_startup_s": res.after_startup_s, "pages": res.pages}
+    return {"end_to_end_s": res.end_to_end_s, "after_startup_s": res.after_startup_s, "pages": res.pages,
+            **_cpu(before, after)}
 
 
 def bench_bare(bench: Bench) -> BenchResult:
@@ -71,10 +82,13 @@ def bench_bare(bench: Bench) -> BenchResult:
         "same answers), one `update_many` marking the page processed.  **End to end**: from "
         "launching the processes to the last `processed_at`; **after start-up**: smsd from its first "
         "LLM call (seen by the LLM server), the bare loop from the moment its processes are connected "
-        "and told to go, to the last `processed_at`.  Ratio = smsd SMS/s ÷ bare SMS/s of the same pair; order "
+        "and told to go, to the last `processed_at`.  **CPU**: the MongoDB-wire server's (psutil) and "
+        "the side's own processes' (rusage of the reaped children: `smsd run` and its workers, or the bare "
+        "loop's processes) during the trial.  Ratio = smsd SMS/s ÷ bare SMS/s of the same pair; order "
         f"smsd, bare, smsd, bare…; {p.bare_pairs} pairs per shape, fresh database per trial.")
     res.details += ["", "| shape | pair | smsd end to end | bare end to end | ratio | smsd after start-up | "
-                    "bare after start-up | ratio, after start-up | LLM calls |", "|---|---|---|---|---|---|---|---|---|"]
+                    "bare after start-up | ratio, after start-up | LLM calls | server CPU, smsd / bare | "
+                    "own processes' CPU, smsd / bare |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n_users, sms_each in p.bare_shapes:
         total = n_users * sms_each
         shape = f"{n_users} users × {sms_each} SMS"
@@ -93,7 +107,8 @@ def bench_bare(bench: Bench) -> BenchResult:
             res.details.append(
                 f"| {shape} | {pair + 1} | {s['end_to_end_s']:.2f} s ({total / s['end_to_end_s']:.0f} SMS/s) | "
                 f"{b['end_to_end_s']:.2f} s ({total / b['end_to_end_s']:.0f} SMS/s) | {ratios[-1]:.3f} | "
-                f"{s['after_startup_s']:.2f} s | {b['after_startup_s']:.2f} s | {ratios_a[-1]:.3f} | {s['llm_calls']} |")
+                f"{s['after_startup_s']:.2f} s | {b['after_startup_s']:.2f} s | {ratios_a[-1]:.3f} | {s['llm_calls']} | "
+                f"{s['server_cpu_s']:.2f} s / {b['server_cpu_s']:.2f} s | {s['own_cpu_s']:.2f} s / {b['own_cpu_s']:.2f} s |")
         ratio, ratio_a = median(ratios), median(ratios_a)
         res.figures += [
             Figure("bare", f"{shape}: smsd end to end", median(rates["smsd"]), "SMS/s", runs=rates["smsd"]),
