@@ -19,10 +19,19 @@ test-deps:
 	bash scripts/install-test-deps.sh
 
 # The llamacpp extra (llama-cpp-python built from source: minutes the first time,
-# seconds from pip's wheel cache) brings a real third-party server into the suite;
-# if it cannot be installed, its test is skipped and says why.
+# seconds from the wheel kept in LLAMA_WHEELS) brings a real third-party server into
+# the suite; if it cannot be installed, its test is skipped and says why.  Built
+# without -march=native (GGML_NATIVE=OFF): a native build segfaulted (general
+# protection fault in libggml-cpu) on every completion on an AVX-512 Xeon VM, and
+# pip's own wheel cache does not tell builds of other flags or CPUs apart.
+LLAMA_VERSION = 0.3.36
+LLAMA_WHEELS ?= $(HOME)/.cache/smsd/llama-cpp-python-$(LLAMA_VERSION)-generic
 test-llamacpp: install
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[llamacpp]' \
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 \
+	  || CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip wheel -q --disable-pip-version-check --no-deps \
+	       --no-cache-dir -w $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_VERSION)" \
+	  || echo "make: llama-cpp-python could not be built"
+	$(PY) -m pip install -q --disable-pip-version-check --find-links $(LLAMA_WHEELS) -e '.[llamacpp]' \
 	  || echo "make: llama-cpp-python could not be installed: tests/daemon/test_llamacpp.py will be skipped"
 
 # In parallel (TEST_JOBS processes, pytest-xdist): tests that use host-wide systemd or
