@@ -38,7 +38,7 @@ def discover(settings: Settings, uri: str | None = None, *,
              journals_seen: Mapping[str, Sequence] | None = None,
              journals_check: Container[str] | None = None,
              stats_since: datetime | None = None, host: str = "", free_slots: int = 0,
-             lease_users: Sequence[str] = ()) -> dict:
+             lease_users: Sequence[str] = (), indexes: bool = False) -> dict:
     """Users with pending SMS, changed counters and changed journals: one tick's news.
 
     Nothing here grows with the number of SMS smsd has processed: pending SMS
@@ -52,6 +52,11 @@ def discover(settings: Settings, uri: str | None = None, *,
 
     Journals are scanned first: a user with unflushed answers is worked on
     even while MongoDB is down (its worker waits, then flushes).
+
+    With ``indexes`` it first creates smsd's indexes (:meth:`smsd.store.Store.ensure_indexes`,
+    idempotent): ``"indexes": {"ok": true}``, or ``{"ok": false, "error": ...}`` where
+    the server refused them (no ``createIndex`` right, an index of the same name and
+    other keys); the tick goes on either way, as every later one would without them.
 
     With a ``host`` id it also says this host is alive (``smsd_hosts``, with
     its ``free_slots``) and reads the leases (:mod:`smsd.lease`) of the users
@@ -75,6 +80,8 @@ def discover(settings: Settings, uri: str | None = None, *,
     leases: dict = {}
     store = make_store(settings, uri)
     try:
+        if indexes:
+            answer["indexes"] = _ensure_indexes(store)
         through = datetime.now(timezone.utc)
         counters = store.changed_stats(stats_since)
         answer.update(pending=store.pending_users(), counters=counters, stats_through=through,
@@ -88,6 +95,16 @@ def discover(settings: Settings, uri: str | None = None, *,
         store.close()
     answer.update(mongo=mongo, took_s=time.time() - started)
     return _jsonable(answer)
+
+
+def _ensure_indexes(store: Store) -> dict:
+    """Create smsd's indexes: ``{"ok": True}``, or the server's refusal (MongoDB being away
+    is raised, as for the tick's reads: the next tick tries again)."""
+    try:
+        store.ensure_indexes()
+    except PyMongoError as exc:   # not transient (guarded raised those as StoreUnavailable)
+        return {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return {"ok": True}
 
 
 def _leases(store: Store, settings: Settings, host: str, free_slots: int, user_ids: list[str]) -> dict:

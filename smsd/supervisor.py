@@ -85,6 +85,8 @@ class Supervisor(WorkerPool):
         self.last_discovery = 0.0
         self.discovery_wanted = True
         self.mongo: dict = {"ok": None, "error": "not checked yet"}
+        # smsd's indexes: created by a discovery (ok None: not yet; the tick after a start or a reload).
+        self.indexes: dict = {"ok": None}
         self.health = Health()         # llm: misconfigured, and how long MongoDB has been down
         # What earlier discoveries saw, so the next one reads only what changed since.
         self.journal_seen: dict[str, list] = {}
@@ -303,6 +305,7 @@ class Supervisor(WorkerPool):
                 setattr(getattr(new, section), key, getattr(getattr(old, section), key))
         self.settings = new
         self.health.reloaded()
+        self.indexes = {"ok": None}   # the next discovery creates them again (mongo.db may have changed)
         for w in self.workers.values():
             self.retire(w)   # a worker keeps the settings it was forked with: replace each one
         logging.getLogger().setLevel(new.supervisor.log_level)
@@ -415,8 +418,10 @@ class Supervisor(WorkerPool):
         since, check = self.stats_since, self.journals_to_check(previous)
         if time.monotonic() - self.stats_full_at >= STATS_FULL_REFRESH_S:
             since = check = None   # now and then everything, in case a change was missed
+        indexes = self.indexes.get("ok") is None
         child = self.fork_child("discovery", lambda: discovery.discover(
-            settings, uri, journals_seen=seen, journals_check=check, stats_since=since, **self.lease.ask(self)))
+            settings, uri, journals_seen=seen, journals_check=check, stats_since=since, indexes=indexes,
+            **self.lease.ask(self)))
         child.generation = self.generation
 
     def journals_to_check(self, since: float) -> set[str]:
@@ -481,6 +486,8 @@ class Supervisor(WorkerPool):
                 self.users[user_id].info.pop("journal", None)
         if not self.mongo.get("ok") or "pending" not in answer:
             return
+        if "indexes" in answer and self.indexes.get("ok") is None:
+            self.indexes_created(answer["indexes"])
         self.figures.discovered(answer.get("counters", {}))
         for user_id, counters in answer.get("counters", {}).items():
             self.users.setdefault(user_id, UserState(user_id)).info["counters"] = counters
@@ -496,6 +503,17 @@ class Supervisor(WorkerPool):
         if answer.get("counters_all"):
             self.stats_full_at = time.monotonic()
         self.lease.seen(self.users, answer.get("leases"), pending)
+
+    def indexes_created(self, indexes: dict) -> None:
+        """Note a discovery's index creation; a refusal is logged once (until a reload)."""
+        self.indexes = indexes
+        db = self.settings.mongo.db
+        if indexes.get("ok"):
+            log.info("indexes: smsd's indexes are in database %s", db)
+        else:
+            log.warning("indexes: MongoDB refused smsd's indexes in database %s (%s): every read of "
+                        "pending SMS and checkpoints scans its collection; `smsd doctor` tells which "
+                        "are missing", db, indexes.get("error"))
 
     def run_admin(self, cmd: str, args: dict) -> dict:
         """Ask MongoDB in a child and wait for it (bounded), still pinging the watchdog."""
