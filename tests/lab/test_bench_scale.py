@@ -17,7 +17,7 @@ from smsd.lab.bench.bare_loop import run_bare
 from smsd.lab.bench.commit_latency import bench_commit, journal_commits
 from smsd.lab.bench.contract_run import ContractRun, seed_users, shipped_settings
 from smsd.lab.bench.harness import Bench, Params
-from smsd.lab.bench.steady import bench_steady
+from smsd.lab.bench.steady import _growth, bench_steady
 from smsd.lab.mongoproxy import ProxyProcess
 from smsd.model import SmsResult, Usage, sms_key
 
@@ -116,3 +116,10 @@ def test_steady_bench_stores_every_arriving_sms_and_counts_worker_starts(bench):
     # The status shows busy workers only, polled every 0.5 s: a turn of a few SMS can fall
     # between two polls, so the pids it saw are a lower bound of the workers started.
     assert 0 <= res.extra["worker_pids"] <= res.extra["log_starts"]
+    assert "backlog growth (mean pending, second half − first half)" in figures
+
+
+def test_a_steady_backlog_of_one_discovery_wait_is_no_growth_and_a_rising_one_is():
+    assert _growth([100, 101, 99, 100, 90, 89, 78, 80]) < 0      # flat, then draining
+    assert _growth([100, 150, 200, 250, 300, 350]) == 150         # piles up
+    assert _growth([7]) == 0.0
