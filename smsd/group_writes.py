@@ -145,6 +145,7 @@ class GroupWrites:
         twin.__class__ = GroupedStore
         twin.group_writes = self
         twin.group_member = _Member(name, busy, answering)
+        twin.opened_runs = {}
         with self._cond:
             self._members.append(twin.group_member)
         return twin
@@ -261,10 +262,10 @@ class GroupedStore(FencedStore):
 
     def opened(self, checkpoint: dict) -> None:
         """The prologue inserted ``checkpoint`` (a new run) for this member, under its lease."""
-        self.opened_runs = {**getattr(self, "opened_runs", {}), checkpoint["batch_id"]: {
+        self.opened_runs[checkpoint["batch_id"]] = {
             "user_id": checkpoint["user_id"], "batch_id": checkpoint["batch_id"],
             "processed_sms": int(checkpoint.get("processed_sms") or 0), "status": checkpoint["status"],
-            BASE_FIELD: checkpoint[BASE_FIELD]}}
+            BASE_FIELD: checkpoint[BASE_FIELD]}
 
     def _grouped(self, kind: str, payload: Any, run: Callable[[list[Any]], list[Any]]) -> Any:
         return self.group_writes.submit(self.group_member, kind, payload, run)
@@ -307,7 +308,7 @@ class GroupedStore(FencedStore):
         counters are this member's own ``$max`` and a ``completed`` stays completed;
         the flush needs no read of it back for the users' counters.  Other runs: ``None``.
         """
-        known = getattr(self, "opened_runs", {}).get(batch_id)
+        known = self.opened_runs.get(batch_id)
         if known is None:
             return None
         known["processed_sms"] = max(known["processed_sms"], int(kw["processed_sms"]))
