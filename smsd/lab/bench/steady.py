@@ -174,13 +174,14 @@ def bench_steady(bench: Bench) -> BenchResult:
     # A backlog of about one discovery interval's arrivals is the wait for the next tick;
     # it piles up when it grows: the second half of the run holds more than the first
     # (past the first interval) by over 3 s of arrivals, or the drain did not finish.
-    growth = _growth([n for t, n in backlog if t >= _discovery_interval()])
+    interval = _discovery_interval()
+    growth = _growth([n for t, n in backlog if t >= interval])
     piled = left > 0 or growth > 3 * p.steady_rate
     res.figures.append(Figure("steady", "backlog growth (mean pending, second half − first half)",
                               growth, "SMS"))
     res.notes.append(f"Backlog when the inserts stopped: {pending_at_end} SMS (about "
                      f"{pending_at_end / p.steady_rate:.1f} s of arrivals; discovery looks every "
-                     f"{_discovery_interval():g} s); from the first half of the run to the second "
+                     f"{interval:g} s); from the first half of the run to the second "
                      f"it moved by {growth:+.0f}: {'it piles up' if piled else 'nothing piles up'}.")
     res.extra.update(latencies_s=lat, backlog=backlog, worker_pids=len(pids), log_starts=log_starts)
     return res
