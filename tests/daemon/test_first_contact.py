@@ -147,12 +147,22 @@ def test_answers_cut_at_the_token_cap_are_kept_in_part_and_nothing_is_lost(tmp_p
                                                                            mongo_db_name, llm_server):
     expected = seed(db, "u7", 20)
     config = write_config(tmp_path, mongo_uri=mongo_server.uri, db=mongo_db_name, llm_url=llm_server.url,
-                          llm={"completion_tokens_per_sms": 40, "completion_tokens_margin": 40},
+                          # One call at a time: the last request the server saw is the last one
+                          # sent (with two, a batch sent beside the last re-asks could arrive after them).
+                          llm={"completion_tokens_per_sms": 40, "completion_tokens_margin": 40,
+                               "concurrency": 1},
                           pipeline={"max_attempts": 2})
     out = run_smsd(config, "once", "--user-id", "u7")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "truncated" in out.stderr                 # batches of 5 did not fit in 5 * 40 + 40 tokens
-    assert llm_server.last_request()["max_tokens"] == 80   # the re-asks went alone: 1 * 40 + 40
+    # The re-asks went alone, under a cap of 1 * 40 + 40 tokens: with one call at a time, the
+    # call logged after each "re-asks" line is that re-ask.
+    lines = [ln for ln in out.stderr.splitlines() if " re-asks " in ln or "llm call n_sms=" in ln]
+    reasks = [nxt for ln, nxt in zip(lines, lines[1:]) if " re-asks " in ln]
+    assert reasks, out.stderr[-2000:]
+    for call in reasks:
+        fields = dict(f.split("=", 1) for f in call.split() if "=" in f)
+        assert fields["n_sms"] == "1" and int(fields["completion_tokens"]) <= 80, call
     report = verify(db, expected, state_dir=tmp_path / "state", billed=llm_server.stats()["billed"])
     assert report.ok, report.to_dict()
     stored = processed(db, "u7")
