@@ -103,7 +103,7 @@ def check_mongo(settings: Settings) -> list[Check]:
     checks = [Check("mongodb", True, f"{shown}: version {version}, {kind}, answered in {ms:.0f} ms; "
                     f"writes use {wc}")]
     wanted = [(docs.RAW_COLLECTION, docs.IDX_PENDING), (docs.RAW_COLLECTION, docs.IDX_DISCOVERY),
-              (docs.RAW_COLLECTION, docs.IDX_BATCH), (docs.TRANSACTIONS_COLLECTION, docs.IDX_TX_BY_SMS),
+              (docs.TRANSACTIONS_COLLECTION, docs.IDX_TX_BY_SMS),
               (docs.CHECKPOINTS_COLLECTION, docs.IDX_LATEST_CHECKPOINT)]
     missing = [f"{c}.{n}" for c, n in wanted if (c, n) not in have]
     checks.append(Check("indexes", not missing,

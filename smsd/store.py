@@ -50,10 +50,10 @@ from smsd.model import FlushItem, Malformed, Quarantine, Sms, sms_key
 # Names callers import from smsd.store (collections, indexes, malformed reasons,
 # StoreUnavailable) stay importable from here.
 from smsd.store_docs import (
-    BATCH_FIELD, CHECKPOINT_STATUSES, CHECKPOINTS_COLLECTION, IDX_BATCH, IDX_DISCOVERY,
+    BATCH_FIELD, CHECKPOINT_STATUSES, CHECKPOINTS_COLLECTION, IDX_DISCOVERY,
     IDX_LATEST_CHECKPOINT, IDX_PENDING, IDX_TX_BY_SMS, MALFORMED_TEXT_EMPTY, MALFORMED_TEXT_MISSING,
     MALFORMED_TEXT_NOT_STRING, MALFORMED_TEXT_TOO_LONG, MALFORMED_USER_ID, QUARANTINE_FIELD,
-    RAW_COLLECTION, STATUS_COMPLETED, STATUS_IN_PROGRESS, TRANSACTIONS_COLLECTION, _get_path,
+    RAW_COLLECTION, RETIRED_INDEXES, STATUS_COMPLETED, STATUS_IN_PROGRESS, TRANSACTIONS_COLLECTION, _get_path,
     checkpoint_fields, delete_stale_transactions, latest_run, transaction_doc,
 )
 from smsd.store_errors import StoreUnavailable, _is_transient, bulk_created, guarded  # noqa: F401 - re-exported
@@ -239,14 +239,13 @@ class Store:
             return False
 
     def ensure_indexes(self) -> None:
-        """Create smsd's indexes (idempotent; safe on every start).
+        """Create smsd's indexes, drop those it no longer keeps (idempotent; on every start).
 
         * ``sms_fin_rawdata``: ``smsd_pending_by_user (user_id, smsd_quarantine,
-          isprocessed, _id)`` serves the pending query of one user and the
-          quarantined list of one user; ``smsd_pending_discovery
-          (smsd_quarantine, isprocessed, user_id)`` serves the supervisor's
-          "which users have pending SMS"; ``smsd_processed_by_batch (user_id,
-          smsd_batch_id)`` serves :meth:`count_processed_in_batch`.
+          isprocessed, _id)``: one user's pending and quarantined SMS;
+          ``smsd_pending_discovery (smsd_quarantine, isprocessed, user_id)``: "which
+          users have pending SMS".  No more: every ``isprocessed`` update writes each
+          index (``RETIRED_INDEXES``).
         * ``financial_transactions``: ``smsd_tx_by_sms (user_id, sms_id)``.
         * ``processing_checkpoints``: ``smsd_latest_checkpoint (user_id,
           checkpoint_timestamp desc)``.
@@ -258,11 +257,12 @@ class Store:
                                    name=IDX_PENDING),
                 pymongo.IndexModel([(QUARANTINE_FIELD, 1), ("isprocessed", 1), ("user_id", 1)],
                                    name=IDX_DISCOVERY),
-                pymongo.IndexModel([("user_id", 1), (BATCH_FIELD, 1)], name=IDX_BATCH),
             ])
-            self.transactions.create_indexes([
-                pymongo.IndexModel([("user_id", 1), ("sms_id", 1)], name=IDX_TX_BY_SMS),
-            ])
+            for collection, names in RETIRED_INDEXES.items():
+                for name in set(names) & set(self._database()[collection].index_information()):
+                    self._database()[collection].drop_index(name)
+            self.transactions.create_indexes([pymongo.IndexModel([("user_id", 1), ("sms_id", 1)],
+                                                                 name=IDX_TX_BY_SMS)])
             self.checkpoints.create_indexes([
                 pymongo.IndexModel([("user_id", 1), ("checkpoint_timestamp", -1)], name=IDX_LATEST_CHECKPOINT),
             ])
@@ -612,7 +612,7 @@ class Store:
     def count_processed_in_batch(self, user_id: str, batch_id: str) -> int:
         """Number of ``user_id``'s SMS marked processed by run ``batch_id``."""
         with self._errors("count_processed_in_batch"):
-            return int(self.raw.count_documents({"user_id": user_id, BATCH_FIELD: batch_id}))
+            return store_stats.count_processed(self.raw, user_id, batch_id)
 
     def collection(self, name: str) -> Collection:
         """Another collection of smsd's database (the ledger, the answer cache), same write concern."""

@@ -51,9 +51,13 @@ MALFORMED_TEXT_TOO_LONG = "text_too_long"
 #: Index names (``ensure_indexes``).
 IDX_PENDING = "smsd_pending_by_user"
 IDX_DISCOVERY = "smsd_pending_discovery"
-IDX_BATCH = "smsd_processed_by_batch"
 IDX_TX_BY_SMS = "smsd_tx_by_sms"
 IDX_LATEST_CHECKPOINT = "smsd_latest_checkpoint"
+#: Indexes earlier versions made and this one drops (``ensure_indexes``), by collection.
+#: ``smsd_processed_by_batch (user_id, smsd_batch_id)`` served only the count of a resumed
+#: run's SMS, yet every ``isprocessed`` write kept it up: on SecantusDB each index of a
+#: collection costs an updated document about as much again as the document itself.
+RETIRED_INDEXES = {RAW_COLLECTION: ("smsd_processed_by_batch",)}
 
 
 def _get_path(doc: dict, path: str) -> tuple[bool, Any]:

@@ -81,6 +81,8 @@ def guarded(what: str) -> Iterator[None]:
 
 #: MongoDB's error code of a duplicate ``_id`` (or other unique key).
 DUPLICATE_KEY = 11000
+#: ``BadValue``: among others, a ``hint`` naming an index that does not exist.
+BAD_VALUE = 2
 
 
 class InsertElse:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import time
 
 from smsd.lab.invariants import verify
-from smsd.store_docs import (CHECKPOINTS_COLLECTION, IDX_BATCH, IDX_DISCOVERY, IDX_LATEST_CHECKPOINT,
+from smsd.store_docs import (CHECKPOINTS_COLLECTION, IDX_DISCOVERY, IDX_LATEST_CHECKPOINT,
                              IDX_PENDING, IDX_TX_BY_SMS, RAW_COLLECTION, TRANSACTIONS_COLLECTION)
 
 from ..harness import Daemon, seed, wait_for, write_config
 
-WANTED = {RAW_COLLECTION: {IDX_PENDING, IDX_DISCOVERY, IDX_BATCH},
+WANTED = {RAW_COLLECTION: {IDX_PENDING, IDX_DISCOVERY},
           TRANSACTIONS_COLLECTION: {IDX_TX_BY_SMS},
           CHECKPOINTS_COLLECTION: {IDX_LATEST_CHECKPOINT}}
 

@@ -16,6 +16,7 @@ from tests.fixtures_mongo import seed_sms
 from smsd import embedded
 from smsd.embedded import EmbeddedMongo, EmbeddedUnavailable
 from smsd.model import FlushItem, Provenance, Quarantine, SmsResult, Transaction, sms_key, transaction_id
+from smsd import store_stats
 from smsd.store import Store
 from smsd.store_docs import (
     IDX_LATEST_CHECKPOINT,
@@ -228,6 +229,28 @@ def test_mark_processed_counts_only_newly_marked(store: Store):
     assert _ids(store.fetch_pending("u1", limit=10)[0]) == [4]
     assert store.user_summaries()["u1"] == {"total_sms": 5, "processed_sms": 4, "pending_sms": 1,
                                             "quarantined_sms": 0, "ungrounded_sms": 0}
+
+
+def test_the_index_earlier_versions_kept_for_one_runs_count_is_dropped_and_the_count_still_uses_an_index(
+        store: Store):
+    # Each index of sms_fin_rawdata is written by every isprocessed update: the one that
+    # served only a resumed run's count goes, and that count reads the user's processed SMS.
+    store.raw.create_index([("user_id", 1), ("smsd_batch_id", 1)], name="smsd_processed_by_batch")
+    seed_sms(store, "u1", 6)
+    store.mark_processed("u1", [0, 1], "batch-1")
+    store.ensure_indexes()
+    store.ensure_indexes()   # nothing left to drop: no error
+    names = set(store.raw.index_information())
+    assert "smsd_processed_by_batch" not in names and IDX_PENDING in names
+    assert store.count_processed_in_batch("u1", "batch-1") == 2
+    # The count's aggregate, as count_documents sends it, reads the index.
+    plan = store.raw.database.command(
+        "aggregate", store.raw.name, pipeline=[{"$match": store_stats.processed_filter("u1", "batch-1")},
+                                               {"$group": {"_id": 1, "n": {"$sum": 1}}}],
+        hint=IDX_PENDING, explain=True)
+    assert "COLLSCAN" not in str(plan) and "IXSCAN" in str(plan), plan
+    store.raw.drop_index(IDX_PENDING)            # refused at start, say: the count still counts
+    assert store.count_processed_in_batch("u1", "batch-1") == 2
 
 
 def test_mark_processed_chunks_long_id_lists(store: Store):
