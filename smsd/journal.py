@@ -67,8 +67,9 @@ from smsd.journal_conn import (Connections, JournalLocked, _chmod_600, _fsync_di
 # scan() lives in journal_scan; it is re-exported here for callers of journal.scan.
 from smsd.journal_scan import _stats, scan  # noqa: F401
 from smsd.journal_sync import WalSyncer
-from smsd.journal_schema import (MIGRATIONS, SCHEMA, SCHEMA_VERSION, UNFLUSHED_COUNT, _meta,
-                                 _scalar, journal_path, statements)
+# JournalError is defined with the format it guards; re-exported for callers.
+from smsd.journal_schema import (UNFLUSHED_COUNT, JournalError, _scalar, init_schema,  # noqa: F401
+                                 journal_path)
 from smsd.journal_ledger import LedgerRows
 from smsd.ledger import add_to_ledger, usd_text
 from smsd.model import (Provenance, Quarantine, SmsResult, Usage, raw_id_from_bytes,
@@ -80,10 +81,6 @@ log = logging.getLogger("smsd.journal")
 CHUNK = 500
 #: How many record_answer commit durations :meth:`Journal.commit_timings` keeps.
 TIMINGS_KEPT = 10_000
-
-
-class JournalError(Exception):
-    """The journal cannot be used: corrupt, newer schema, wrong user, closed..."""
 
 
 class AlreadyAnswered(JournalError):
@@ -144,8 +141,10 @@ class Journal(LedgerRows):
     user_id: str
 
     def __init__(self, path: Path, user_id: str, conns: Connections, lock_fd: int,
-                 syncer: WalSyncer | None = None):
+                 syncer: WalSyncer | None = None, meta: dict[str, str] | None = None):
         self.path = path
+        # The meta table as read at open; only this holder of the lock writes it (set_meta).
+        self._meta = dict(meta or {})
         self._syncer = syncer
         self.user_id = user_id
         self._conns = conns
@@ -208,7 +207,7 @@ class Journal(LedgerRows):
                 conn = connect(path, level)
             except RuntimeError as e:
                 raise JournalError(str(e)) from None
-            cls._init_schema(conn, path, user_id)
+            meta = init_schema(conn, path, user_id)
             _chmod_600(path)
             if background:
                 syncer = WalSyncer(path)
@@ -224,40 +223,7 @@ class Journal(LedgerRows):
                 raise JournalError(f"{path}: cannot open journal: {e}") from e
             raise
         log.debug("journal opened user=%s path=%s synchronous=%s", user_id, path, synchronous)
-        return cls(path, user_id, Connections(path, level, conn), lock_fd, syncer)
-
-    @staticmethod
-    def _init_schema(db: sqlite_utils.Database, path: Path, user_id: str) -> None:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if "meta" not in db.table_names():
-                for statement in statements(SCHEMA):   # in this one transaction: one fsync
-                    db.execute(statement)
-                db.table("meta").insert_all([
-                    {"key": "schema_version", "value": str(SCHEMA_VERSION)},
-                    {"key": "user_id", "value": user_id},
-                    {"key": "created_at", "value": _utc(_now()).isoformat()},
-                ])
-            meta = _meta(db)
-            version = int(meta.get("schema_version", "0"))
-            if version > SCHEMA_VERSION:
-                raise JournalError(
-                    f"{path}: journal schema version {version} is newer than this smsd "
-                    f"supports ({SCHEMA_VERSION}); upgrade smsd, do not delete the journal")
-            if version < 1:
-                raise JournalError(f"{path}: unknown journal schema version {version}")
-            while version < SCHEMA_VERSION:   # upgrade in place, in this one transaction
-                for statement in MIGRATIONS[version]:   # one at a time: executescript would COMMIT
-                    db.execute(statement)
-                version += 1
-                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
-            if meta.get("user_id") != user_id:
-                raise JournalError(f"{path}: journal belongs to user "
-                                   f"{meta.get('user_id')!r}, not {user_id!r}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.rollback()
-            raise
+        return cls(path, user_id, Connections(path, level, conn), lock_fd, syncer, meta)
 
     def close(self) -> None:
         """Close the database and release the lock.  Idempotent."""
@@ -353,6 +319,20 @@ class Journal(LedgerRows):
         (:mod:`smsd.batch`); the call life cycle below uses its own methods."""
         with self._write() as db:
             yield db
+
+    def meta(self, key: str) -> str | None:
+        """A value of the journal's ``meta`` table (kept since open: no query)."""
+        self._check_usable()
+        return self._meta.get(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Write a value of the ``meta`` table; one commit, none when it is unchanged."""
+        if self.meta(key) == value:
+            return
+        with self._write() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
+                       " ON CONFLICT (key) DO UPDATE SET value = excluded.value", [key, value])
+        self._meta[key] = value
 
     def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
         """Rows of a read-only query on this journal."""

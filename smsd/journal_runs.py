@@ -25,11 +25,11 @@ KEY = "latest_run_at"
 
 def latest_run_at(journal: Any) -> datetime | None:
     """The ``checkpoint_timestamp`` this journal last noted, or ``None``."""
-    rows = journal.query("SELECT value FROM meta WHERE key = ?", [KEY])
-    if not rows:
+    value = journal.meta(KEY)
+    if value is None:
         return None
     try:
-        return datetime.fromisoformat(rows[0][0])
+        return datetime.fromisoformat(value)
     except (TypeError, ValueError):
         return None   # unreadable: read every run, and note a good one
 
@@ -41,8 +41,4 @@ def note_run(journal: Any, checkpoint: dict | None) -> None:
         return
     # As MongoDB stores it (milliseconds): a document written from this dict is found again.
     at = at.replace(microsecond=at.microsecond // 1000 * 1000)
-    if at == latest_run_at(journal):
-        return
-    with journal.transaction() as db:
-        db.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
-                   " ON CONFLICT (key) DO UPDATE SET value = excluded.value", [KEY, at.isoformat()])
+    journal.set_meta(KEY, at.isoformat())

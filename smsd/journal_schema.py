@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
@@ -23,6 +24,12 @@ import sqlite_utils
 SCHEMA_VERSION = 3
 #: Longest quoted user id used as a file name; longer ones are hashed.
 MAX_NAME = 150
+
+
+
+class JournalError(Exception):
+    """The journal cannot be used: corrupt, newer schema, wrong user, closed..."""
+
 
 SCHEMA = """
 CREATE TABLE meta (
@@ -181,3 +188,36 @@ def _scalar(db: sqlite_utils.Database, sql: str, params: Iterable = ()) -> Any:
 def _meta(db: sqlite_utils.Database) -> dict[str, str]:
     return {r["key"]: r["value"] for r in db.query("SELECT key, value FROM meta")}
 
+
+def init_schema(db: sqlite_utils.Database, path: Path, user_id: str) -> dict[str, str]:
+    """Create or upgrade the schema, check the owner; the meta table as it now is."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if "meta" not in db.table_names():
+            for statement in statements(SCHEMA):   # in this one transaction: one fsync
+                db.execute(statement)
+            db.conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+                ("schema_version", str(SCHEMA_VERSION)), ("user_id", user_id),
+                ("created_at", datetime.now(timezone.utc).isoformat())])
+        meta = _meta(db)
+        version = int(meta.get("schema_version", "0"))
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"{path}: journal schema version {version} is newer than this smsd "
+                f"supports ({SCHEMA_VERSION}); upgrade smsd, do not delete the journal")
+        if version < 1:
+            raise JournalError(f"{path}: unknown journal schema version {version}")
+        while version < SCHEMA_VERSION:   # upgrade in place, in this one transaction
+            for statement in MIGRATIONS[version]:   # one at a time: executescript would COMMIT
+                db.execute(statement)
+            version += 1
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
+            meta["schema_version"] = str(version)
+        if meta.get("user_id") != user_id:
+            raise JournalError(f"{path}: journal belongs to user "
+                               f"{meta.get('user_id')!r}, not {user_id!r}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.rollback()
+        raise
+    return meta

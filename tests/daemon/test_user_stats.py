@@ -226,6 +226,9 @@ def test_a_turn_notes_its_run_in_the_journal_for_the_next_turns_read(store: Stor
     with Journal.open(tmp_path, "u1") as journal:
         journal_runs.note_run(journal, cp)
         noted = journal_runs.latest_run_at(journal)
+    with Journal.open(tmp_path, "u1") as journal:   # the note is on disk, read again at open
+        assert journal_runs.latest_run_at(journal) == noted
+        assert journal.query("SELECT value FROM meta WHERE key = ?", [journal_runs.KEY]) == [(noted.isoformat(),)]
     stored = store.checkpoints.find_one({"_id": cp["batch_id"]})["checkpoint_timestamp"]
     # Milliseconds, as stored: the bound finds the run it came from.
     assert noted == stored.replace(tzinfo=noted.tzinfo)
