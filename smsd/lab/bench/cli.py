@@ -21,7 +21,7 @@ from typing import Any, Callable
 from .batch import bench_batch
 from .discovery import bench_discovery
 from .fence import bench_fence
-from .harness import Bench, BenchResult, Params
+from .harness import Bench, BenchResult, Params, compile_smsd
 from .hosts import bench_hosts
 from .cost import bench_cost
 from .journal import bench_journal
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     old_term = signal.signal(signal.SIGTERM, _term)
     started = datetime.now(timezone.utc)
     t_start = time.monotonic()
+    compile_smsd()
     bench = Bench(params, args.tmp, verbose=not args.quiet)
     results: list[BenchResult] = []
     try:
