@@ -113,6 +113,9 @@ class CallCombiner:
         self._cond = threading.Condition()
         self._pending: list[_Request] = []
         self._members: list[Member] = []
+        #: Called (outside the lock) when a call was answered or a member left: the group's
+        #: flush writes wait on those members (:meth:`smsd.group_writes.GroupWrites.poke`).
+        self.on_change: Callable[[], None] = _nothing
         self.calls = 0            # real calls made (for the log line and tests)
         self.requests = 0         # member requests they carried
 
@@ -129,6 +132,7 @@ class CallCombiner:
         with self._cond:
             member.active = False
             self._cond.notify_all()
+        self.on_change()
 
     def poke(self) -> None:
         """A member's state changed outside the combiner (it entered a flush write,
@@ -214,6 +218,7 @@ class CallCombiner:
                 r.first = batch[0] if i else None
                 r.done.set()
             self._cond.notify_all()
+        self.on_change()
         if len(batch) > 1:
             log.debug("combined call: %d SMS of %d requests", len(sms), len(batch))
 
@@ -236,6 +241,10 @@ def split_answer(answer: LlmAnswer, parts: list[list[Sms]]) -> list[LlmAnswer]:
 
 def _never() -> bool:
     return False
+
+
+def _nothing() -> None:
+    pass
 
 
 class Member:

@@ -51,6 +51,7 @@ def run_group(settings: Settings, users: list[str], store: Any, extractor: Any, 
     # a member whose call is in flight is waited for as long as a gathered flush waits.
     writes = GroupWrites(settings.pipeline.group_write_wait_ms / 1000.0,
                          settings.pipeline.flush_max_wait_ms / 1000.0, notify=combiner.poke)
+    combiner.on_change = writes.poke
     errors: list[BaseException] = []
     bind_context(user_id=None)   # several users: each log line names its user in the message
     began = time.monotonic()

@@ -99,3 +99,59 @@ def test_a_held_call_goes_out_once_the_member_it_waits_for_starts_writing_its_fl
     assert out["a"][0] - started < 1.5, out["a"][0] - started   # not the combiner's 3 s wait
     assert wrote and wrote[0] - started < 2.0, wrote
     assert combiner.calls == 1
+
+
+def test_the_combiner_tells_the_group_writes_when_a_call_is_answered_and_when_a_member_leaves():
+    """CallCombiner.on_change (GroupWrites.poke in a group turn): the two changes of a member's
+    state that may let a waiting write batch go."""
+    combiner = CallCombiner(RulesExtractor(), max_sms=1, wait_s=3.0)
+    told: list[str] = []
+    combiner.on_change = lambda: told.append("change")
+    one = combiner.member("one")
+    out: dict = {}
+    _ask(one, [_sms("one", 1)], out)          # max_sms=1: the call goes at once
+    assert told == ["change"]
+    one.leave()
+    assert told == ["change", "change"]
+
+
+def test_a_write_batch_waiting_for_an_llm_call_looks_again_only_when_told_or_at_its_deadline():
+    """The first caller of a batch waiting for a member whose call is in flight sleeps until a
+    change is announced (GroupWrites.poke) or its deadline, at most POLL_S; its other callers
+    wait only for their result.  It re-read every member's state every 3 ms before."""
+    from smsd.group_writes import POLL_S, GroupWrites, _Member
+
+    class Counting(GroupWrites):
+        looks = 0
+
+        def _ready(self, batch, waited):
+            self.looks += 1
+            return super()._ready(batch, waited)
+
+    writes = Counting(wait_s=0.02, answer_wait_s=5.0)
+    answering, done = threading.Event(), threading.Event()
+    answering.set()
+    slow = _Member("slow", lambda: done.is_set() or answering.is_set(), answering.is_set)
+    first, second = _Member("w1", lambda: False, lambda: False), _Member("w2", lambda: False, lambda: False)
+    writes._members += [slow, first, second]
+    runs: list[int] = []
+    results: dict = {}
+
+    def write(m: _Member) -> None:
+        results[m.name] = writes.submit(m, "mark", m.name, lambda payloads: runs.append(len(payloads)) or payloads)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=write, args=(m,)) for m in (first, second)]
+    for t in threads:
+        t.start()
+    held = 0.6
+    time.sleep(held)
+    answering.clear()          # its call answered; its turn then ends without a write of this kind
+    done.set()
+    writes.poke()
+    for t in threads:
+        t.join(timeout=10)
+    assert results == {"w1": "w1", "w2": "w2"} and runs == [2]      # one command for both
+    assert time.monotonic() - started < 5.0                          # not the whole answer wait
+    # About held / POLL_S looks (12), plus one per change; polling every 3 ms made ~200.
+    assert POLL_S >= 0.03 and writes.looks <= 30, writes.looks
