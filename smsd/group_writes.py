@@ -16,8 +16,8 @@ coalesced kind joins the open batch of that kind and waits until every member
 still running is either in a batch (of any kind) or busy elsewhere (waiting for
 the combined LLM call, or its turn is over), or until
 ``pipeline.group_write_wait_ms`` passed; then the batch's first caller issues
-the combined command and everyone returns (the others only wait for their result).  A member whose request is in the
-LLM combiner (held, or its call in flight) is waited for longer, up to
+the combined command and everyone returns (the others only wait for their
+result).  A member whose request is in the LLM combiner (held, or its call in flight) is waited for longer, up to
 ``pipeline.flush_max_wait_ms`` (the gathered flush's own bound): a group's
 calls are made and answered one after the other (``llm.concurrency`` at a
 time), and without that wait each call's answers made a flush round of their
@@ -100,7 +100,7 @@ class _Member:
         self.busy = busy          # True while it waits for the LLM combiner, or once its turn is over
         self.answering = answering  # True while its LLM request is held or in flight: it flushes next
         self.in_batch = 0         # calls of this member waiting in (or being run by) a batch
-        self.answered_at = float("-inf")   # when a batch last saw its LLM call in flight
+        self.answered_at = float("-inf")   # when a batch first saw its awaited LLM call answered
         self.given_up = False     # a batch went out without it while it was answering
         self.was_answering = False  # a batch last saw it answering (and waited for it)
 
