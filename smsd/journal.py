@@ -62,14 +62,14 @@ from typing import Any, Iterable, Iterator
 import sqlite_utils
 
 # JournalLocked and the file helpers live in journal_conn; re-exported for callers.
-from smsd.journal_conn import (Connections, JournalLocked, _chmod_600, _fsync_dir,  # noqa: F401
-                               _take_lock, connect)
+from smsd.journal_conn import (Connections, JournalLocked, _chmod_600, _take_lock,  # noqa: F401
+                               connect, write_new_file)
 # scan() lives in journal_scan; it is re-exported here for callers of journal.scan.
 from smsd.journal_scan import _stats, scan  # noqa: F401
 from smsd.journal_sync import WalSyncer
 # JournalError is defined with the format it guards; re-exported for callers.
 from smsd.journal_schema import (UNFLUSHED_COUNT, JournalError, _scalar, init_schema,  # noqa: F401
-                                 journal_path)
+                                 journal_path, new_journal_image)
 from smsd.journal_ledger import LedgerRows
 from smsd.ledger import add_to_ledger, usd_text
 from smsd.model import (Provenance, Quarantine, SmsResult, Usage, raw_id_from_bytes,
@@ -195,14 +195,12 @@ class Journal(LedgerRows):
         background = background_sync and synchronous == "FULL"
         level = "NORMAL" if background else synchronous
         try:
-            # Create the file 0600 before SQLite opens it; SQLite gives the
-            # -wal and -shm files the mode of the database file.
-            created = not path.exists()
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            os.fchmod(fd, 0o600)
-            os.close(fd)
-            if created:
-                _fsync_dir(path.parent)
+            # The file is 0600 before SQLite opens it: SQLite gives the -wal and
+            # -shm files the mode of the database file.
+            if path.exists():
+                os.chmod(path, 0o600)
+            else:   # the schema and its owner in place, durably, before first use
+                write_new_file(path, new_journal_image(user_id))
             try:
                 conn = connect(path, level)
             except RuntimeError as e:

@@ -63,6 +63,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (0600) holding ``data``, whole or not at all, durably.
+
+    Written to ``{path}.new``, fsynced, renamed into place, the directory fsynced: a
+    crash leaves either no file (and maybe a ``.new`` that the next call overwrites)
+    or all of ``data``; never a half-written journal that would be refused as corrupt.
+    """
+    tmp = Path(f"{path}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def _read_pid(fd: int) -> int | None:
     try:
         data = os.pread(fd, 32, 0).decode("ascii", "replace").strip()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -175,6 +176,44 @@ def journal_path(state_dir: str | os.PathLike, user_id: str) -> Path:
         name = "sha256=" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()
     return Path(state_dir) / "journal" / f"{name}.sqlite"
 
+
+
+#: Offsets 18 and 19 of a SQLite file's header: the file format write and read
+#: versions, 2 for a database in WAL mode (what ``PRAGMA journal_mode = WAL`` writes;
+#: https://www.sqlite.org/fileformat.html, "The Database Header").
+_WAL_VERSIONS = slice(18, 20)
+
+_image_lock = threading.Lock()
+_image_db: tuple[int, sqlite3.Connection] | None = None   # (pid, in-memory journal)
+
+
+def new_journal_image(user_id: str) -> bytes:
+    """The file of a new, empty journal of ``user_id``: :data:`SCHEMA`, its ``meta``
+    rows and WAL mode, as :func:`init_schema` would leave an empty file.
+
+    Why an image: creating the schema costs SQLite a parse and a schema change per
+    statement, about 2.5 ms of CPU per new user (a third of a small user's turn in
+    a worker); a copy of the same pages costs a write.  The schema is built once
+    per process in an in-memory database, and each image is that database with the
+    user's ``meta`` rows, serialized.
+    """
+    global _image_db
+    with _image_lock:
+        # Per process: a connection inherited through fork() is not used.
+        if _image_db is None or _image_db[0] != os.getpid():
+            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            for statement in statements(SCHEMA):
+                conn.execute(statement)
+            conn.executemany("INSERT INTO meta (key, value) VALUES (?, '')",
+                             [("schema_version",), ("user_id",), ("created_at",)])
+            _image_db = (os.getpid(), conn)
+        conn = _image_db[1]
+        conn.executemany("UPDATE meta SET value = ? WHERE key = ?", [
+            (str(SCHEMA_VERSION), "schema_version"), (user_id, "user_id"),
+            (datetime.now(timezone.utc).isoformat(), "created_at")])
+        image = bytearray(conn.serialize())
+    image[_WAL_VERSIONS] = b"\x02\x02"
+    return bytes(image)
 
 
 def _db(conn: sqlite3.Connection) -> sqlite_utils.Database:

@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from bson import Int64, ObjectId
@@ -52,6 +53,7 @@ def call_row(j: Journal, call_id: str) -> dict:
 CHILD_PRELUDE = """
 import os, signal, sys, time
 from decimal import Decimal
+from pathlib import Path
 from smsd.journal import Journal
 from smsd.model import SmsResult, Transaction, Usage, sms_key
 state_dir, user = sys.argv[1], sys.argv[2]
@@ -559,6 +561,45 @@ def test_pragmas_wal_and_synchronous_full_by_default(tmp_path):
         assert j.db.execute("PRAGMA synchronous").fetchone()[0] == 1
     with pytest.raises(ValueError):
         Journal.open(tmp_path, USER, synchronous="OFF")
+
+
+def _schema_of(db) -> list[tuple]:
+    return db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name").fetchall()
+
+
+def test_a_new_journal_is_what_creating_its_schema_with_sql_makes(tmp_path):
+    # A new journal is written from an image (journal_schema.new_journal_image); an
+    # empty file, as an older smsd killed right after creating it left one, gets the
+    # schema from SCHEMA's statements.  Both must be the same journal.
+    empty = journal_path(tmp_path / "b", "bob")
+    empty.parent.mkdir(parents=True)
+    empty.touch()
+    with Journal.open(tmp_path / "a", "alice") as a, Journal.open(tmp_path / "b", "bob") as b:
+        assert _schema_of(a.db) == _schema_of(b.db) and len(_schema_of(a.db)) > 10
+        for j, user in ((a, "alice"), (b, "bob")):
+            assert j.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert j.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert j.meta("user_id") == user and j.meta("schema_version") == str(SCHEMA_VERSION)
+            assert j.meta("created_at")
+        for j, key in ((a, "a"), (b, "b")):
+            answer(j, begin(j, [key]), [key])
+    with Journal.open(tmp_path / "a", "alice") as a:   # and it reopens as a journal of alice's
+        assert [ans.items[0][0] for ans in a.unflushed()] == ["a"]
+    assert list(scan(tmp_path / "a")) == ["alice"]
+
+
+def test_a_new_journal_left_half_written_by_a_kill_is_written_again_whole(tmp_path):
+    path = journal_path(tmp_path, USER)
+    path.parent.mkdir(parents=True)
+    # The image goes to {path}.new and is renamed into place once fsynced: a kill
+    # during the write leaves a partial .new and no journal.
+    Path(f"{path}.new").write_bytes(b"SQLite format 3\x00" + b"\x00" * 100)
+    with Journal.open(tmp_path, USER) as j:
+        answer(j, begin(j, ["a"]), ["a"])
+    assert not Path(f"{path}.new").exists()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with Journal.open(tmp_path, USER) as j:
+        assert len(j.unflushed()) == 1
 
 
 def test_journal_with_a_newer_schema_version_is_refused(tmp_path):
