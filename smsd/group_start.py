@@ -44,6 +44,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Callable
 
 from . import answer_cache, batch, group_reads, journal_runs, store_stats
@@ -208,11 +209,23 @@ def prologue(settings: Settings, users: list[str], store: FencedStore, extractor
     journals: dict[str, Journal] = {}
 
     def open_one(user_id: str) -> Journal:
-        return Journal.open(settings.state_dir, user_id, wait=2.0, synchronous=settings.journal.synchronous,
-                            background_sync=settings.journal.background_sync)
+        journal = Journal.open(settings.state_dir, user_id, wait=2.0, synchronous=settings.journal.synchronous,
+                               background_sync=settings.journal.background_sync)
+        # The keys the member's first read excludes, read here on the opener's connection,
+        # which then goes to the member's thread: no other thread connects for the prologue.
+        try:
+            ahead[user_id] = (len(set(journal.unflushed_keys()) | batch.open_keys(journal)),
+                              journal_runs.latest_run_at(journal))
+        except BaseException:
+            journal.close()
+            raise
+        journal.release_connection()
+        return journal
+    ahead: dict[str, tuple[int, datetime | None]] = {}   # (keys excluded, latest run noted)
     # In threads: a new journal is a file, its schema and its fsyncs (tens of ms on a busy
     # disk), and SQLite lets go of the GIL meanwhile; one after the other they were most of
-    # a group's start.  Each connection is per thread (journal_conn), so none is shared.
+    # a group's start.  A connection is used by one thread at a time (journal_conn): the
+    # opener's goes to the member's thread once the opener has let go of it.
     with ThreadPoolExecutor(max_workers=JOURNAL_OPENERS, thread_name_prefix="smsd-journal-open") as pool:
         opened = [(u, pool.submit(open_one, u)) for u in users]
     for user_id, fut in opened:
@@ -260,7 +273,7 @@ def prologue(settings: Settings, users: list[str], store: FencedStore, extractor
     # A new epoch stamps before anything else (WorkerLease.prepare): those members read for themselves.
     ready = [u for u in journals if held[u].stamped]
     try:
-        pre = _read(settings, store, extractor, {u: journals[u] for u in ready}, held) if ready else {}
+        pre = _read(settings, store, extractor, {u: ahead[u] for u in ready}, held) if ready else {}
     except MONGO_ERRORS as exc:
         log.warning("group turn: prologue reads failed (%s); each member reads for itself",
                     type(exc).__name__)
@@ -272,7 +285,7 @@ def prologue(settings: Settings, users: list[str], store: FencedStore, extractor
     return g
 
 
-def _read(settings: Settings, store: FencedStore, extractor: Any, journals: dict[str, Journal],
+def _read(settings: Settings, store: FencedStore, extractor: Any, ahead: dict[str, tuple[int, datetime | None]],
           held: dict[str, Lease]) -> dict[str, tuple[Prestart, PreHandover]]:
     """The members' start, read in one command per kind (see :mod:`smsd.group_reads`).
 
@@ -282,11 +295,12 @@ def _read(settings: Settings, store: FencedStore, extractor: Any, journals: dict
     lookups.  Under load each command waits its turn on the server, and one after the
     other they were most of a group's start.
     """
-    users = list(journals)
+    users = list(ahead)
     page_size = settings.pipeline.page_size
-    # What each member's own first read asks for: its page plus the keys its claim excludes.
-    limits = {u: page_size + len(set(j.unflushed_keys()) | batch.open_keys(j)) for u, j in journals.items()}
-    since = {u: journal_runs.latest_run_at(j) for u, j in journals.items()}
+    # What each member's own first read asks for: its page plus the keys its claim excludes
+    # (read from its journal by the opener: ``ahead``), and the newest run its journal noted.
+    limits = {u: page_size + n for u, (n, _) in ahead.items()}
+    since = {u: noted for u, (_, noted) in ahead.items()}
     gate = CacheGate.for_pipeline(settings, extractor, store, None)
     with ThreadPoolExecutor(max_workers=PRESTART_READERS, thread_name_prefix="smsd-prestart") as pool:
         latest_f = pool.submit(group_reads.latest_checkpoints, store, users, since)

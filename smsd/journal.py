@@ -162,6 +162,11 @@ class Journal(LedgerRows):
         self._check_usable()
         self._conns.prepare_committer()
 
+    def release_connection(self) -> None:
+        """The calling thread is done with this journal: another thread may take its
+        connection (:meth:`smsd.journal_conn.Connections.release`)."""
+        self._conns.release()
+
     @property
     def db(self) -> sqlite_utils.Database:
         """The calling thread's connection, for inspection and tests; write through the methods."""

@@ -165,6 +165,7 @@ class Connections:
         self._registry_lock = threading.Lock()
         self._all: list[tuple[threading.Thread, sqlite_utils.Database]] = [
             (threading.current_thread(), first)]
+        self._spare: list[sqlite_utils.Database] = []   # let go by a thread done with the journal
 
     def prepare_committer(self) -> None:
         """Open the calling thread's connection now, ready for a commit that must be quick.
@@ -181,9 +182,12 @@ class Connections:
         """The calling thread's connection (made on its first use)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = connect(self.path, self.synchronous)
-            if not autocheckpoint:
-                db.execute("PRAGMA wal_autocheckpoint = 0")
+            with self._registry_lock:
+                db = self._spare.pop() if self._spare and autocheckpoint else None
+            if db is None:
+                db = connect(self.path, self.synchronous)
+                if not autocheckpoint:
+                    db.execute("PRAGMA wal_autocheckpoint = 0")
             with self._registry_lock:
                 alive = []
                 for thread, other in self._all:
@@ -195,14 +199,32 @@ class Connections:
             self._local.db = db
         return db
 
+    def release(self) -> None:
+        """The calling thread is done with the journal: its connection goes to the next
+        thread that asks for an ordinary one, instead of that thread connecting anew.
+
+        A group turn opens each journal in an opener thread and runs it in a member
+        thread: a connection (and its first statements' schema read) less per user.
+        A connection is never used by two threads at once: the releasing thread has let
+        go of it before another can take it.
+        """
+        db = getattr(self._local, "db", None)
+        if db is None:
+            return
+        self._local.db = None
+        with self._registry_lock:
+            self._all = [(thread, other) for thread, other in self._all if other is not db]
+            self._spare.append(db)
+
     def count(self) -> int:
         """Connections open now (for tests)."""
         with self._registry_lock:
-            return len(self._all)
+            return len(self._all) + len(self._spare)
 
     def close(self) -> None:
         """Close every connection (the caller holds the write lock)."""
         with self._registry_lock:
-            conns, self._all = self._all, []
-        for _, db in conns:
+            conns = [db for _, db in self._all] + self._spare
+            self._all, self._spare = [], []
+        for db in conns:
             db.close()

@@ -10,6 +10,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from smsd.journal_schema import _rows
+
 #: Keys per ``IN (...)`` list (as in smsd.journal).
 CHUNK = 500
 
@@ -33,7 +35,7 @@ class LedgerRows:
     def unsynced_ledger(self) -> list[dict]:
         """Ledger rows (day, model, totals, rev) changed since they were last written to MongoDB."""
         with self._use() as db:
-            rows = [dict(r) for r in db.query("SELECT * FROM ledger WHERE synced_rev < rev")]
+            rows = _rows(db, "SELECT * FROM ledger WHERE synced_rev < rev")
         self._wait_durable()   # what goes to MongoDB is on disk first
         return rows
 

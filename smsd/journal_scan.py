@@ -18,7 +18,7 @@ from pathlib import Path
 import sqlite_utils
 
 from smsd.ledger import ledger_stats
-from smsd.journal_schema import SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta, _scalar
+from smsd.journal_schema import SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta, _rows, _tables
 
 # The logger keeps the name it had when scan() lived in smsd.journal.
 log = logging.getLogger("smsd.journal")
@@ -35,23 +35,28 @@ SCAN_BUSY_TIMEOUT_MS = 200
 
 
 def _stats(db: sqlite_utils.Database) -> dict:
+    tables = _tables(db)
     out = _call_stats(db)
+    out["batches"] = _open_batches(db) if "batch_jobs" in tables else []
     # A journal of schema 1 (not yet opened by this smsd's writer) has no ledger.
-    if "ledger" in db.table_names():
-        out.update(ledger_stats(db.query("SELECT * FROM ledger")))
+    if "ledger" in tables:
+        out.update(ledger_stats(_rows(db, "SELECT * FROM ledger")))
     return out
 
 
 def _call_stats(db: sqlite_utils.Database) -> dict:
+    # One statement: status ticks and turn ends read every open journal's counters.
     calls = db.execute(
         "SELECT COUNT(*), COALESCE(SUM(repeated_sms > 0), 0), COALESCE(SUM(repeated_sms), 0),"
         " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),"
         " COALESCE(SUM(state = 'sent'), 0), COALESCE(SUM(state = 'failed'), 0),"
         " COALESCE(SUM(state = 'answered' AND model NOT IN ('rules', 'cache')), 0),"
-        " COALESCE(SUM(model = 'rules'), 0) FROM calls"
+        " COALESCE(SUM(model = 'rules'), 0),"
+        f" ({UNFLUSHED_COUNT}), (SELECT COUNT(*) FROM results), (SELECT COUNT(*) FROM quarantine),"
+        f" (SELECT COUNT(*) FROM quarantine WHERE flushed = 0), ({UNGROUNDED_COUNT}) FROM calls"
     ).fetchone()
     return {
-        "unflushed": _scalar(db, UNFLUSHED_COUNT),
+        "unflushed": calls[9],
         "calls": calls[0],
         "repeated_calls": calls[1],
         "repeated_sms": calls[2],
@@ -61,18 +66,15 @@ def _call_stats(db: sqlite_utils.Database) -> dict:
         "failed_calls": calls[6],
         "answered_calls": calls[7],  # paid calls answered (the rules' and the answer cache's rows are not)
         "rules_calls": calls[8],     # rows of answers the offline rules were certain of
-        "answered_sms": _scalar(db, "SELECT COUNT(*) FROM results"),
-        "quarantined": _scalar(db, "SELECT COUNT(*) FROM quarantine"),
-        "unflushed_quarantine": _scalar(db, "SELECT COUNT(*) FROM quarantine WHERE flushed = 0"),
-        "ungrounded": _scalar(db, UNGROUNDED_COUNT),
-        "batches": _open_batches(db),
+        "answered_sms": calls[10],
+        "quarantined": calls[11],
+        "unflushed_quarantine": calls[12],
+        "ungrounded": calls[13],
     }
 
 
 def _open_batches(db: sqlite_utils.Database) -> list[dict]:
-    """The journal's open Batch API jobs (smsd.batch's tables; absent until a first batch)."""
-    if "batch_jobs" not in db.table_names():
-        return []
+    """The journal's open Batch API jobs (smsd.batch's tables: the caller checked they exist)."""
     cols = ("job_id", "batch_id", "state", "server_state", "n_sms", "n_calls", "request_counts",
             "created_at")
     rows = db.execute(f"SELECT {', '.join(cols)} FROM batch_jobs"
@@ -89,7 +91,7 @@ def _read(path: Path) -> tuple[str, dict] | None:
                                timeout=SCAN_BUSY_TIMEOUT_MS / 1000)
         db = _db(conn)
         db.execute(f"PRAGMA busy_timeout = {SCAN_BUSY_TIMEOUT_MS}")
-        if "meta" not in db.table_names():
+        if "meta" not in _tables(db):
             log.warning("journal scan: skipping %s: no journal schema (yet)", path)
             return None
         meta = _meta(db)

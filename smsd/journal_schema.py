@@ -224,15 +224,36 @@ def _scalar(db: sqlite_utils.Database, sql: str, params: Iterable = ()) -> Any:
     return db.execute(sql, list(params)).fetchone()[0]
 
 
+def _rows(db: sqlite_utils.Database, sql: str, params: Iterable = ()) -> list[dict]:
+    """The rows of a read, as dicts.
+
+    Not ``db.query``: sqlite_utils wraps each of those in a SAVEPOINT and its RELEASE
+    (to refuse a statement that returns no rows), two statements more per read.
+    """
+    cursor = db.execute(sql, list(params))
+    keys = [d[0] for d in cursor.description]
+    return [dict(zip(keys, row)) for row in cursor.fetchall()]
+
+
+def _tables(db: sqlite_utils.Database) -> set[str]:
+    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+
+
 def _meta(db: sqlite_utils.Database) -> dict[str, str]:
-    return {r["key"]: r["value"] for r in db.query("SELECT key, value FROM meta")}
+    return {r["key"]: r["value"] for r in _rows(db, "SELECT key, value FROM meta")}
 
 
 def init_schema(db: sqlite_utils.Database, path: Path, user_id: str) -> dict[str, str]:
     """Create or upgrade the schema, check the owner; the meta table as it now is."""
+    if "meta" in _tables(db):
+        meta = _meta(db)
+        if meta.get("schema_version") == str(SCHEMA_VERSION) and meta.get("user_id") == user_id:
+            # Nothing to write (a journal made from new_journal_image, or one reopened):
+            # no write transaction.  The caller holds the writer's lock: nothing moves.
+            return meta
     db.execute("BEGIN IMMEDIATE")
     try:
-        if "meta" not in db.table_names():
+        if "meta" not in _tables(db):
             for statement in statements(SCHEMA):   # in this one transaction: one fsync
                 db.execute(statement)
             db.conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [

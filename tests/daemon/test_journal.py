@@ -423,6 +423,49 @@ def test_threads_get_their_own_connection_and_ended_ones_are_closed(journal):
     assert journal._conns.count() == 2
 
 
+def test_a_connection_its_thread_let_go_of_is_taken_by_the_next_thread_not_made_anew(journal):
+    # A group turn opens a journal in an opener thread and runs it in a member thread.
+    conns = journal._conns
+    opener_db = journal.db
+    journal.release_connection()
+    assert conns.count() == 1
+    seen = {}
+
+    def committer():   # an LLM thread's connection runs no checkpoint: never the spare
+        journal.prepare_committer()
+        seen["committer"] = journal.db
+
+    def member():
+        seen["member"] = journal.db
+        answer(journal, begin(journal, ["a"]), ["a"])
+
+    for target in (committer, member):
+        t = threading.Thread(target=target)
+        t.start()
+        t.join(10)
+    assert seen["member"] is opener_db and seen["committer"] is not opener_db
+    assert journal.db is not opener_db     # the opener's thread, after letting go, gets its own
+    assert journal.answered_keys([sms_key("a")]) == {sms_key("a")}
+
+
+def test_reopening_a_journal_takes_no_write_transaction(tmp_path):
+    import sqlite3
+    Journal.open(tmp_path, USER).close()
+    path = journal_path(tmp_path, USER)
+    # Another connection holds SQLite's write lock: an open that began a write
+    # transaction would wait for it (busy_timeout) and fail.
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with Journal.open(tmp_path, USER) as j:
+            assert j.meta("user_id") == USER and j.stats()["calls"] == 0
+        assert time.monotonic() - started < 2.0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
 # -- quarantine and retry ------------------------------------------------------------
 
 def test_quarantine_round_trip_flush_and_retry(journal):
