@@ -59,7 +59,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import sqlite_utils
 
 # JournalLocked and the file helpers live in journal_conn; re-exported for callers.
 from smsd.journal_conn import (Connections, JournalLocked, _chmod_600, _take_lock,  # noqa: F401
@@ -68,7 +67,7 @@ from smsd.journal_conn import (Connections, JournalLocked, _chmod_600, _take_loc
 from smsd.journal_scan import _stats, scan  # noqa: F401
 from smsd.journal_sync import WalSyncer
 # JournalError is defined with the format it guards; re-exported for callers.
-from smsd.journal_schema import (UNFLUSHED_COUNT, JournalError, _scalar, init_schema,  # noqa: F401
+from smsd.journal_schema import (UNFLUSHED_COUNT, JournalDb, JournalError, _scalar, init_schema,  # noqa: F401
                                  journal_path, new_journal_image)
 from smsd.journal_ledger import LedgerRows
 from smsd.ledger import add_to_ledger, usd_text
@@ -168,7 +167,7 @@ class Journal(LedgerRows):
         self._conns.release()
 
     @property
-    def db(self) -> sqlite_utils.Database:
+    def db(self) -> JournalDb:
         """The calling thread's connection, for inspection and tests; write through the methods."""
         return self._conns.get()
 
@@ -262,7 +261,7 @@ class Journal(LedgerRows):
     # -- transactions ------------------------------------------------------------
 
     @contextmanager
-    def _use(self) -> Iterator[sqlite_utils.Database]:
+    def _use(self) -> Iterator[JournalDb]:
         """The calling thread's connection, for reads: no lock (WAL readers never wait)."""
         self._check_usable()
         yield self._conns.get()
@@ -274,7 +273,7 @@ class Journal(LedgerRows):
             raise JournalError(f"{self.path}: journal used in a forked child; open it there")
 
     @contextmanager
-    def _write(self, *, stamp: bool = True) -> Iterator[sqlite_utils.Database]:
+    def _write(self, *, stamp: bool = True) -> Iterator[JournalDb]:
         """One transaction, one commit; rolled back on any error.
 
         ``stamp``: also write the commit times of earlier answers (see the module
@@ -302,7 +301,7 @@ class Journal(LedgerRows):
             mark = self._syncer.mark()
         self._syncer.wait(mark)
 
-    def _stamp_durable(self, db: sqlite_utils.Database | None = None) -> None:
+    def _stamp_durable(self, db: JournalDb | None = None) -> None:
         """Replace the pre-COMMIT stamps of answers by the time their COMMIT returned."""
         if not self._durable:
             return
@@ -317,7 +316,7 @@ class Journal(LedgerRows):
             self._durable.popleft()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite_utils.Database]:
+    def transaction(self) -> Iterator[JournalDb]:
         """One write transaction (one commit) for a companion module's own tables
         (:mod:`smsd.batch`); the call life cycle below uses its own methods."""
         with self._write() as db:
@@ -461,7 +460,7 @@ class Journal(LedgerRows):
                     "SELECT sms_key FROM call_sms WHERE call_id = ?", [call_id])]
             self._count_failures(db, call_id, dict.fromkeys(keys, error), now)
 
-    def _check_state(self, db: sqlite_utils.Database, call_id: str, expected: str) -> None:
+    def _check_state(self, db: JournalDb, call_id: str, expected: str) -> None:
         row = db.execute("SELECT state FROM calls WHERE call_id = ?", [call_id]).fetchone()
         if row is None:
             raise JournalError(f"{self.path}: unknown call {call_id}")
@@ -469,7 +468,7 @@ class Journal(LedgerRows):
             raise JournalError(f"{self.path}: call {call_id} is {row[0]!r}, not {expected!r}")
 
     @staticmethod
-    def _count_failures(db: sqlite_utils.Database, call_id: str, failed: dict[str, str],
+    def _count_failures(db: JournalDb, call_id: str, failed: dict[str, str],
                         now: float) -> None:
         db.conn.executemany(
             "INSERT INTO failures (sms_key, raw_id, attempts, last_error, at)"
@@ -483,7 +482,7 @@ class Journal(LedgerRows):
     # -- queries -------------------------------------------------------------------
 
     @staticmethod
-    def _answered(db: sqlite_utils.Database, keys: list[str]) -> set[str]:
+    def _answered(db: JournalDb, keys: list[str]) -> set[str]:
         found: set[str] = set()
         for chunk in _chunks(keys):
             found.update(r[0] for r in db.execute(

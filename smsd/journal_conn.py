@@ -28,9 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-import sqlite_utils
 
-from smsd.journal_schema import _db
+from smsd.journal_schema import JournalDb, _db
 
 #: How long a writer waits for a SQLite lock held by a reader (checkpoints).
 BUSY_TIMEOUT_MS = 5000
@@ -117,7 +116,7 @@ def _take_lock(lock_path: Path, user_id: str, wait: float) -> int:
         raise
 
 
-def connect(path: Path, synchronous: str) -> sqlite_utils.Database:
+def connect(path: Path, synchronous: str) -> JournalDb:
     """One connection to the journal at ``path``, in WAL mode with ``synchronous``.
 
     Raises ``sqlite3.DatabaseError`` if the file is not a database, ``RuntimeError``
@@ -154,7 +153,7 @@ class Connections:
     with the run; the journal may outlive several runs).
     """
 
-    def __init__(self, path: Path, synchronous: str, first: sqlite_utils.Database) -> None:
+    def __init__(self, path: Path, synchronous: str, first: JournalDb) -> None:
         self.path = path
         self.synchronous = synchronous
         #: Held for every write transaction (reentrant: a companion module's
@@ -163,9 +162,9 @@ class Connections:
         self._local = threading.local()
         self._local.db = first
         self._registry_lock = threading.Lock()
-        self._all: list[tuple[threading.Thread, sqlite_utils.Database]] = [
+        self._all: list[tuple[threading.Thread, JournalDb]] = [
             (threading.current_thread(), first)]
-        self._spare: list[sqlite_utils.Database] = []   # let go by a thread done with the journal
+        self._spare: list[JournalDb] = []   # let go by a thread done with the journal
 
     def prepare_committer(self) -> None:
         """Open the calling thread's connection now, ready for a commit that must be quick.
@@ -178,7 +177,7 @@ class Connections:
         db = self.get(autocheckpoint=False)
         db.execute("SELECT 1 FROM calls LIMIT 0").fetchall()
 
-    def get(self, *, autocheckpoint: bool = True) -> sqlite_utils.Database:
+    def get(self, *, autocheckpoint: bool = True) -> JournalDb:
         """The calling thread's connection (made on its first use)."""
         db = getattr(self._local, "db", None)
         if db is None:

@@ -15,10 +15,9 @@ import sqlite3
 from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 
-import sqlite_utils
 
 from smsd.ledger import ledger_stats
-from smsd.journal_schema import SCHEMA_VERSION, UNFLUSHED_COUNT, _db, _meta, _rows, _tables
+from smsd.journal_schema import SCHEMA_VERSION, UNFLUSHED_COUNT, JournalDb, _db, _meta, _rows, _tables
 
 # The logger keeps the name it had when scan() lived in smsd.journal.
 log = logging.getLogger("smsd.journal")
@@ -34,7 +33,7 @@ UNGROUNDED_COUNT = ("SELECT COUNT(*) FROM (SELECT sms_key FROM failures WHERE la
 SCAN_BUSY_TIMEOUT_MS = 200
 
 
-def _stats(db: sqlite_utils.Database) -> dict:
+def _stats(db: JournalDb) -> dict:
     tables = _tables(db)
     out = _call_stats(db)
     out["batches"] = _open_batches(db) if "batch_jobs" in tables else []
@@ -44,7 +43,7 @@ def _stats(db: sqlite_utils.Database) -> dict:
     return out
 
 
-def _call_stats(db: sqlite_utils.Database) -> dict:
+def _call_stats(db: JournalDb) -> dict:
     # One statement: status ticks and turn ends read every open journal's counters.
     calls = db.execute(
         "SELECT COUNT(*), COALESCE(SUM(repeated_sms > 0), 0), COALESCE(SUM(repeated_sms), 0),"
@@ -73,7 +72,7 @@ def _call_stats(db: sqlite_utils.Database) -> dict:
     }
 
 
-def _open_batches(db: sqlite_utils.Database) -> list[dict]:
+def _open_batches(db: JournalDb) -> list[dict]:
     """The journal's open Batch API jobs (smsd.batch's tables: the caller checked they exist)."""
     cols = ("job_id", "batch_id", "state", "server_state", "n_sms", "n_calls", "request_counts",
             "created_at")

@@ -168,7 +168,7 @@ def probe():
     check("psutil", psutil_view)
     def imports():
         import sqlite3
-        import pymongo, openai, sqlite_utils, daemon  # noqa: F401
+        import pymongo, openai, daemon  # noqa: F401
         openai.OpenAI(api_key="x", base_url="http://127.0.0.1:9/v1")
         db = sqlite3.connect(os.path.join(state_dir, "probe.sqlite3"))
         mode = db.execute("pragma journal_mode=wal").fetchone()[0]
