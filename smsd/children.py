@@ -50,6 +50,7 @@ class WorkerProc:
     recycle_reason: str | None = None
     turns: int = 0
     retire: bool = False         # end it once idle (reload: it keeps the settings it was forked with)
+    rss_checked: float = 0.0     # monotonic time of the last RSS look (WorkerPool.check_workers)
     events: list = field(default_factory=list)   # turn ends read, not yet handled
     group: list = field(default_factory=list)    # the other users of a group turn, not yet ended
 

@@ -23,6 +23,11 @@ from .worker import EXIT_DONE
 
 log = logging.getLogger("smsd.supervisor")
 
+#: How often a worker's RSS is looked at.  The loop runs at every status line and turn
+#: end (every few ms under load), and a look is two /proc reads; a worker's growth
+#: within a second does not matter to a limit in MiB that recycles it between turns.
+RSS_CHECK_S = 1.0
+
 
 class WorkerPool:
     """Pre-forked workers, for :class:`smsd.supervisor.Supervisor` (a mixin)."""
@@ -117,7 +122,8 @@ class WorkerPool:
                 self._kill(w.pid, signal.SIGKILL)
                 w.last_seen = now   # do not kill twice while waiting for the reap
                 continue
-            if w.recycle_reason is None and not w.retire:
+            if w.recycle_reason is None and not w.retire and now - w.rss_checked >= RSS_CHECK_S:
+                w.rss_checked = now
                 used = rss(w.pid)
                 if used > sup.worker_rss_limit_mb * 1024 * 1024:
                     # Between turns, like a reload: a SIGTERM now would drain a turn that may
