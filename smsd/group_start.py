@@ -207,6 +207,7 @@ def prologue(settings: Settings, users: list[str], store: FencedStore, extractor
     """Open the journals, take the leases, read what the members start from (module docstring)."""
     g = GroupStart(settings)
     journals: dict[str, Journal] = {}
+    ahead: dict[str, tuple[int, datetime | None]] = {}   # by open_one: (keys excluded, latest run noted)
 
     def open_one(user_id: str) -> Journal:
         journal = Journal.open(settings.state_dir, user_id, wait=2.0, synchronous=settings.journal.synchronous,
@@ -221,7 +222,6 @@ def prologue(settings: Settings, users: list[str], store: FencedStore, extractor
             raise
         journal.release_connection()
         return journal
-    ahead: dict[str, tuple[int, datetime | None]] = {}   # (keys excluded, latest run noted)
     # In threads: a new journal is a file, its schema and its fsyncs (tens of ms on a busy
     # disk), and SQLite lets go of the GIL meanwhile; one after the other they were most of
     # a group's start.  A connection is used by one thread at a time (journal_conn): the

@@ -59,7 +59,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-
 # JournalLocked and the file helpers live in journal_conn; re-exported for callers.
 from smsd.journal_conn import (Connections, JournalLocked, _chmod_600, _take_lock,  # noqa: F401
                                connect, write_new_file)

@@ -28,8 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-
-from smsd.journal_schema import JournalDb, _db
+from smsd.journal_schema import JournalDb
 
 #: How long a writer waits for a SQLite lock held by a reader (checkpoints).
 BUSY_TIMEOUT_MS = 5000
@@ -128,7 +127,7 @@ def connect(path: Path, synchronous: str) -> JournalDb:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                            timeout=BUSY_TIMEOUT_MS / 1000)
     try:
-        db = _db(conn)
+        db = JournalDb(conn)
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":

@@ -15,9 +15,8 @@ import sqlite3
 from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 
-
 from smsd.ledger import ledger_stats
-from smsd.journal_schema import SCHEMA_VERSION, UNFLUSHED_COUNT, JournalDb, _db, _meta, _rows, _tables
+from smsd.journal_schema import SCHEMA_VERSION, UNFLUSHED_COUNT, JournalDb, _meta, _rows, _tables
 
 # The logger keeps the name it had when scan() lived in smsd.journal.
 log = logging.getLogger("smsd.journal")
@@ -88,7 +87,7 @@ def _read(path: Path) -> tuple[str, dict] | None:
         conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
                                isolation_level=None, check_same_thread=False,
                                timeout=SCAN_BUSY_TIMEOUT_MS / 1000)
-        db = _db(conn)
+        db = JournalDb(conn)
         db.execute(f"PRAGMA busy_timeout = {SCAN_BUSY_TIMEOUT_MS}")
         if "meta" not in _tables(db):
             log.warning("journal scan: skipping %s: no journal schema (yet)", path)

@@ -214,10 +214,6 @@ def new_journal_image(user_id: str) -> bytes:
     return bytes(image)
 
 
-def _db(conn: sqlite3.Connection) -> JournalDb:
-    return JournalDb(conn)
-
-
 def _scalar(db: JournalDb, sql: str, params: Iterable = ()) -> Any:
     return db.execute(sql, list(params)).fetchone()[0]
 
@@ -228,7 +224,7 @@ class JournalDb:
     A thin layer over :class:`sqlite3.Connection` opened in autocommit mode
     (``isolation_level=None``): every statement runs as written, transactions are
     the explicit ``BEGIN IMMEDIATE ... COMMIT`` of :meth:`smsd.journal.Journal._write`.
-    (It replaced ``JournalDb``, whose import alone cost every ``smsd run``
+    (It replaced ``sqlite_utils.Database``, whose import alone cost every ``smsd run``
     a tenth of a second of its start, and which wrapped each query in a SAVEPOINT.)
 
     >>> db = JournalDb(sqlite3.connect(":memory:", isolation_level=None))
@@ -236,8 +232,6 @@ class JournalDb:
     >>> _ = db.execute("INSERT INTO t VALUES (?, ?)", ["a", 1])
     >>> list(db.query("SELECT k, v FROM t"))
     [{'k': 'a', 'v': 1}]
-    >>> db.table_names()
-    ['t']
     """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
@@ -247,15 +241,11 @@ class JournalDb:
         """Run one statement; its cursor."""
         if parameters is None:
             return self.conn.execute(sql)
-        return self.conn.execute(sql, list(parameters) if not isinstance(parameters, dict) else parameters)
+        return self.conn.execute(sql, parameters)
 
     def query(self, sql: str, params: Iterable = ()) -> Iterator[dict]:
         """The rows of a read, as dicts."""
         return iter(_rows(self, sql, params))
-
-    def table_names(self) -> list[str]:
-        """The database's tables."""
-        return sorted(_tables(self))
 
     def rollback(self) -> None:
         """Roll back the open transaction, if there is one."""

@@ -645,6 +645,38 @@ def test_a_new_journal_left_half_written_by_a_kill_is_written_again_whole(tmp_pa
         assert len(j.unflushed()) == 1
 
 
+def test_journals_being_created_survive_random_sigkills(tmp_path):
+    # A child creates journal after journal (each written from the image, renamed into
+    # place) and is SIGKILLed at a random moment, five times: every journal it left
+    # opens as its user's, and every user whose journal is missing gets a new one.
+    import random
+    for round_ in range(5):
+        proc = child(f"""
+            print("ready", flush=True)
+            for i in range(100000):
+                Journal.open(state_dir, f"k{round_}-{{i}}").close()
+        """, tmp_path)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(random.uniform(0.05, 0.4))
+        proc.kill()
+        proc.wait(10)
+    names = [p.name for p in (tmp_path / "journal").glob("*.sqlite")]
+    assert len(names) > 5
+    for name in names:
+        user = name[:-len(".sqlite")]
+        with Journal.open(tmp_path, user) as j:
+            assert j.meta("user_id") == user
+            answer(j, begin(j, ["a"]), ["a"])
+    assert sorted(scan(tmp_path)) == sorted(n[:-len(".sqlite")] for n in names)
+
+
+def test_the_journal_db_example_runs():
+    import doctest
+    from smsd import journal_schema
+    result = doctest.testmod(journal_schema)
+    assert result.attempted >= 3 and result.failed == 0
+
+
 def test_journal_with_a_newer_schema_version_is_refused(tmp_path):
     with Journal.open(tmp_path, USER) as j:
         j.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
